@@ -1,0 +1,1 @@
+"""meshscale: re-parallelize a running JAX training job when its accelerators change."""

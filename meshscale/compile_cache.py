@@ -1,0 +1,115 @@
+"""Ahead-of-time compiled executables, kept so a mesh is compiled at most once.
+
+Keyed by (what, mesh shape, device ids, model/optimizer fingerprint, batch spec); bounded
+(least recently used entries are dropped); every lookup is recorded as a hit or a miss,
+and every compile with its seconds and origin ("on-demand" or "background"), so callers
+can prove from the record, not from wall time, that nothing was compiled again.
+JAX's persistent compilation cache (`enable_persistent_cache`) sits underneath: it
+survives a process restart, this one lives in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileEvent:
+    key: Hashable
+    outcome: str  # "hit" | "miss" | "evict"
+    seconds: float = 0.0
+    origin: str = ""  # for misses: "on-demand" | "background"
+
+
+class CompileCache:
+    """An LRU map from key to compiled executable, with a hit/miss record."""
+
+    def __init__(self, maxsize: int = 32):
+        if maxsize < 1:
+            raise ValueError(f"CompileCache maxsize must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._origin: dict[Hashable, str] = {}
+        self._lock = threading.RLock()
+        self._key_locks: dict[Hashable, threading.Lock] = {}
+        self.events: list[CompileEvent] = []
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def origin(self, key: Hashable) -> str | None:
+        """How the cached entry for `key` was made ("on-demand" / "background"), if cached."""
+        with self._lock:
+            return self._origin.get(key) if key in self._entries else None
+
+    def get(self, key: Hashable, compile_fn: Callable[[], Any], *,
+            origin: str = "on-demand") -> Any:
+        """The executable for `key`, compiling it with `compile_fn()` on a miss."""
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # two callers of the same key compile once
+            with self._lock:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    self.events.append(CompileEvent(key, "hit"))
+                    return self._entries[key]
+            start = time.perf_counter()
+            value = compile_fn()
+            seconds = time.perf_counter() - start
+            with self._lock:
+                self.events.append(CompileEvent(key, "miss", seconds, origin))
+                self._entries[key] = value
+                self._origin[key] = origin
+                while len(self._entries) > self.maxsize:
+                    old, _ = self._entries.popitem(last=False)
+                    self._origin.pop(old, None)
+                    self.events.append(CompileEvent(old, "evict"))
+            log.debug("compiled %s in %.2fs (%s)", key, seconds, origin)
+            return value
+
+    def count(self, outcome: str, origin: str | None = None) -> int:
+        return sum(1 for e in self.events
+                   if e.outcome == outcome and (origin is None or e.origin == origin))
+
+    @property
+    def compiles(self) -> int:
+        return self.count("miss")
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "hits": self.count("hit"),
+            "misses": self.count("miss"),
+            "background": self.count("miss", "background"),
+            "evictions": self.count("evict"),
+            "compile_seconds": sum(e.seconds for e in self.events if e.outcome == "miss"),
+            "size": len(self._entries),
+        }
+
+
+def enable_persistent_cache(directory: str | os.PathLike) -> str:
+    """Turn on JAX's persistent compilation cache in `directory` (every entry kept).
+
+    Put `directory` on storage shared by all hosts (and kept across restarts) so that a
+    job restarted by its scheduler loads its executables instead of compiling them.
+    """
+    path = os.fspath(directory)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -1,0 +1,193 @@
+"""Train state, its placement on a mesh, and the compiled train step.
+
+`Trainer` knows one model, one optimizer and one global batch size; for any `MeshShape`
+it gives the state's shardings, a fresh state, the state moved onto that mesh, and an
+ahead-of-time compiled step. The global batch is the same on every mesh, so the training
+math does not depend on the mesh: only where it runs does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from meshscale.compile_cache import CompileCache
+from meshscale.errors import InsufficientDevices, InvalidMeshShape
+from meshscale.mesh import DATA, PIPE, MeshShape, device_ids, make_mesh
+from meshscale.model import Batch, FunctionalModel, Params
+from meshscale.pipeline import pipeline_loss
+
+Devices = Sequence[jax.Device] | None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything training needs to go on: step counter, parameters, optimizer state."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+
+def _is_block_leaf(path, leaf, num_layers: int) -> bool:
+    in_blocks = any(getattr(k, "key", None) == "blocks" for k in path)
+    return in_blocks and np.ndim(leaf) >= 1 and np.shape(leaf)[0] == num_layers
+
+
+class Trainer:
+    """One model + optimizer + global batch, trainable on any valid mesh shape.
+
+    Args:
+      model: a Flax NNX module following `meshscale.model`'s contract. Its parameters as
+        constructed are the starting point on every mesh.
+      optimizer: an optax `GradientTransformation`.
+      global_batch: examples per step, fixed across meshes.
+      example_batch: one batch (or its `jax.ShapeDtypeStruct`s) fixing the batch structure;
+        defaults to `model.example_batch(global_batch)`.
+      remat: rematerialise each stage's activations in the backward pass.
+      donate: let the compiled step reuse the input state's buffers (the state passed to a
+        step must not be used again).
+      cache: where compiled steps are kept (shared with try-runs).
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                 global_batch: int, example_batch: Batch | None = None, remat: bool = False,
+                 donate: bool = True, cache: CompileCache | None = None):
+        self.fmodel, params = FunctionalModel.of(model)
+        self.num_layers = self.fmodel.num_layers
+        self.initial_params = jax.device_get(params)
+        self.optimizer = optimizer
+        if not isinstance(global_batch, int) or global_batch < 1:
+            raise InvalidMeshShape(f"global_batch must be a positive int, got {global_batch!r}")
+        self.global_batch = global_batch
+        if example_batch is None:
+            if not hasattr(model, "example_batch"):
+                raise InvalidMeshShape(
+                    "pass example_batch= to Trainer (the model has no example_batch method)")
+            example_batch = model.example_batch(global_batch)
+        self.batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       example_batch)
+        for leaf in jax.tree.leaves(self.batch_spec):
+            if not leaf.shape or leaf.shape[0] != global_batch:
+                raise InvalidMeshShape(
+                    f"every batch leaf needs leading axis global_batch={global_batch}, "
+                    f"got shape {leaf.shape}")
+        self.remat = remat
+        self.donate = donate
+        self.cache = cache if cache is not None else CompileCache()
+        self.fingerprint = self.fmodel.fingerprint()
+
+    # -- validity ---------------------------------------------------------------------
+    def check(self, shape: MeshShape, devices: Devices = None) -> None:
+        """Raise (one line, naming the fix) unless `shape` can run on `devices`."""
+        n = len(jax.devices() if devices is None else devices)
+        if shape.num_devices > n:
+            raise InsufficientDevices(
+                f"mesh {shape.pipe}x{shape.data} needs {shape.num_devices} devices, only {n} "
+                f"available: choose pipe * data <= {n}")
+        if self.num_layers % shape.pipe:
+            raise InvalidMeshShape(
+                f"pipe={shape.pipe} does not divide num_layers={self.num_layers}: "
+                f"choose pipe among {divisors(self.num_layers)}")
+        per_step = shape.data * shape.microbatches
+        if self.global_batch % per_step:
+            raise InvalidMeshShape(
+                f"global batch {self.global_batch} is not divisible by data * microbatches = "
+                f"{shape.data} * {shape.microbatches}: change the batch, data or microbatches")
+
+    # -- placement --------------------------------------------------------------------
+    def mesh(self, shape: MeshShape, devices: Devices = None) -> jax.sharding.Mesh:
+        self.check(shape, devices)
+        return make_mesh(shape, devices)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes and dtypes of the train state (no shardings, nothing allocated)."""
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                              self.initial_params)
+        return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                          jax.eval_shape(self.optimizer.init, params))
+
+    def shardings(self, shape: MeshShape, devices: Devices = None) -> TrainState:
+        """The `NamedSharding` of every train-state leaf on `shape`'s mesh.
+
+        Leaves under ``blocks`` (parameters and their optimizer moments) are split over
+        ``pipe`` along the layer axis; everything else is replicated.
+        """
+        mesh = self.mesh(shape, devices)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: NamedSharding(
+                mesh, P(PIPE) if _is_block_leaf(path, leaf, self.num_layers) else P()),
+            self.abstract_state())
+
+    def batch_sharding(self, shape: MeshShape, devices: Devices = None) -> Any:
+        mesh = self.mesh(shape, devices)
+        return jax.tree.map(lambda _: NamedSharding(mesh, P(DATA)), self.batch_spec)
+
+    def init_state(self, shape: MeshShape, devices: Devices = None) -> TrainState:
+        """A fresh state on `shape`'s mesh, from the model's parameters as constructed."""
+        shardings = self.shardings(shape, devices)
+        params = jax.device_put(self.initial_params, shardings.params)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+        return TrainState(step, params, opt_state)
+
+    def place(self, state: TrainState, shape: MeshShape, devices: Devices = None) -> TrainState:
+        """`state` moved onto `shape`'s mesh in memory (values unchanged, bit for bit)."""
+        return jax.device_put(state, self.shardings(shape, devices))
+
+    def put_batch(self, batch: Batch, shape: MeshShape, devices: Devices = None) -> Batch:
+        """A global batch (host or device arrays) split over the ``data`` axis."""
+        return jax.device_put(batch, self.batch_sharding(shape, devices))
+
+    # -- computation ------------------------------------------------------------------
+    def loss_fn(self, shape: MeshShape, devices: Devices = None):
+        """The pipelined ``(params, batch) -> loss`` on `shape`'s mesh (differentiable)."""
+        return pipeline_loss(self.fmodel, shape, self.mesh(shape, devices), remat=self.remat)
+
+    def _train_step(self, shape: MeshShape, devices: Devices):
+        loss_fn = self.loss_fn(shape, devices)
+
+        def train_step(state: TrainState, batch: Batch):
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+
+        return train_step
+
+    def step_key(self, shape: MeshShape, devices: Devices = None) -> tuple:
+        devs = jax.devices() if devices is None else devices
+        spec = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(self.batch_spec))
+        return ("train_step", shape, device_ids(devs[: shape.num_devices]), self.fingerprint,
+                id(self.optimizer), spec, self.remat, self.donate)
+
+    def lower_step(self, shape: MeshShape, devices: Devices = None) -> jax.stages.Lowered:
+        state_sh = self.shardings(shape, devices)
+        batch_sh = self.batch_sharding(shape, devices)
+        replicated = NamedSharding(self.mesh(shape, devices), P())
+        step = jax.jit(self._train_step(shape, devices),
+                       in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, replicated),
+                       donate_argnums=(0,) if self.donate else ())
+        return step.lower(self.abstract_state(), self.batch_spec)
+
+    def compile_step(self, shape: MeshShape, devices: Devices = None, *,
+                     origin: str = "on-demand") -> jax.stages.Compiled:
+        """The AOT-compiled ``(state, batch) -> (state, {"loss"})`` for `shape` (cached)."""
+        self.check(shape, devices)
+        return self.cache.get(self.step_key(shape, devices),
+                              lambda: self.lower_step(shape, devices).compile(), origin=origin)
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]

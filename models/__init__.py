@@ -1,0 +1,1 @@
+"""Reshardable Flax NNX models (they depend on meshscale's contract, never the reverse)."""
