@@ -1,1 +1,39 @@
-"""meshscale: re-parallelize a running JAX training job when its accelerators change."""
+"""meshscale: re-parallelize a running JAX training job when its accelerators change.
+
+The public surface is re-exported here; implementation lives in one module per concept
+(see the module map in the README).
+"""
+
+from meshscale.compile_cache import CompileCache, enable_persistent_cache
+from meshscale.errors import (
+    ContractError,
+    IncompatibleCheckpoint,
+    InsufficientDevices,
+    InvalidMeshShape,
+    MeshscaleError,
+    ResourceError,
+)
+from meshscale.mesh import MeshShape, make_mesh
+from meshscale.model import LayerStack, ReshardableModel, run_layers, stack_layers
+from meshscale.train import Trainer, TrainState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompileCache",
+    "ContractError",
+    "IncompatibleCheckpoint",
+    "InsufficientDevices",
+    "InvalidMeshShape",
+    "LayerStack",
+    "MeshShape",
+    "MeshscaleError",
+    "ReshardableModel",
+    "ResourceError",
+    "TrainState",
+    "Trainer",
+    "enable_persistent_cache",
+    "make_mesh",
+    "run_layers",
+    "stack_layers",
+]

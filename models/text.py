@@ -1,0 +1,52 @@
+"""Byte-level text that ships with Python: the standard library's own source files.
+
+No download: the corpus is read from the running interpreter's `Lib/` directory, in a
+fixed file order, so every machine with the same Python version sees the same bytes.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sysconfig
+
+import numpy as np
+
+
+def stdlib_text(max_bytes: int = 4_000_000) -> bytes:
+    """Up to `max_bytes` of the standard library's .py sources, concatenated."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    if not chunks:
+        raise FileNotFoundError(f"no .py files under {root}: cannot build the text corpus")
+    return b"".join(chunks)[:max_bytes]
+
+
+class ByteBatches:
+    """Random windows of `seq_len + 1` bytes, `batch_size` per batch; seeded, endless.
+
+    `batch(i)` is a pure function of (seed, i), so a resumed run sees the same data.
+    """
+
+    def __init__(self, text: bytes, *, seq_len: int, batch_size: int, seed: int = 0):
+        self.data = np.frombuffer(text, dtype=np.uint8)
+        if len(self.data) <= seq_len + 1:
+            raise ValueError(f"text of {len(self.data)} bytes is too short for seq_len {seq_len}")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+
+    def batch(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        starts = rng.integers(0, len(self.data) - self.seq_len - 1, size=self.batch_size)
+        windows = np.stack([self.data[s: s + self.seq_len + 1] for s in starts])
+        return {"tokens": windows.astype(np.int32)}
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield self.batch(i)
+            i += 1
