@@ -30,10 +30,11 @@ from meshscale.model import Batch, FunctionalModel, Params
 
 def param_specs(params: Params) -> Params:
     """Block leaves split over ``pipe`` on their layer axis; everything else replicated."""
-    return {
-        key: jax.tree.map(lambda _: P(PIPE) if key == "blocks" else P(), sub)
-        for key, sub in params.items()
-    }
+    def specs(key, sub):
+        spec = P(PIPE) if key == "blocks" else P()
+        return jax.tree.map(lambda _: spec, sub)
+
+    return {key: specs(key, sub) for key, sub in params.items()}
 
 
 def _varying(x: jax.Array) -> jax.Array:

@@ -72,7 +72,8 @@ class Block(nnx.Module):
 class GPT(LayerStack):
     def __init__(self, cfg: GPTConfig = GPTConfig(), *, rngs: nnx.Rngs):
         if cfg.d_model % cfg.num_heads:
-            raise ValueError(f"d_model {cfg.d_model} must be divisible by num_heads {cfg.num_heads}")
+            raise ValueError(
+                f"d_model {cfg.d_model} must be divisible by num_heads {cfg.num_heads}")
         self.config = cfg
         self.num_layers = cfg.num_layers
         self.tok = nnx.Embed(cfg.vocab, cfg.d_model, rngs=rngs)
