@@ -93,7 +93,7 @@ class FunctionalModel:
         """Check the contract and split `model` into (functional model, params dict)."""
         check_contract(model)
         graphdef, state = nnx.split(model, nnx.Param)
-        return cls(graphdef, state, int(model.num_layers)), state.to_pure_dict()
+        return cls(graphdef, state, int(model.num_layers)), nnx.to_pure_dict(state)
 
     def merge(self, params: Params) -> Any:
         """The module with `params` (any leading layer count in ``params["blocks"]``)."""
@@ -110,7 +110,7 @@ class FunctionalModel:
 
         Two models with the same fingerprint can load each other's checkpoints.
         """
-        leaves = jax.tree_util.tree_flatten_with_path(self.template.to_pure_dict())[0]
+        leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.template))[0]
         text = ";".join(
             f"{jax.tree_util.keystr(path)}:{tuple(jnp.shape(x))}:{jnp.result_type(x)}"
             for path, x in leaves

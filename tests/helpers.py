@@ -1,0 +1,53 @@
+"""Small shared pieces of the test suite: tiny models and the float32 comparison."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from models.gpt import GPT, GPTConfig
+from models.mlp import MLPConfig, ResidualMLP
+
+GLOBAL_BATCH = 32
+SIMPLE_TOL = 1e-5  # chosen once (STYLE.md); never loosened to make a test pass
+DEEP_TOL = 1e-4
+
+TEST_GPT = GPTConfig(seq_len=16, num_layers=8, d_model=32, num_heads=2)
+TEST_MLP = MLPConfig(num_layers=8, features=16, hidden=32)
+
+
+def make_model(name: str, seed: int = 0):
+    if name == "mlp":
+        return ResidualMLP(TEST_MLP, rngs=nnx.Rngs(seed))
+    if name == "gpt":
+        return GPT(TEST_GPT, rngs=nnx.Rngs(seed))
+    raise ValueError(name)
+
+
+def make_optimizer():
+    return optax.adam(1e-2, eps=1e-6)
+
+
+def assert_trees_close(actual, expected, tol: float, what: str = "") -> None:
+    """Every leaf within `tol` of the reference, relative to the reference's scale."""
+    flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
+    flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_e], f"{what}: tree structures differ"
+    for (path, a), (_, e) in zip(flat_a, flat_e, strict=True):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        scale = max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
+        err = float(np.max(np.abs(a - e))) if e.size else 0.0
+        assert err <= tol * scale, f"{what}{jax.tree_util.keystr(path)}: max error {err:.3g}"
+
+
+def assert_trees_equal(actual, expected) -> None:
+    """Bit-identical leaves (shape, dtype and every value)."""
+    flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
+    flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
+    assert len(flat_a) == len(flat_e)
+    for (path, a), (_, e) in zip(flat_a, flat_e, strict=True):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.dtype == e.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))

@@ -1,0 +1,69 @@
+"""The shipped models follow the contract, and the GPT learns real text."""
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from meshscale import MeshShape, ReshardableModel, Trainer
+from meshscale.model import FunctionalModel, check_contract
+from models.gpt import GPT, GPTConfig, sample
+from models.text import ByteBatches, stdlib_text
+from tests.helpers import make_model
+
+
+def test_shipped_models_follow_the_contract():
+    for name in ("mlp", "gpt"):
+        model = make_model(name)
+        check_contract(model)
+        assert isinstance(model, ReshardableModel)
+        _, params = FunctionalModel.of(model)
+        for leaf in jax.tree.leaves(params["blocks"]):
+            assert leaf.shape[0] == model.num_layers
+
+
+def test_gpt_untied_head_has_its_own_unembedding():
+    tied = GPT(GPTConfig(num_layers=2, d_model=16, num_heads=2, seq_len=8), rngs=nnx.Rngs(0))
+    untied = GPT(GPTConfig(num_layers=2, d_model=16, num_heads=2, seq_len=8, tied=False),
+                 rngs=nnx.Rngs(0))
+    assert "unembed" in FunctionalModel.of(untied)[1]
+    assert "unembed" not in FunctionalModel.of(tied)[1]
+    batch = untied.example_batch(4)
+    assert np.isfinite(float(untied.loss(batch)))
+
+
+def test_gpt_is_causal():
+    model = GPT(GPTConfig(num_layers=2, d_model=16, num_heads=2, seq_len=8), rngs=nnx.Rngs(0))
+    tokens = np.arange(8, dtype=np.int32)[None] + 40
+    changed = tokens.copy()
+    changed[0, -1] = 99  # changing the last token must not change earlier positions
+    a, b = model.logits(tokens), model.logits(changed)
+    np.testing.assert_array_equal(np.asarray(a[0, :-1]), np.asarray(b[0, :-1]))
+    assert not np.allclose(np.asarray(a[0, -1]), np.asarray(b[0, -1]))
+
+
+def test_byte_batches_are_deterministic_windows_of_the_stdlib():
+    text = stdlib_text(200_000)
+    assert b"def " in text and len(text) == 200_000
+    data = ByteBatches(text, seq_len=16, batch_size=4, seed=3)
+    first = data.batch(7)
+    np.testing.assert_array_equal(first["tokens"], data.batch(7)["tokens"])
+    assert first["tokens"].shape == (4, 17) and first["tokens"].dtype == np.int32
+    assert not np.array_equal(first["tokens"], data.batch(8)["tokens"])
+
+
+def test_gpt_tiny_loss_goes_down_on_python_source():
+    cfg = GPTConfig.preset("tiny")
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    trainer = Trainer(model, optax.adam(3e-3), global_batch=16)
+    data = ByteBatches(stdlib_text(), seq_len=cfg.seq_len, batch_size=16)
+    shape = MeshShape(2, 2, 2)
+    state, step = trainer.init_state(shape), trainer.compile_step(shape)
+    losses = []
+    for i in range(40):
+        state, metrics = step(state, trainer.put_batch(data.batch(i), shape))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] > 5.0  # about ln(256) at the start
+    assert np.mean(losses[-5:]) < losses[0] - 2.0, losses
+    trained = FunctionalModel.of(model)[0].merge(jax.device_get(state.params))
+    assert len(sample(trained, b"def ", 8)) == 8

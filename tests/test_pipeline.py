@@ -1,0 +1,110 @@
+"""Every mesh shape computes the one-device reference's loss, gradients and updates."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from meshscale import MeshShape, Trainer
+from meshscale.model import FunctionalModel
+from tests.helpers import (
+    DEEP_TOL,
+    GLOBAL_BATCH,
+    SIMPLE_TOL,
+    assert_trees_close,
+    make_model,
+    make_optimizer,
+)
+
+SHAPES = [(1, 1), (1, 8), (2, 4), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1)]
+MODELS = ["mlp", "gpt"]
+TOL = {"mlp": SIMPLE_TOL, "gpt": DEEP_TOL}
+CASES = [
+    (name, MeshShape(p, d, m))
+    for name in MODELS
+    for p, d in SHAPES
+    for m in (1, 2, 4)
+    if GLOBAL_BATCH % (d * m) == 0
+]
+
+
+@functools.cache
+def setup(name):
+    model = make_model(name)
+    trainer = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH)
+    fmodel, params = FunctionalModel.of(model)
+    batch = jax.device_get(model.example_batch(GLOBAL_BATCH, seed=1))
+    return trainer, fmodel, params, batch
+
+
+@functools.cache
+def reference(name, steps=3):
+    """Loss, gradients and `steps` optax updates on one device with plain `jax.jit`."""
+    _, fmodel, params, batch = setup(name)
+    grad_fn = jax.jit(jax.value_and_grad(fmodel.loss))
+    optimizer = make_optimizer()
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(fmodel.loss)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    loss, grads = grad_fn(params, batch)
+    trained, opt_state, losses = params, optimizer.init(params), []
+    for _ in range(steps):
+        trained, opt_state, step_loss = step(trained, opt_state, batch)
+        losses.append(float(step_loss))
+    return float(loss), jax.device_get(grads), jax.device_get(trained), losses
+
+
+@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_loss_and_gradients_match_one_device_reference(name, shape):
+    trainer, _, params, batch = setup(name)
+    ref_loss, ref_grads, _, _ = reference(name)
+    loss, grads = jax.jit(jax.value_and_grad(trainer.loss_fn(shape)))(params, batch)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=TOL[name])
+    assert_trees_close(jax.device_get(grads), ref_grads, TOL[name], f"{name} {shape} grad")
+
+
+STEP_CASES = [(name, MeshShape(p, d, 2 if GLOBAL_BATCH % (2 * d) == 0 else 1))
+              for name in MODELS for p, d in SHAPES]
+
+
+@pytest.mark.parametrize("name,shape", STEP_CASES, ids=[f"{n}-{s}" for n, s in STEP_CASES])
+def test_three_compiled_steps_match_three_reference_steps(name, shape):
+    trainer, _, _, batch = setup(name)
+    _, _, ref_params, ref_losses = reference(name)
+    state = trainer.init_state(shape)
+    step = trainer.compile_step(shape)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, trainer.put_batch(batch, shape))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=TOL[name])
+    assert int(state.step) == 3
+    assert_trees_close(jax.device_get(state.params), ref_params, TOL[name], f"{name} {shape}")
+
+
+def test_stage_blocks_are_split_over_pipe_and_the_rest_replicated():
+    trainer, *_ = setup("mlp")
+    state = trainer.init_state(MeshShape(4, 2))
+    kernel = state.params["blocks"]["up"]["kernel"]
+    assert kernel.sharding.spec[0] == "pipe"
+    assert {s.data.shape[0] for s in kernel.addressable_shards} == {trainer.num_layers // 4}
+    assert state.params["inp"]["kernel"].sharding.is_fully_replicated
+    adam_mu = state.opt_state[0].mu["blocks"]["up"]["kernel"]
+    assert adam_mu.sharding.spec[0] == "pipe"
+
+
+def test_remat_gives_the_same_gradients():
+    model = make_model("mlp")
+    plain = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH)
+    remat = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH, remat=True)
+    _, _, params, batch = setup("mlp")
+    shape = MeshShape(2, 2, 2)
+    expected = jax.jit(jax.value_and_grad(plain.loss_fn(shape)))(params, batch)
+    actual = jax.jit(jax.value_and_grad(remat.loss_fn(shape)))(params, batch)
+    assert_trees_close(jax.device_get(actual), jax.device_get(expected), SIMPLE_TOL, "remat")

@@ -1,0 +1,167 @@
+"""Placement, fresh state, and the errors of the core API."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from meshscale import (
+    ContractError,
+    InsufficientDevices,
+    InvalidMeshShape,
+    LayerStack,
+    MeshShape,
+    Trainer,
+    make_mesh,
+    stack_layers,
+)
+from tests.helpers import GLOBAL_BATCH, assert_trees_equal, make_model, make_optimizer
+
+SHAPES = [MeshShape(p, d, 1) for p, d in
+          [(1, 1), (1, 8), (2, 4), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1)]]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return Trainer(make_model("mlp"), make_optimizer(), global_batch=GLOBAL_BATCH)
+
+
+def perturbed_state(trainer, shape):
+    """A state that is not the initial one (so a move that resets values would show)."""
+    state = trainer.init_state(shape)
+    return jax.tree.map(lambda x: x + jnp.ones_like(x) * 0.125, state)
+
+
+def test_init_state_is_the_same_start_on_every_mesh(trainer):
+    states = [jax.device_get(trainer.init_state(s)) for s in SHAPES]
+    for state in states[1:]:
+        assert_trees_equal(state, states[0])
+    assert_trees_equal(states[0].params, trainer.initial_params)
+    for leaf in jax.tree.leaves(trainer.init_state(MeshShape(2, 4))):
+        assert isinstance(leaf.sharding, jax.sharding.NamedSharding)
+
+
+def test_place_between_every_pair_of_shapes_is_bit_identical(trainer):
+    states = {s: perturbed_state(trainer, s) for s in SHAPES}
+    expected = jax.device_get(states[SHAPES[0]])
+    for src, dst in itertools.permutations(SHAPES, 2):
+        moved = trainer.place(states[src], dst)
+        assert_trees_equal(jax.device_get(moved), expected)
+        want = trainer.shardings(dst)
+        for leaf, sharding in zip(jax.tree.leaves(moved), jax.tree.leaves(want), strict=True):
+            assert leaf.sharding == sharding, f"{src} -> {dst}"
+
+
+def test_training_after_place_keeps_the_losses(trainer):
+    batches = [make_model("mlp").example_batch(GLOBAL_BATCH, seed=i) for i in range(4)]
+    a, b = MeshShape(2, 4, 2), MeshShape(4, 2, 2)
+
+    def run(shapes):
+        state, losses = trainer.init_state(shapes[0]), []
+        for shape, batch in zip(shapes, batches, strict=True):
+            state = trainer.place(state, shape)
+            state, metrics = trainer.compile_step(shape)(state, trainer.put_batch(batch, shape))
+            losses.append(float(metrics["loss"]))
+        return losses, jax.device_get(state.params)
+
+    fixed_losses, fixed_params = run([a, a, a, a])
+    moved_losses, moved_params = run([a, a, b, b])
+    np.testing.assert_allclose(moved_losses, fixed_losses, rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.tree.leaves(moved_params)[0], jax.tree.leaves(fixed_params)[0], rtol=1e-5, atol=1e-6)
+    assert trainer.cache.count("hit") >= 4  # the same executables were reused
+
+
+def test_compile_step_is_cached_per_shape_and_devices(trainer):
+    shape = MeshShape(2, 1, 2)
+    first = trainer.compile_step(shape)
+    assert trainer.compile_step(shape) is first
+    other_devices = jax.devices()[4:]
+    assert trainer.compile_step(shape, other_devices) is not first
+
+
+# -- errors -------------------------------------------------------------------------
+def test_pipe_not_dividing_layers_is_refused(trainer):
+    with pytest.raises(InvalidMeshShape, match="pipe=3 does not divide num_layers=8"):
+        trainer.init_state(MeshShape(3, 1))
+
+
+def test_batch_not_divisible_by_data_times_microbatches_is_refused(trainer):
+    with pytest.raises(InvalidMeshShape, match="not divisible by data \\* microbatches"):
+        trainer.compile_step(MeshShape(1, 8, 8))
+
+
+def test_more_devices_than_exist_is_refused(trainer):
+    with pytest.raises(InsufficientDevices, match="needs 16 devices, only 8 available"):
+        trainer.init_state(MeshShape(2, 8))
+    with pytest.raises(InsufficientDevices, match="needs 4 devices"):
+        make_mesh(MeshShape(2, 2), jax.devices()[:3])
+
+
+def test_bad_mesh_shapes_are_refused():
+    with pytest.raises(InvalidMeshShape, match="pipe must be a positive int"):
+        MeshShape(0, 1)
+    with pytest.raises(InvalidMeshShape, match="cannot parse"):
+        MeshShape.parse("2by4")
+    assert MeshShape.parse("2x4/m8") == MeshShape(2, 4, 8)
+    assert MeshShape.parse(str(MeshShape(4, 2, 3))) == MeshShape(4, 2, 3)
+
+
+def test_batch_with_wrong_leading_axis_is_refused():
+    model = make_model("mlp")
+    with pytest.raises(InvalidMeshShape, match="leading axis global_batch=16"):
+        Trainer(model, make_optimizer(), global_batch=16,
+                example_batch=model.example_batch(GLOBAL_BATCH))
+
+
+class NoBlocks(nnx.Module):
+    num_layers = 2
+
+    def embed(self, batch):
+        return batch
+
+    def head_loss(self, h, batch):
+        return h.mean()
+
+    def loss(self, batch):
+        return batch.mean()
+
+
+class UnstackedBlocks(LayerStack):
+    def __init__(self):
+        self.num_layers = 4
+        self.blocks = nnx.Linear(3, 3, rngs=nnx.Rngs(0))  # one layer, not a stack
+
+    def embed(self, batch):
+        return batch["x"]
+
+    def head_loss(self, h, batch):
+        return h.mean()
+
+
+class WithBatchStats(LayerStack):
+    def __init__(self):
+        self.num_layers = 2
+        self.blocks = stack_layers(lambda r: nnx.Linear(3, 3, rngs=r), 2, nnx.Rngs(0))
+        self.norm = nnx.BatchNorm(3, rngs=nnx.Rngs(1))
+
+    def embed(self, batch):
+        return batch["x"]
+
+    def head_loss(self, h, batch):
+        return self.norm(h).mean()
+
+
+@pytest.mark.parametrize("model,message", [
+    (object(), "is not a flax.nnx.Module"),
+    (NoBlocks(), "blocks must be an nnx.Module built with meshscale.stack_layers"),
+    (UnstackedBlocks(), "expected a leading layer axis of 4"),
+    (WithBatchStats(), "holds non-Param state"),
+])
+def test_models_breaking_the_contract_are_refused(model, message):
+    with pytest.raises(ContractError, match=message):
+        Trainer(model, optax.sgd(0.1), global_batch=4, example_batch={"x": np.zeros((4, 3))})
