@@ -4,6 +4,8 @@ The public surface is re-exported here; implementation lives in one module per c
 (see the module map in the README).
 """
 
+from meshscale import resources
+from meshscale.checkpoint import Checkpointer
 from meshscale.compile_cache import CompileCache, enable_persistent_cache
 from meshscale.errors import (
     ContractError,
@@ -20,6 +22,7 @@ from meshscale.train import Trainer, TrainState
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointer",
     "CompileCache",
     "ContractError",
     "IncompatibleCheckpoint",
@@ -34,6 +37,7 @@ __all__ = [
     "Trainer",
     "enable_persistent_cache",
     "make_mesh",
+    "resources",
     "run_layers",
     "stack_layers",
 ]

@@ -1,0 +1,345 @@
+"""Checkpoints of the train state on Orbax, restored straight onto any mesh.
+
+A switch of mesh, a restart with another device count and a resume after a crash all go
+through here: `Checkpointer.save` writes the state as a plain Orbax tree plus a JSON
+metadata item; `Checkpointer.restore` reads it into the `NamedSharding`s of the target
+mesh (each device reads only its shards; nothing is first gathered on one host).
+
+What this module must never do: load a checkpoint of another model, optimizer or global
+batch (that raises `IncompatibleCheckpoint`), or change the checkpoint directory when a
+restore fails. A damaged newest step (missing or truncated files, no commit marker) is
+skipped for the previous good one, with a warning and a record in `last_fallback`.
+
+On-disk layout (Orbax `CheckpointManager`, atomic by temporary directory + rename)::
+
+    DIR/<step>/state/      Orbax pytree of {"step", "params", "opt_state"} (plain dicts)
+    DIR/<step>/meshscale/  JSON: format, model fingerprint, mesh shape, global batch, ...
+
+The state item needs no meshscale to read: optimizer NamedTuples and tuples are stored
+as dicts keyed by field name / index, e.g. ``opt_state["0"]["mu"]``. With plain Orbax::
+
+    ckptr = ocp.StandardCheckpointer()
+    tree = ckptr.metadata(f"{DIR}/{step}/state").item_metadata.tree
+    state = ckptr.restore(f"{DIR}/{step}/state", jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=some_sharding), tree))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from meshscale.errors import IncompatibleCheckpoint
+from meshscale.mesh import DATA, PIPE, MeshShape
+from meshscale.train import Trainer, TrainState
+
+log = logging.getLogger(__name__)
+
+FORMAT = "meshscale.train_state.v1"
+STATE_ITEM = "state"
+META_ITEM = "meshscale"
+# Orbax writes this file into a step directory just before it commits the step.
+COMMIT_MARKER = "commit_success.txt"
+
+Devices = Sequence[jax.Device] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """A restore that skipped damaged newer steps: which one it used and why."""
+
+    restored_step: int
+    skipped: tuple[tuple[int, str], ...]  # (step, reason), newest first
+
+
+# -- TrainState <-> plain dict ------------------------------------------------------------
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def state_to_tree(state: Any) -> dict:
+    """`state` as nested dicts keyed by field name or index: what Orbax stores.
+
+    Every leaf keeps its pytree path, so `tree_to_state` rebuilds the exact original
+    structure (NamedTuples, tuples, dataclasses) from a template.
+    """
+    tree: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        *parents, last = (_key_name(k) for k in path)
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        if last in node:
+            raise ValueError(f"two leaves map to {jax.tree_util.keystr(path)}")
+        node[last] = leaf
+    return tree
+
+
+def tree_to_state(tree: dict, template: Any) -> Any:
+    """The inverse of `state_to_tree`: `tree`'s leaves in `template`'s structure."""
+
+    def lookup(path, _):
+        node = tree
+        for key in path:
+            node = node[_key_name(key)]
+        return node
+
+    return jax.tree_util.tree_map_with_path(lookup, template)
+
+
+def _tree_fingerprint(tree: Any) -> str:
+    leaves = jax.tree_util.tree_flatten_with_path(state_to_tree(tree))[0]
+    text = ";".join(f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:{np.dtype(x.dtype)}"
+                    for p, x in leaves)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _mesh_text(state: TrainState) -> str:
+    sharding = getattr(jax.tree.leaves(state.params)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and {PIPE, DATA} <= set(sharding.mesh.shape):
+        return f"{sharding.mesh.shape[PIPE]}x{sharding.mesh.shape[DATA]}"
+    return "unknown"
+
+
+class Checkpointer:
+    """Save and restore one `Trainer`'s state in `directory`, onto any mesh.
+
+    Args:
+      directory: where the steps live (created if missing).
+      trainer: fixes the model, optimizer and global batch a checkpoint must match.
+      max_to_keep: keep the newest K steps; older ones are deleted after each save.
+      async_save: write in the background (`save` returns once the state is copied off
+        the devices); `wait()`, and every read, blocks until the write is done.
+    """
+
+    def __init__(self, directory: str | Path, trainer: Trainer, *, max_to_keep: int = 3,
+                 async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.trainer = trainer
+        self.last_fallback: Fallback | None = None
+        self._opt_fingerprint = _tree_fingerprint(trainer.abstract_state().opt_state)
+        self._directory_checked = False
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save),
+            handler_registry=ocp.handlers.create_default_handler_registry(**{
+                STATE_ITEM: _state_handler(), META_ITEM: ocp.JsonCheckpointHandler()}))
+
+    # -- writing ------------------------------------------------------------------------
+    def save(self, state: TrainState, *, shape: MeshShape | None = None,
+             step: int | None = None, force: bool = True) -> bool:
+        """Start writing `state` as step `step` (default ``int(state.step)``).
+
+        Returns False, writing nothing, when that step is already saved (the state at a
+        step is what training made of it; rewriting it would only cost time).
+        Raises `IncompatibleCheckpoint` if the directory holds another model's steps.
+        """
+        step = int(state.step) if step is None else int(step)
+        if not self._directory_checked:
+            latest = self.latest_step()
+            if latest is not None:
+                try:
+                    meta = self.metadata(latest)
+                except Exception:  # a damaged step says nothing about the model
+                    meta = None
+                if meta is not None:
+                    self._check(meta)
+            self._directory_checked = True
+        if step in self.all_steps():
+            log.info("step %d already saved in %s; not saving it again", step, self.directory)
+            return False
+        meta = {
+            "format": FORMAT,
+            "meshscale_version": _version(),
+            "model_fingerprint": self.trainer.fingerprint,
+            "opt_state_fingerprint": self._opt_fingerprint,
+            "mesh_shape": str(shape) if shape is not None else _mesh_text(state),
+            "global_batch": self.trainer.global_batch,
+            "num_layers": self.trainer.num_layers,
+            "param_count": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
+            "step": step,
+        }
+        return self._manager.save(step, force=force, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.PyTreeSave(state_to_tree(state)),
+            META_ITEM: ocp.args.JsonSave(meta)}))
+
+    def wait(self) -> None:
+        """Block until every started save is on disk (committed or failed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading ------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        self.wait()
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata of `step` (default: the latest)."""
+        return self._read_metadata(self._existing_step(step))
+
+    def restore(self, target: MeshShape | TrainState, *, step: int | None = None,
+                devices: Devices = None) -> TrainState:
+        """The saved state, read directly into the shardings of `target`.
+
+        Args:
+          target: a `MeshShape` (shardings from `trainer.shardings(target, devices)`) or a
+            `TrainState` whose leaves are `NamedSharding`s.
+          step: the step to read; None reads the newest readable one, skipping damaged
+            newer steps (recorded in `last_fallback`, with a warning).
+          devices: the devices of a `MeshShape` target's mesh.
+        """
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.trainer.abstract_state(), self._target_shardings(target, devices))
+        if step is not None:
+            step = self._existing_step(step)
+            try:
+                return self._restore_step(step, abstract)
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as e:
+                raise IncompatibleCheckpoint(
+                    f"step {step} in {self.directory} is unreadable ({_reason(e)}): restore "
+                    f"another step (available: {self.all_steps()})") from e
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}: save one first")
+        skipped: list[tuple[int, str]] = []
+        for candidate in reversed(steps):
+            try:
+                state = self._restore_step(candidate, abstract)
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as e:  # damaged step: fall back to the previous one
+                skipped.append((candidate, _reason(e)))
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying the "
+                            "previous step", candidate, self.directory, _reason(e))
+                continue
+            self.last_fallback = Fallback(candidate, tuple(skipped)) if skipped else None
+            if skipped:
+                log.warning("restored step %d from %s instead of damaged step(s) %s",
+                            candidate, self.directory, [s for s, _ in skipped])
+            return state
+        reasons = "; ".join(f"{s}: {r}" for s, r in skipped)
+        raise IncompatibleCheckpoint(
+            f"no step in {self.directory} is readable ({reasons}): delete the damaged step "
+            "directories or point checkpoint_dir elsewhere")
+
+    # -- internals ----------------------------------------------------------------------
+    def _existing_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}: save one first")
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(
+                f"no step {step} in {self.directory}: choose one of {steps}")
+        return int(step)
+
+    def _read_metadata(self, step: int) -> dict:
+        return dict(self._manager.restore(step, args=ocp.args.Composite(
+            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+
+    def _restore_step(self, step: int, abstract: TrainState) -> TrainState:
+        if not (self.directory / str(step) / COMMIT_MARKER).exists():
+            raise FileNotFoundError(f"step {step} has no {COMMIT_MARKER} (never committed)")
+        self._check(self._read_metadata(step))
+        tree = state_to_tree(abstract)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.PyTreeRestore(
+                tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))}))
+        return tree_to_state(restored[STATE_ITEM], abstract)
+
+    def _check(self, meta: dict) -> None:
+        """Raise `IncompatibleCheckpoint`, naming the fix, unless `meta` fits the trainer."""
+        where = f"checkpoint in {self.directory}"
+        if meta.get("format") != FORMAT:
+            raise IncompatibleCheckpoint(
+                f"{where} has format {meta.get('format')!r}, this meshscale reads {FORMAT!r}: "
+                "point checkpoint_dir elsewhere or use the meshscale version that wrote it")
+        if meta["model_fingerprint"] != self.trainer.fingerprint:
+            raise IncompatibleCheckpoint(
+                f"{where} was written for model {meta['model_fingerprint']}, this trainer's is "
+                f"{self.trainer.fingerprint}: point checkpoint_dir elsewhere or load the "
+                "matching model")
+        if meta["opt_state_fingerprint"] != self._opt_fingerprint:
+            raise IncompatibleCheckpoint(
+                f"{where} was written for optimizer state {meta['opt_state_fingerprint']}, "
+                f"this trainer's is {self._opt_fingerprint}: point checkpoint_dir elsewhere or "
+                "use the optimizer that wrote it")
+        if meta["global_batch"] != self.trainer.global_batch:
+            raise IncompatibleCheckpoint(
+                f"{where} was written for global batch {meta['global_batch']}, this trainer's "
+                f"is {self.trainer.global_batch}: use global_batch={meta['global_batch']} or "
+                "point checkpoint_dir elsewhere")
+
+    def _target_shardings(self, target: MeshShape | TrainState, devices: Devices) -> TrainState:
+        if isinstance(target, MeshShape):
+            return self.trainer.shardings(target, devices)
+        if not isinstance(target, TrainState):
+            raise TypeError(f"restore target must be a MeshShape or a TrainState of "
+                            f"NamedShardings, got {type(target).__name__}")
+        named = [s for s in jax.tree.leaves(target) if isinstance(s, NamedSharding)]
+        if not named:
+            raise TypeError("restore target TrainState holds no NamedSharding")
+        # Orbax needs a NamedSharding on every leaf; replicate the odd one (e.g. the step
+        # counter placed on a single device) over the mesh of the others.
+        replicated = NamedSharding(named[0].mesh, P())
+        return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, target)
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's standard pytree handler, minus replica-parallel writes on one process.
+
+    Replica-parallel saving slices every replicated array per replica with a freshly
+    compiled `lax.slice` per shape, inside the blocking part of an async save: measured
+    on 8 CPU devices, 3-5 s for a first save on a mesh instead of 0.2 s. It only pays off
+    when the replicas sit on different hosts that write in parallel. The files written
+    are the same as `StandardSave`'s (plain Orbax reads them).
+    """
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    arrays = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        array_metadata_store=getattr(default, "_array_metadata_store", None))
+    return ocp.PyTreeCheckpointHandler(
+        type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+            (jax.Array, arrays)))
+
+
+def _reason(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _version() -> str:
+    from meshscale import __version__  # late: meshscale/__init__ imports this module
+
+    return __version__

@@ -1,0 +1,298 @@
+"""Checkpoints: exact restore onto any mesh, refusal of foreign checkpoints, damage recovery.
+
+No train step is compiled here: states are random values placed with `Trainer` shardings.
+"""
+
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from meshscale import Checkpointer, IncompatibleCheckpoint, MeshShape, Trainer, TrainState
+from meshscale.checkpoint import state_to_tree, tree_to_state
+from models.mlp import MLPConfig, ResidualMLP
+
+# A failed Orbax read (the damage tests) leaves tensorstore callbacks aimed at the closed
+# event loop of that read; Python reports them later, in whichever test is running.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+
+SMALL = MLPConfig(num_layers=8, features=8, hidden=16, inputs=4, outputs=2)
+SHAPES = [MeshShape(1, 1), MeshShape(2, 1), MeshShape(1, 8), MeshShape(2, 4), MeshShape(4, 2),
+          MeshShape(8, 1)]
+
+
+def make_trainer(cfg=SMALL, optimizer=None, global_batch=8):
+    model = ResidualMLP(cfg, rngs=nnx.Rngs(0))
+    return Trainer(model, optimizer or optax.adam(1e-3), global_batch=global_batch)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return make_trainer()
+
+
+def random_state(trainer, shape, seed):
+    """A state on `shape`'s mesh whose every leaf (step included) is random, not initial."""
+    rng = np.random.default_rng(seed)
+    host = jax.tree.map(
+        lambda a: (rng.standard_normal(a.shape).astype(a.dtype)
+                   if np.issubdtype(a.dtype, np.floating)
+                   else rng.integers(1, 1000, a.shape).astype(a.dtype)),
+        trainer.abstract_state())
+    return jax.device_put(host, trainer.shardings(shape))
+
+
+def assert_same_values(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
+                            jax.tree.leaves(expected), strict=True):
+        assert a.dtype == b.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                      err_msg=jax.tree_util.keystr(path))
+
+
+def assert_on_shardings(state, shardings):
+    for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+        assert isinstance(leaf.sharding, NamedSharding)
+        assert leaf.sharding == sharding
+
+
+def listing(directory):
+    """Every file and folder under `directory` with its size and modification time."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_dict_conversion_round_trips_optax_namedtuples_exactly(trainer):
+    state = trainer.abstract_state()
+    tree = state_to_tree(state)
+    assert set(tree) == {"step", "params", "opt_state"}
+    assert set(tree["opt_state"]["0"]) == {"count", "mu", "nu"}  # ScaleByAdamState fields
+    back = tree_to_state(tree, state)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    assert all(a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True))
+
+
+def test_restore_from_2x4_onto_4x2_and_1x1_is_bit_identical_on_target_shardings(
+        trainer, tmp_path):
+    state = random_state(trainer, MeshShape(2, 4), seed=1)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        assert ckpt.save(state, shape=MeshShape(2, 4))
+        for target in (MeshShape(4, 2), MeshShape(1, 1)):
+            restored = ckpt.restore(target)
+            assert_same_values(restored, state)
+            assert_on_shardings(restored, trainer.shardings(target))
+            assert restored.step.sharding.spec == P()  # the step counter is replicated too
+        assert ckpt.last_fallback is None
+
+
+def test_every_pair_of_mesh_shapes_restores_bit_identically(trainer, tmp_path):
+    states = {}
+    with Checkpointer(tmp_path, trainer, max_to_keep=len(SHAPES)) as ckpt:
+        for i, shape in enumerate(SHAPES):
+            states[i] = random_state(trainer, shape, seed=10 + i)
+            ckpt.save(states[i], shape=shape, step=i)
+        assert ckpt.all_steps() == list(range(len(SHAPES)))
+        for i, source in enumerate(SHAPES):
+            assert ckpt.metadata(i)["mesh_shape"] == str(source)
+            for target in SHAPES:
+                restored = ckpt.restore(target, step=i)
+                assert_same_values(restored, states[i])
+                assert_on_shardings(restored, trainer.shardings(target))
+
+
+def test_restore_onto_a_trainstate_of_shardings_replicates_a_single_device_step(
+        trainer, tmp_path):
+    state = random_state(trainer, MeshShape(2, 4), seed=2)
+    target = trainer.shardings(MeshShape(8, 1))
+    odd = TrainState(SingleDeviceSharding(jax.devices()[0]), target.params, target.opt_state)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        ckpt.save(state)
+        restored = ckpt.restore(odd)
+    assert_same_values(restored, state)
+    assert_on_shardings(restored, target)
+
+
+def test_metadata_records_model_mesh_batch_and_param_count(trainer, tmp_path):
+    state = random_state(trainer, MeshShape(2, 4), seed=3)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        ckpt.save(state)
+        meta = ckpt.metadata()
+    assert meta["model_fingerprint"] == trainer.fingerprint
+    assert meta["mesh_shape"] == "2x4"  # derived from the state's mesh
+    assert meta["global_batch"] == 8
+    assert meta["step"] == int(state.step)
+    assert meta["param_count"] == sum(np.size(x) for x in jax.tree.leaves(state.params))
+    assert meta["meshscale_version"]
+
+
+@pytest.mark.parametrize("other", [
+    pytest.param(lambda: make_trainer(MLPConfig(num_layers=8, features=8, hidden=32,
+                                                inputs=4, outputs=2)), id="model"),
+    pytest.param(lambda: make_trainer(optimizer=optax.sgd(0.1, momentum=0.9)), id="optimizer"),
+    pytest.param(lambda: make_trainer(global_batch=16), id="global_batch"),
+])
+def test_foreign_checkpoint_raises_and_leaves_directory_unchanged(trainer, tmp_path, other):
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        ckpt.save(random_state(trainer, MeshShape(2, 4), seed=4))
+    before = listing(tmp_path)
+    foreign = other()
+    with Checkpointer(tmp_path, foreign) as ckpt:
+        with pytest.raises(IncompatibleCheckpoint, match="point checkpoint_dir elsewhere"):
+            ckpt.restore(MeshShape(2, 4))
+        with pytest.raises(IncompatibleCheckpoint):  # nor may it write next to them
+            ckpt.save(random_state(foreign, MeshShape(2, 4), seed=5), step=99)
+    assert listing(tmp_path) == before
+
+
+def _array_files(step_dir):
+    """The OCDBT data files of a step's state (root and per-process databases)."""
+    files = glob.glob(f"{step_dir}/state/**/d/*", recursive=True)
+    assert files
+    return files
+
+
+def _delete_array_files(step_dir):
+    for f in _array_files(step_dir):
+        os.remove(f)
+
+
+def _truncate_array_files(step_dir):
+    files = _array_files(step_dir)
+    for f in files:
+        os.truncate(f, os.path.getsize(f) // 3)
+
+
+def _remove_commit_marker(step_dir):
+    os.remove(f"{step_dir}/commit_success.txt")
+
+
+def _garble_metadata(step_dir):
+    with open(f"{step_dir}/meshscale/metadata", "w") as f:
+        f.write('{"format": "meshscale.tr')
+
+
+@pytest.mark.parametrize("damage", [_delete_array_files, _truncate_array_files,
+                                    _remove_commit_marker, _garble_metadata],
+                         ids=["deleted", "truncated", "uncommitted", "garbled_metadata"])
+def test_damaged_newest_step_falls_back_to_previous_with_warning(trainer, tmp_path, damage,
+                                                                 caplog):
+    good = random_state(trainer, MeshShape(2, 4), seed=6)
+    newer = random_state(trainer, MeshShape(2, 4), seed=7)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        ckpt.save(good, step=1)
+        ckpt.save(newer, step=2)
+    damage(tmp_path / "2")
+    before = listing(tmp_path)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        with caplog.at_level(logging.WARNING, logger="meshscale.checkpoint"):
+            restored = ckpt.restore(MeshShape(4, 2))
+        assert_same_values(restored, good)
+        assert ckpt.last_fallback is not None
+        assert ckpt.last_fallback.restored_step == 1
+        assert [s for s, _ in ckpt.last_fallback.skipped] == [2]
+        assert any("step 2" in r.getMessage() and "unreadable" in r.getMessage()
+                   for r in caplog.records)
+        with pytest.raises(IncompatibleCheckpoint, match="step 2 .* is unreadable"):
+            ckpt.restore(MeshShape(4, 2), step=2)  # an explicit step never falls back
+    assert listing(tmp_path) == before
+
+
+def test_restore_with_no_readable_step_raises(trainer, tmp_path):
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        with pytest.raises(FileNotFoundError):
+            ckpt.restore(MeshShape(2, 4))
+        ckpt.save(random_state(trainer, MeshShape(2, 4), seed=8), step=1)
+    _delete_array_files(tmp_path / "1")
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        with pytest.raises(IncompatibleCheckpoint, match="no step .* is readable"):
+            ckpt.restore(MeshShape(2, 4))
+
+
+def test_max_to_keep_keeps_only_the_newest_steps(trainer, tmp_path):
+    state = random_state(trainer, MeshShape(2, 4), seed=9)
+    with Checkpointer(tmp_path, trainer, max_to_keep=2) as ckpt:
+        for step in (1, 2, 3, 4):
+            ckpt.save(state, step=step)
+        assert ckpt.all_steps() == [3, 4]
+        assert ckpt.latest_step() == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["3", "4"]
+
+
+def test_saving_an_already_saved_step_writes_nothing(trainer, tmp_path):
+    state = random_state(trainer, MeshShape(2, 4), seed=10)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        assert ckpt.save(state, step=5)
+        ckpt.wait()
+        before = listing(tmp_path)
+        assert not ckpt.save(random_state(trainer, MeshShape(2, 4), seed=11), step=5)
+        assert listing(tmp_path) == before
+        assert_same_values(ckpt.restore(MeshShape(2, 4)), state)
+
+
+def test_async_save_keeps_values_when_the_state_is_donated_right_after(trainer, tmp_path):
+    state = random_state(trainer, MeshShape(2, 4), seed=12)
+    expected = jax.device_get(state)
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    with Checkpointer(tmp_path, trainer, async_save=True) as ckpt:
+        ckpt.save(state, step=1)
+        bumped = bump(state)  # reuses the saved arrays' buffers while the write runs
+        jax.block_until_ready(bumped)
+        restored = ckpt.restore(MeshShape(2, 4))  # waits for the write first
+    assert_same_values(restored, expected)
+
+
+PLAIN_ORBAX_READER = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np, orbax.checkpoint as ocp
+    path, expected = sys.argv[1], np.load(sys.argv[2])
+    ckptr = ocp.StandardCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = ckptr.restore(path, jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree))
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+    assert sorted(flat) == sorted(expected.files), (sorted(flat), expected.files)
+    for name in expected.files:
+        assert flat[name].dtype == expected[name].dtype, name
+        assert np.array_equal(flat[name], expected[name]), name
+    assert not [m for m in sys.modules if m.split(".")[0] in ("meshscale", "models")]
+    print(json.dumps({"leaves": len(flat), "devices": len(jax.devices())}))
+""")
+
+
+def test_plain_orbax_reads_a_meshscale_checkpoint_without_importing_meshscale(
+        trainer, tmp_path):
+    state = random_state(trainer, MeshShape(2, 4), seed=13)
+    with Checkpointer(tmp_path / "ckpt", trainer) as ckpt:
+        ckpt.save(state, step=3)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(state_to_tree(state))[0]}
+    np.savez(tmp_path / "expected.npz", **flat)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: new host
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_ORBAX_READER, str(tmp_path / "ckpt" / "3" / "state"),
+         str(tmp_path / "expected.npz")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"leaves": len(flat), "devices": 1}
