@@ -1,0 +1,181 @@
+"""The demo job: a GPT learns Python source while its device count changes.
+
+It is an ordinary `ElasticTrainer` run driven by a `resources.FileSource` whose file the
+demo itself rewrites on a schedule, exactly as a scheduler or operator would: the demo
+uses only the public API. Run it with `meshscale demo` (or `make demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+
+DEFAULT_SCHEDULE = "4@0,8@80,6@160,3@240,8@320"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    steps: int = 400
+    schedule: str = DEFAULT_SCHEDULE
+    devices: int = 8
+    p_min: int = 2
+    model: str = "gpt-tiny"
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    resume: bool = False
+    global_batch: int = 24
+    check_every: int = 10
+    checkpoint_every: int = 40
+    learning_rate: float = 3e-3
+
+
+def parse_schedule(text: str, *, max_devices: int) -> list[tuple[int, int]]:
+    """"4@0,8@80" -> [(0, 4), (80, 8)]: (step, devices) sorted by step, starting at 0."""
+    try:
+        pairs = sorted((int(step), int(count)) for count, step in
+                       (item.strip().split("@") for item in text.split(",") if item.strip()))
+    except ValueError as e:
+        raise ValueError(f"bad --schedule {text!r}: write DEVICES@STEP,... e.g. "
+                         f"{DEFAULT_SCHEDULE}") from e
+    if not pairs or pairs[0][0] != 0:
+        raise ValueError(f"bad --schedule {text!r}: the first entry must be at step 0 (N@0)")
+    for _, count in pairs:
+        if not 1 <= count <= max_devices:
+            raise ValueError(f"bad --schedule {text!r}: {count} devices is outside 1..{max_devices}"
+                             f" (raise --devices)")
+    return pairs
+
+
+def devices_at(schedule: list[tuple[int, int]], step: int) -> int:
+    return [count for start, count in schedule if start <= step][-1]
+
+
+def build_model(name: str, seed: int):
+    """(model, batches) for a demo model name."""
+    from flax import nnx
+
+    if name == "gpt-tiny":
+        from models.gpt import GPT, GPTConfig
+        from models.text import ByteBatches, stdlib_text
+
+        model = GPT(GPTConfig.preset("tiny"), rngs=nnx.Rngs(seed))
+        return model, lambda batch: ByteBatches(stdlib_text(), seq_len=model.config.seq_len,
+                                                batch_size=batch, seed=seed)
+    if name == "mlp":
+        from models.mlp import MLPConfig, ResidualMLP
+
+        model = ResidualMLP(MLPConfig(), rngs=nnx.Rngs(seed))
+
+        class Synthetic:
+            def __init__(self, batch):
+                self.size = batch
+
+            def batch(self, i):
+                return model.example_batch(self.size, seed=seed * 100_003 + i)
+
+        return model, Synthetic
+    raise ValueError(f"unknown --model {name!r}: choose gpt-tiny or mlp")
+
+
+def run(cfg: DemoConfig) -> dict:
+    """Run the demo; returns the report data (also written to RUN_DIR/report.json)."""
+    import jax
+    import optax
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from meshscale import report
+    from meshscale.elastic import ElasticTrainer
+    from meshscale.model import FunctionalModel
+    from meshscale.resources import FileSource
+
+    console = Console()
+    schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
+    if not cfg.resume and os.path.exists(cfg.run_dir):
+        shutil.rmtree(cfg.run_dir)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    previous = _previous_report(cfg.run_dir) if cfg.resume else None
+
+    model, batches_for = build_model(cfg.model, cfg.seed)
+    data = batches_for(cfg.global_batch)
+    device_file = os.path.join(cfg.run_dir, "devices.txt")
+    last_step_with_file = previous["steps"][-1]["step"] if previous and previous["steps"] else 0
+    FileSource.write(device_file, devices_at(schedule, last_step_with_file))
+    pending: dict = {}
+
+    def on_event(event):
+        if event["event"] == "search":
+            pending["search"] = event
+            console.print(report.tryrun_table(report.to_plain(event["decision"]),
+                                              title=f"try-runs on {event['num_devices']} devices"))
+            if not event["decision"].switch:
+                console.print(report.decision_words(report.to_plain(event)))
+        elif event["event"] == "switch" and "search" in pending:
+            console.print(report.decision_words(report.to_plain(pending.pop("search")),
+                                                report.to_plain(event)))
+        elif event["event"] in ("devices_changed", "resume"):
+            console.print(f"[bold]{event['event'].replace('_', ' ')}[/]: "
+                          + ", ".join(f"{k}={v}" for k, v in event.items()
+                                      if k not in ("event", "time", "device_ids")))
+
+    elastic = ElasticTrainer(
+        model, optax.adam(cfg.learning_rate), global_batch=cfg.global_batch,
+        checkpoint_dir=os.path.join(cfg.run_dir, "checkpoints"), p_min=cfg.p_min,
+        resources=FileSource(device_file), check_every=cfg.check_every,
+        total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
+        search_options={"warmup": 1, "steps": 3})
+    state = elastic.init(data.batch(0))
+    first = int(state.step)
+    config = dataclasses.asdict(cfg)
+
+    def save_report():
+        out = report.run_data(elastic, config=config)
+        if previous:
+            keep = [s for s in previous["steps"] if s["step"] <= first]
+            out["steps"] = keep + out["steps"]
+            out["events"] = previous["events"] + [{"event": "restart", "step": first}] \
+                + out["events"]
+        report.write_json(out, os.path.join(cfg.run_dir, "report.json"))
+        return out
+
+    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=cfg.steps, completed=first, info="")
+        for i in range(first, cfg.steps):
+            count = devices_at(schedule, i)
+            if i > first and count != devices_at(schedule, i - 1):
+                FileSource.write(device_file, count)
+            state, metrics = elastic.step(state, data.batch(i))
+            progress.update(task, completed=i + 1, info=(
+                f"loss {metrics['loss']:.3f}  {metrics['samples_per_second']:7.1f} samples/s  "
+                f"mesh {metrics['mesh']}"))
+            if (i + 1) % 20 == 0:
+                save_report()
+    out = save_report()
+    if cfg.model == "gpt-tiny":
+        from models.gpt import sample
+
+        fmodel, _ = FunctionalModel.of(model)
+        trained = fmodel.merge(jax.device_get(state.params))
+        out["sample"] = sample(trained, b"def ", 160, seed=cfg.seed).decode("utf-8", "replace")
+        report.write_json(out, os.path.join(cfg.run_dir, "report.json"))
+    png = report.plot(out, os.path.join(cfg.run_dir, "report.png"))
+    console.print(report.summary_table(out))
+    if "sample" in out:
+        console.print("[bold]sampled from the trained model:[/]\ndef " + out["sample"])
+    console.print(f"report: {os.path.join(cfg.run_dir, 'report.json')}, {png}")
+    return out
+
+
+def _previous_report(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, "report.json")
+    if not os.path.exists(path):
+        logging.getLogger(__name__).warning("no report.json in %s: starting its record anew",
+                                            run_dir)
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,283 @@
+"""`ElasticTrainer`: the loop-facing API that keeps training on the best mesh.
+
+The user's loop calls `init` once and `step` per batch. Every `check_every` steps the
+trainer polls its resource source; when the available devices changed it (1) writes a
+checkpoint, always first, (2) lists candidate meshes and try-runs them on copies of the
+live state, (3) switches only when the decision says so (or when the current mesh lost
+devices), by restoring the checkpoint with the new mesh's shardings. The training math
+never depends on the mesh (same global batch, same optimizer), so losses with switches
+equal those without, to float tolerance.
+
+Never: change the live state during a search, or touch devices the source did not grant.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from meshscale import resources as resources_lib
+from meshscale.checkpoint import Checkpointer
+from meshscale.compile_cache import CompileCache, enable_persistent_cache
+from meshscale.errors import InsufficientDevices, InvalidMeshShape
+from meshscale.mesh import MeshShape, device_ids
+from meshscale.model import Batch
+from meshscale.search import Baseline, Decision, search
+from meshscale.train import Trainer, TrainState
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    step: int
+    loss: float
+    seconds: float
+    samples_per_second: float
+    mesh: str
+    num_devices: int
+
+
+class ElasticTrainer:
+    """Train a reshardable model on whatever devices `resources` grants, on the best mesh.
+
+    Args:
+      model, optimizer, global_batch: as for `meshscale.Trainer`.
+      checkpoint_dir: Orbax checkpoints (and, by default, JAX's compilation cache) go here.
+      p_min: the fewest pipeline stages the model fits in.
+      resources: a `meshscale.resources` source, a device list or a count.
+      threshold: switch only if the best try-run beats the baseline by more than this.
+      check_every: poll `resources` every this many steps.
+      total_steps: when given, a switch must also pay back its cost over the steps left.
+      switch_via: "checkpoint" (restore with the new shardings; works across hosts) or
+        "memory" (`Trainer.place`; only when every device is addressable). Either way the
+        checkpoint is written first.
+      checkpoint_every: also save every this many steps (for resuming after a crash).
+      on_event: called with every event as it happens (the CLI prints them).
+      search_options: passed to `meshscale.search` (warmup, steps, max_pipe, microbatches,
+        eps, memory_budget).
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                 global_batch: int, checkpoint_dir: str | os.PathLike, p_min: int,
+                 resources: resources_lib.ResourceSource | Sequence[jax.Device] | int,
+                 threshold: float = 0.05, check_every: int = 50,
+                 total_steps: int | None = None, switch_via: str = "checkpoint",
+                 checkpoint_every: int | None = None, max_to_keep: int = 3,
+                 example_batch: Batch | None = None, remat: bool = False,
+                 compile_cache: CompileCache | None = None, persistent_cache: bool = True,
+                 baseline_window: int = 20, on_event: Callable[[Event], None] | None = None,
+                 search_options: dict | None = None):
+        if switch_via not in ("checkpoint", "memory"):
+            raise InvalidMeshShape(
+                f"switch_via must be 'checkpoint' or 'memory', got {switch_via!r}")
+        if not isinstance(check_every, int) or check_every < 1:
+            raise InvalidMeshShape(f"check_every must be a positive int, got {check_every!r}")
+        self.trainer = Trainer(model, optimizer, global_batch=global_batch,
+                               example_batch=example_batch, remat=remat, cache=compile_cache)
+        if not isinstance(p_min, int) or p_min < 1:
+            raise InvalidMeshShape(f"p_min must be a positive int, got {p_min!r}")
+        if p_min > self.trainer.num_layers:
+            raise InvalidMeshShape(
+                f"p_min={p_min} is larger than the model's {self.trainer.num_layers} layers: "
+                f"a stage needs at least one layer, lower p_min")
+        self.p_min = p_min
+        self.checkpoint_dir = os.fspath(checkpoint_dir)
+        if persistent_cache:
+            enable_persistent_cache(os.path.join(self.checkpoint_dir, "jax_cache"))
+        self.checkpointer = Checkpointer(os.path.join(self.checkpoint_dir, "state"), self.trainer,
+                                         max_to_keep=max_to_keep)
+        self.resources = (resources if isinstance(resources, resources_lib.ResourceSource)
+                          else resources_lib.Static(resources))
+        self.threshold, self.check_every, self.total_steps = threshold, check_every, total_steps
+        self.switch_via, self.checkpoint_every = switch_via, checkpoint_every
+        self.on_event = on_event
+        self.search_options = dict(search_options or {})
+        self.shape: MeshShape | None = None
+        self.devices: list[jax.Device] = []  # the current mesh's devices
+        self._granted: list[jax.Device] = []  # what the source granted at the last poll
+        self.history: list[Event] = []
+        self.steps: list[StepRecord] = []
+        self._step_fn = None
+        self._recent = collections.deque(maxlen=baseline_window)  # step seconds on this mesh
+        self._since_switch = 0
+        self._last_switch_cost: float | None = None
+
+    # -- events -----------------------------------------------------------------------
+    def _emit(self, kind: str, **data) -> Event:
+        event = {"event": kind, "time": time.time(),
+                 "step": self.steps[-1].step if self.steps else None, **data}
+        self.history.append(event)
+        log.info("%s %s", kind, {k: v for k, v in data.items() if k != "decision"})
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    # -- start-up ---------------------------------------------------------------------
+    def init(self, example_batch: Batch) -> TrainState:
+        """The state to train from: the latest checkpoint if any, else fresh; on the best mesh.
+
+        Refuses to start (`InsufficientDevices`) with fewer devices than `p_min`.
+        """
+        devices = self.resources.poll()
+        self._require(devices)
+        staging = self._staging_shape(devices)
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            state = self.checkpointer.restore(staging, devices=devices)
+            restored = int(state.step)
+            self._emit("resume", checkpoint_step=restored, num_devices=len(devices))
+        else:
+            state = self.trainer.init_state(staging, devices)
+            self._emit("start", num_devices=len(devices))
+        self.shape, self.devices = staging, devices[: staging.num_devices]
+        decision = self._search(state, [example_batch], devices, baseline=None, current=None)
+        best = decision.best
+        if best is None:
+            raise InsufficientDevices(f"no mesh could run on {len(devices)} devices: "
+                                      f"{decision.reason}")
+        state = self._switch(state, best.shape, devices, reason="start", save=False)
+        return state
+
+    def _require(self, devices: Sequence[jax.Device]) -> None:
+        if len(devices) < self.p_min:
+            raise InsufficientDevices(
+                f"{len(devices)} devices available, the model needs p_min={self.p_min}: "
+                f"wait for at least {self.p_min} devices or lower p_min")
+
+    def _staging_shape(self, devices) -> MeshShape:
+        """The smallest valid mesh, to hold the state while the real one is searched."""
+        for p in range(self.p_min, len(devices) + 1):
+            if self.trainer.num_layers % p == 0:
+                shape = MeshShape(p, 1, 1)
+                self.trainer.check(shape, devices)
+                return shape
+        raise InsufficientDevices(
+            f"no pipe width in [{self.p_min}, {len(devices)}] divides "
+            f"{self.trainer.num_layers} layers: add devices or change p_min")
+
+    # -- the loop ---------------------------------------------------------------------
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """One training step on the current mesh; every `check_every` steps, adapt.
+
+        The state passed in is consumed (its buffers are donated to the step).
+        """
+        if self._step_fn is None:
+            raise RuntimeError("call ElasticTrainer.init(example_batch) before step()")
+        start = time.perf_counter()
+        placed = self.trainer.put_batch(batch, self.shape, self.devices)
+        state, metrics = self._step_fn(state, placed)
+        loss = float(metrics["loss"])  # waits for the step: the timing is real
+        seconds = time.perf_counter() - start
+        self._since_switch += 1
+        if self._since_switch > 2:  # the first steps on a new mesh are warm-up
+            self._recent.append(seconds)
+        record = StepRecord(int(state.step), loss, seconds, self.trainer.global_batch / seconds,
+                            str(self.shape), self.shape.num_devices)
+        self.steps.append(record)
+        metrics = {"loss": loss, "seconds": seconds, "mesh": str(self.shape),
+                   "samples_per_second": record.samples_per_second}
+        if self.checkpoint_every and record.step % self.checkpoint_every == 0:
+            self._save(state, reason="periodic")
+        if record.step % self.check_every == 0:
+            state = self.check(state, batch)
+        return state, metrics
+
+    def check(self, state: TrainState, batch: Batch) -> TrainState:
+        """Poll the resource source now; on a change, save, search and maybe switch."""
+        devices = self.resources.poll()
+        if device_ids(devices) == device_ids(self._granted):
+            return state
+        self._emit("devices_changed", before=len(self._granted), after=len(devices),
+                   device_ids=list(device_ids(devices)))
+        self._save(state, reason="before search")
+        try:
+            self._require(devices)
+        finally:
+            self._granted = list(devices)
+        current_ok = set(device_ids(self.devices)) <= set(device_ids(devices))
+        baseline = self.baseline() if current_ok else None
+        remaining = (self.total_steps - int(state.step)) if self.total_steps else None
+        decision = self._search(state, [batch], devices, baseline=baseline,
+                                current=self.shape if current_ok else None,
+                                remaining_steps=remaining)
+        forced = not current_ok
+        if decision.best is not None and (decision.switch or forced) \
+                and (decision.best.shape, device_ids(devices[: decision.best.shape.num_devices])) \
+                != (self.shape, device_ids(self.devices)):
+            state = self._switch(state, decision.best.shape, devices,
+                                 reason="forced: current mesh lost devices" if forced
+                                 else "faster", save=False)
+        elif forced:
+            raise InsufficientDevices(f"the current mesh lost devices and no candidate ran on "
+                                      f"{len(devices)} devices: {decision.reason}")
+        return state
+
+    def baseline(self) -> Baseline | None:
+        """The current mesh's steady-state samples/s from ordinary steps (None if too few)."""
+        if len(self._recent) < 3:
+            return None
+        return Baseline(self.trainer.global_batch / statistics.median(self._recent),
+                        self.shape.num_devices, self.shape)
+
+    # -- pieces -----------------------------------------------------------------------
+    def _save(self, state: TrainState, *, reason: str) -> None:
+        step = int(state.step)
+        if self.checkpointer.latest_step() == step:
+            return
+        start = time.perf_counter()
+        self.checkpointer.save(state, shape=self.shape)
+        self.checkpointer.wait()
+        self._emit("checkpoint", checkpoint_step=step, reason=reason,
+                   seconds=time.perf_counter() - start)
+
+    def _search(self, state, batches, devices, *, baseline, current,
+                remaining_steps=None) -> Decision:
+        start = time.perf_counter()
+        decision = search(self.trainer, state, batches, devices, p_min=self.p_min,
+                          baseline=baseline, threshold=self.threshold, current=current,
+                          remaining_steps=remaining_steps, switch_cost=self._last_switch_cost,
+                          **self.search_options)
+        self._emit("search", num_devices=len(devices), decision=decision,
+                   seconds=time.perf_counter() - start)
+        return decision
+
+    def _switch(self, state: TrainState, shape: MeshShape, devices, *, reason: str,
+                save: bool = True) -> TrainState:
+        start = time.perf_counter()
+        if save:
+            self._save(state, reason="before switch")
+        before = self.shape
+        if self.switch_via == "memory" or self.checkpointer.latest_step() != int(state.step):
+            state = self.trainer.place(state, shape, devices)
+        else:
+            state = self.checkpointer.restore(shape, devices=devices)
+        self._step_fn = self.trainer.compile_step(shape, devices)
+        self.shape, self.devices = shape, list(devices[: shape.num_devices])
+        self._granted = list(devices)
+        self._recent.clear()
+        self._since_switch = 0
+        cost = time.perf_counter() - start
+        if reason != "start":
+            self._last_switch_cost = cost
+        self._emit("switch", before=str(before) if before else None, after=str(shape),
+                   num_devices=shape.num_devices, reason=reason, seconds=cost)
+        return state
+
+    def report(self) -> None:
+        """Print the history as rich tables (decisions, switches, time per mesh)."""
+        from meshscale.report import print_history
+
+        print_history(self)
