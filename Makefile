@@ -23,7 +23,7 @@ test: venv lint
 	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: venv
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

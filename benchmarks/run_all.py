@@ -1,0 +1,55 @@
+"""Run every benchmark script and write benchmarks/RESULTS.md (figures, machine, date).
+
+`make bench` calls this. Each script prints its own markdown tables; this collects them
+under one heading each, with the machine and versions they were measured on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+SCRIPTS = ["pipeline.py", "search.py", "reshard.py", "switch.py"]
+
+
+def main() -> int:
+    root = HERE.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    versions = subprocess.run(
+        [sys.executable, "-c", "import jax, flax, optax, orbax.checkpoint as o; "
+         "print(f'jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
+         "orbax-checkpoint {o.__version__}')"], capture_output=True, text=True, env=env,
+        check=True).stdout.strip()
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Measured {datetime.date.today().isoformat()} on {platform.platform()}, "
+        f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, {versions}.",
+        "Simulated devices share the machine's cores: ratios measured side by side in one "
+        "run are the figures to read, not absolute speed. Regenerate with `make bench`.",
+    ]
+    failed = 0
+    for name in SCRIPTS:
+        path = HERE / name
+        if not path.exists():
+            continue
+        print(f"== {name}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{path.stem}"], cwd=root,
+                              env=env, capture_output=True, text=True)
+        print(proc.stdout, proc.stderr[-2000:] if proc.returncode else "", flush=True)
+        doc = (proc.stdout if proc.returncode == 0
+               else f"FAILED (exit {proc.returncode}):\n\n```\n{proc.stderr[-3000:]}\n```")
+        failed += proc.returncode != 0
+        parts += ["", f"## `benchmarks/{name}`", "", doc.strip()]
+    (HERE / "RESULTS.md").write_text("\n".join(parts) + "\n")
+    print(f"wrote {HERE / 'RESULTS.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
