@@ -17,7 +17,10 @@ from meshscale.errors import (
 )
 from meshscale.mesh import MeshShape, make_mesh
 from meshscale.model import LayerStack, ReshardableModel, run_layers, stack_layers
+from meshscale.search import Baseline, Decision, search
+from meshscale.space import Candidate, candidates
 from meshscale.train import Trainer, TrainState
+from meshscale.tryrun import TryRunResult, try_run
 
 __version__ = "0.1.0"
 
@@ -40,4 +43,11 @@ __all__ = [
     "resources",
     "run_layers",
     "stack_layers",
+    "Baseline",
+    "Candidate",
+    "Decision",
+    "TryRunResult",
+    "candidates",
+    "search",
+    "try_run",
 ]

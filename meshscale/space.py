@@ -1,0 +1,170 @@
+"""The search space: which mesh shapes are worth a try-run on `n` devices (the rule).
+
+Pure arithmetic over (devices, `p_min`, layers, global batch, current shape): nothing here
+compiles, measures or touches JAX, so the rule is cheap to check exhaustively. A shape
+`pipe x data / m` is *valid* when
+
+- ``pipe >= p_min`` and ``pipe <= max_pipe`` (when given),
+- ``num_layers % pipe == 0`` (equal stages; the pipeline has no uneven split),
+- ``pipe * data <= n``,
+- ``global_batch % data == 0`` and the replica batch ``global_batch / data`` splits into
+  ``m`` microbatches.
+
+When ``n % p_min == 0`` both axes may grow; otherwise only the pipe axis may change and the
+data axis never grows past the current one (with no current shape the start is
+``p_min x 1``). For each pipe width only the widest valid data axis is kept: wider data
+means more replicas doing useful work for the same pipeline, and every extra candidate
+costs a compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+from meshscale.errors import InsufficientDevices, InvalidMeshShape
+from meshscale.mesh import MeshShape
+
+Kind = Literal["current", "vertical", "horizontal"]
+MicrobatchChoice = Sequence[int] | Literal["all"] | None
+MICROBATCH_FACTORS = (1, 2, 4)  # microbatches = factor * pipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A mesh shape to try, tagged with how it relates to the mesh running now.
+
+    ``kind`` is ``"current"`` for the current pipe x data (re-fitted: the same pipe width,
+    the data axis no wider than now), ``"horizontal"`` when the data axis grew (more
+    replicas) and ``"vertical"`` otherwise (the pipe width changed, data did not grow).
+    With no current shape the reference is ``p_min x 1``: data > 1 is horizontal, data == 1
+    vertical, and nothing is tagged current.
+    """
+
+    shape: MeshShape
+    kind: Kind
+
+
+def microbatch_choices(pipe: int, replica_batch: int) -> list[int]:
+    """Every valid count among ``pipe, 2 pipe, 4 pipe`` for a replica batch, ascending.
+
+    When none divides the replica batch, the largest divisor of it that is ``<= pipe``
+    (at least 1), so every (pipe, data) keeps one schedule.
+    """
+    valid = [f * pipe for f in MICROBATCH_FACTORS if replica_batch % (f * pipe) == 0]
+    if valid:
+        return valid
+    return [max(k for k in range(1, min(pipe, replica_batch) + 1) if replica_batch % k == 0)]
+
+
+def default_microbatches(pipe: int, replica_batch: int) -> int:
+    """One count per (pipe, data): the smallest valid of ``pipe, 2 pipe, 4 pipe``.
+
+    Why the smallest: more microbatches shrink the GPipe bubble ``(p-1)/(M+p-1)``
+    (Huang et al. 2019) but add ``M`` ticks of per-stage latency and cut every matmul
+    smaller; which wins depends on the hardware, so it is for measurement to decide
+    (``microbatches="all"`` searches all three), and the default keeps one try-run per
+    (pipe, data) with one microbatch per stage, the cheapest full-pipeline schedule.
+    Measured on simulated CPU devices (GPT tiny, B=32) it was never slower than 2p or 4p
+    by more than noise.
+    """
+    return microbatch_choices(pipe, replica_batch)[0]
+
+
+def _microbatch_options(pipe: int, replica_batch: int, microbatches: MicrobatchChoice) -> list[int]:
+    if microbatches is None:
+        return [default_microbatches(pipe, replica_batch)]
+    if microbatches == "all":
+        return microbatch_choices(pipe, replica_batch)
+    if isinstance(microbatches, str):
+        raise InvalidMeshShape(
+            f"microbatches must be None, 'all' or a list of ints, got {microbatches!r}")
+    return sorted({int(m) for m in microbatches if m >= 1 and replica_batch % m == 0})
+
+
+def _kind(shape: MeshShape, reference: MeshShape, has_current: bool) -> Kind:
+    if shape.data > reference.data:
+        return "horizontal"
+    if has_current and shape.pipe == reference.pipe:
+        return "current"
+    return "vertical"
+
+
+def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int,
+               current: MeshShape | None = None, max_pipe: int | None = None,
+               microbatches: MicrobatchChoice = None) -> list[Candidate]:
+    """The shapes worth a try-run on `n_devices` devices, in a deterministic order.
+
+    Args:
+      n_devices: devices available now.
+      p_min: fewest pipeline stages at which one stage fits a device.
+      num_layers: layers of the model (each pipe width must divide it).
+      global_batch: examples per step, fixed across meshes.
+      current: the shape running now, if any; it is always included (re-fitted to
+        `n_devices`) while valid, and caps the data axis when `n_devices % p_min != 0`.
+      max_pipe: largest pipe width to consider.
+      microbatches: None (one count per shape, `default_microbatches`), ``"all"`` (every
+        valid count of `microbatch_choices`), or the counts to search.
+
+    Returns:
+      Candidates sorted by (pipe, data, microbatches), without duplicates; empty when no
+      shape is valid (e.g. no pipe width in ``[p_min, n]`` divides `num_layers`).
+
+    Raises:
+      InsufficientDevices: `n_devices < p_min` (no mesh can hold one model copy).
+      InvalidMeshShape: nonsensical arguments (non-positive counts).
+    """
+    for name, value in (("n_devices", n_devices), ("p_min", p_min),
+                        ("num_layers", num_layers), ("global_batch", global_batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidMeshShape(f"{name} must be a positive int, got {value!r}")
+    if n_devices < p_min:
+        raise InsufficientDevices(
+            f"p_min={p_min} needs at least {p_min} devices, only {n_devices} available: "
+            f"add {p_min - n_devices} device(s) or lower p_min")
+    if max_pipe is not None and max_pipe < p_min:
+        raise InvalidMeshShape(f"max_pipe={max_pipe} is below p_min={p_min}: raise max_pipe")
+    reference = current if current is not None else MeshShape(p_min, 1)
+    refit = _refit(current, n_devices, p_min=p_min, num_layers=num_layers,
+                   global_batch=global_batch, max_pipe=max_pipe)
+    data_cap = n_devices if n_devices % p_min == 0 else reference.data
+    top = n_devices if max_pipe is None else min(n_devices, max_pipe)
+
+    found: dict[MeshShape, Kind] = {}
+    for pipe in range(p_min, top + 1):
+        if num_layers % pipe:
+            continue
+        for data in range(min(data_cap, n_devices // pipe), 0, -1):
+            if global_batch % data:
+                continue
+            counts = _microbatch_options(pipe, global_batch // data, microbatches)
+            if microbatches is None and refit is not None and (pipe, data) == (
+                    refit.pipe, refit.data):
+                break  # the current schedule stands for this (pipe, data)
+            if counts:  # the widest data axis with a valid schedule
+                for m in counts:
+                    shape = MeshShape(pipe, data, m)
+                    found[shape] = _kind(shape, reference, current is not None)
+                break
+    if refit is not None:
+        found[refit] = "current"
+    return [Candidate(shape, kind) for shape, kind in sorted(found.items())]
+
+
+def _refit(current: MeshShape | None, n_devices: int, *, p_min: int, num_layers: int,
+           global_batch: int, max_pipe: int | None) -> MeshShape | None:
+    """The current pipe width with the widest valid data axis <= the current one."""
+    if current is None or current.pipe < p_min or num_layers % current.pipe:
+        return None
+    if max_pipe is not None and current.pipe > max_pipe:
+        return None
+    for data in range(min(current.data, n_devices // current.pipe), 0, -1):
+        replica = global_batch // data
+        if global_batch % data:
+            continue
+        m = current.microbatches
+        if replica % m:
+            m = default_microbatches(current.pipe, replica)
+        return MeshShape(current.pipe, data, m)
+    return None

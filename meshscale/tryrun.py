@@ -1,0 +1,161 @@
+"""One try-run: compile a candidate mesh's real train step, check its memory, time it.
+
+A try-run never changes the live state: it trains a *copy* placed on the candidate mesh
+(the compiled step donates its input, so the copy is a fresh buffer even where placement
+would alias), and the copy is dropped afterwards. A candidate that cannot run (invalid
+shape, over the memory budget, an exception or out-of-memory while compiling or stepping)
+comes back as a result with a ``"skipped: ..."`` or ``"failed: ..."`` status instead of
+raising, so a search can go on to the next one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from meshscale.errors import MeshscaleError
+from meshscale.memory import bytes_per_device, fits, over_budget_reason
+from meshscale.mesh import MeshShape
+from meshscale.model import Batch
+from meshscale.space import Candidate
+from meshscale.train import Trainer, TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TryRunResult:
+    """What one try-run measured.
+
+    Attributes:
+      shape, kind: the candidate.
+      status: ``"ok"``, ``"skipped: <why>"`` (not run: invalid, over budget) or
+        ``"failed: <error>"`` (raised while compiling, placing or stepping).
+      compile_seconds: time spent getting the executable (near 0 on a cache hit).
+      compile_origin: ``"on-demand"`` (compiled by this try-run), ``"background"``
+        (compiled ahead of it by someone else), ``"hit"`` (already compiled), ``""`` (none).
+      step_seconds: median of the timed steps; step_spread: their max - min.
+      samples_per_second: global batch / median step; per device: that / devices.
+      tryrun_samples_per_second: samples used by the try-run (warm-up + timed) / its whole
+        duration, compile and placement included: what the try-run cost in throughput.
+      bytes_per_device: XLA's per-device memory for the compiled step (0 if not compiled).
+      num_devices: pipe * data.
+    """
+
+    shape: MeshShape
+    kind: str
+    status: str
+    compile_seconds: float = 0.0
+    compile_origin: str = ""
+    step_seconds: float = math.nan
+    step_spread: float = math.nan
+    samples_per_second: float = 0.0
+    samples_per_second_per_device: float = 0.0
+    tryrun_samples_per_second: float = 0.0
+    bytes_per_device: int = 0
+    num_devices: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def not_run(cls, candidate: Candidate, status: str, **measured) -> TryRunResult:
+        return cls(candidate.shape, candidate.kind, status,
+                   num_devices=candidate.shape.num_devices, **measured)
+
+
+def copy_state(trainer: Trainer, state: TrainState, shape: MeshShape,
+               devices: Sequence[jax.Device]) -> TrainState:
+    """A copy of `state` on `shape`'s mesh that shares no buffer with `state`.
+
+    `Trainer.place` returns the very same arrays when the sharding already matches, and
+    the compiled step donates its input; `jnp.copy` makes the copy real.
+    """
+    return jax.tree.map(jnp.copy, trainer.place(state, shape, devices))
+
+
+def failure_status(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return f"failed: out of memory ({text[:200]})"
+    return f"failed: {type(error).__name__}: {text[:200]}"
+
+
+def _compile(trainer: Trainer, shape: MeshShape, devices) -> tuple[jax.stages.Compiled, str]:
+    key = trainer.step_key(shape, devices)
+    seen = len(trainer.cache.events)
+    compiled = trainer.compile_step(shape, devices)
+    if any(e.key == key and e.outcome == "miss" for e in trainer.cache.events[seen:]):
+        return compiled, "on-demand"
+    return compiled, "background" if trainer.cache.origin(key) == "background" else "hit"
+
+
+def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
+            candidate: Candidate, devices: Sequence[jax.Device], *, warmup: int = 2,
+            steps: int = 5, memory_budget: int | None = None) -> TryRunResult:
+    """Compile, memory-check and time `candidate` on a copy of the live `state`.
+
+    Args:
+      trainer: the `Trainer` (its compile cache is shared, so a repeated try-run of the
+        same shape on the same devices does not compile again).
+      state: the live train state, on any mesh; never modified or donated.
+      batches: host (or device) global batches, used cyclically.
+      candidate: the shape to try.
+      devices: the devices available; the mesh uses the first ``pipe * data``.
+      warmup: untimed steps after compiling (first-run allocation, autotuning).
+      steps: timed steps (each waited for); their median is the step time.
+      memory_budget: bytes per device; a candidate needing more is skipped unrun.
+    """
+    shape = candidate.shape
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if not batches:
+        raise ValueError("try_run needs at least one batch")
+    try:
+        trainer.check(shape, devices)
+    except MeshscaleError as e:
+        return TryRunResult.not_run(candidate, f"skipped: {e}")
+    start = time.perf_counter()
+    measured: dict = {}
+    try:
+        compiled, origin = _compile(trainer, shape, devices)
+        measured.update(compile_seconds=time.perf_counter() - start, compile_origin=origin,
+                        bytes_per_device=bytes_per_device(compiled))
+        if not fits(measured["bytes_per_device"], memory_budget):
+            return TryRunResult.not_run(
+                candidate, over_budget_reason(measured["bytes_per_device"], memory_budget),
+                **measured)
+        total = warmup + steps
+        placed = [trainer.put_batch(batches[i], shape, devices)
+                  for i in range(min(total, len(batches)))]
+        run_state = copy_state(trainer, state, shape, devices)
+        times = []
+        for i in range(total):
+            tick = time.perf_counter()
+            run_state, metrics = compiled(run_state, placed[i % len(placed)])
+            jax.block_until_ready((run_state, metrics))
+            if i >= warmup:
+                times.append(time.perf_counter() - tick)
+        jax.tree.map(lambda x: x.delete(), run_state)  # free the copy now, not at next GC
+    except Exception as e:  # any failure is a result: the search goes on
+        log.warning("try-run %s failed: %s", shape, e)
+        return TryRunResult.not_run(candidate, failure_status(e), **measured)
+    elapsed = time.perf_counter() - start
+    median = statistics.median(times)
+    sps = trainer.global_batch / median
+    result = TryRunResult(
+        shape, candidate.kind, "ok", step_seconds=median, step_spread=max(times) - min(times),
+        samples_per_second=sps, samples_per_second_per_device=sps / shape.num_devices,
+        tryrun_samples_per_second=trainer.global_batch * total / elapsed,
+        num_devices=shape.num_devices, **measured)
+    log.info("try-run %s (%s): %.1f samples/s, step %.4fs, compile %.2fs (%s)", shape,
+             candidate.kind, sps, median, result.compile_seconds, result.compile_origin)
+    return result

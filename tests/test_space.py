@@ -1,0 +1,153 @@
+"""The search-space rule (meshscale.space): pure arithmetic, checked over many inputs."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshscale import InsufficientDevices, InvalidMeshShape, MeshShape
+from meshscale.space import candidates, default_microbatches, microbatch_choices
+
+LAYERS = st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16, 24])
+BATCH = st.sampled_from([1, 2, 4, 6, 8, 12, 16, 32, 48, 64])
+PROPS = settings(max_examples=300, deadline=None)
+
+
+def is_valid(shape, *, n, p_min, layers, batch):
+    return (shape.pipe >= p_min and layers % shape.pipe == 0 and shape.num_devices <= n
+            and batch % shape.data == 0 and (batch // shape.data) % shape.microbatches == 0)
+
+
+@st.composite
+def space_inputs(draw):
+    n = draw(st.integers(1, 64))
+    p_min = draw(st.integers(1, 8))
+    layers, batch = draw(LAYERS), draw(BATCH)
+    current = None
+    if draw(st.booleans()):
+        current = MeshShape(draw(st.integers(1, 16)), draw(st.integers(1, 16)),
+                            draw(st.sampled_from([1, 2, 4, 8])))
+    return n, p_min, layers, batch, current
+
+
+@PROPS
+@given(space_inputs())
+def test_every_candidate_is_valid_and_unique(args):
+    n, p_min, layers, batch, current = args
+    if n < p_min:
+        return
+    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch, current=current)
+    shapes = [c.shape for c in found]
+    assert len(shapes) == len(set(shapes))
+    assert shapes == sorted(shapes)
+    for c in found:
+        assert is_valid(c.shape, n=n, p_min=p_min, layers=layers, batch=batch), c
+        assert c.kind in {"current", "vertical", "horizontal"}
+
+
+@PROPS
+@given(space_inputs())
+def test_data_axis_never_grows_when_devices_not_multiple_of_p_min(args):
+    n, p_min, layers, batch, current = args
+    if n < p_min or n % p_min == 0:
+        return
+    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch, current=current)
+    cap = current.data if current is not None else 1
+    assert all(c.shape.data <= cap for c in found)
+    assert all(c.kind != "horizontal" for c in found)
+
+
+@PROPS
+@given(space_inputs())
+def test_horizontal_candidate_present_when_devices_multiple_of_p_min(args):
+    n, p_min, layers, batch, current = args
+    if n < p_min or n % p_min:
+        return
+    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch, current=current)
+    wide = n // p_min
+    if layers % p_min == 0 and batch % wide == 0:
+        assert any((c.shape.pipe, c.shape.data) == (p_min, wide) for c in found)
+
+
+@PROPS
+@given(space_inputs())
+def test_each_pipe_width_keeps_its_widest_data_axis(args):
+    n, p_min, layers, batch, current = args
+    if n < p_min:
+        return
+    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch, current=current)
+    cap = n if n % p_min == 0 else (current.data if current else 1)
+    for pipe in {c.shape.pipe for c in found}:
+        widest = max(d for d in range(1, min(cap, n // pipe) + 1) if batch % d == 0)
+        assert max(c.shape.data for c in found if c.shape.pipe == pipe) == widest
+    # and no valid pipe width is missing
+    for pipe in range(p_min, n + 1):
+        if layers % pipe == 0:
+            assert any(c.shape.pipe == pipe for c in found), pipe
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 8), LAYERS, BATCH)
+def test_fewer_devices_than_p_min_raises_with_count_needed(n, p_min, layers, batch):
+    if n >= p_min:
+        return
+    with pytest.raises(InsufficientDevices, match=f"at least {p_min} devices, only {n}"):
+        candidates(n, p_min=p_min, num_layers=layers, global_batch=batch)
+
+
+@PROPS
+@given(space_inputs())
+def test_current_shape_included_when_still_valid(args):
+    n, p_min, layers, batch, current = args
+    if n < p_min or current is None:
+        return
+    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch, current=current)
+    if is_valid(current, n=n, p_min=p_min, layers=layers, batch=batch):
+        assert any(c.shape == current and c.kind == "current" for c in found)
+
+
+def test_kinds_relative_to_current():
+    found = candidates(8, p_min=2, num_layers=8, global_batch=32, current=MeshShape(2, 2, 2))
+    kinds = {(c.shape.pipe, c.shape.data): c.kind for c in found}
+    assert kinds == {(2, 4): "horizontal", (2, 2): "current", (4, 2): "vertical",
+                     (8, 1): "vertical"}
+
+
+def test_kinds_at_start_up_without_current():
+    found = candidates(8, p_min=2, num_layers=8, global_batch=32)
+    assert [(c.shape.pipe, c.shape.data, c.kind) for c in found] == [
+        (2, 4, "horizontal"), (4, 2, "horizontal"), (8, 1, "vertical")]
+    odd = candidates(7, p_min=2, num_layers=8, global_batch=32)
+    assert [(c.shape.pipe, c.shape.data, c.kind) for c in odd] == [
+        (2, 1, "vertical"), (4, 1, "vertical")]
+
+
+def test_lost_devices_refit_current_to_narrower_data():
+    found = candidates(6, p_min=2, num_layers=8, global_batch=32, current=MeshShape(2, 4, 2))
+    assert [(c.shape, c.kind) for c in found] == [
+        (MeshShape(2, 2, 2), "current"), (MeshShape(4, 1, 4), "vertical")]
+
+
+def test_microbatch_choices_and_default():
+    assert microbatch_choices(2, 16) == [2, 4, 8]
+    assert microbatch_choices(4, 8) == [4, 8]
+    assert microbatch_choices(4, 6) == [3]  # none of 4, 8, 16 divides 6: largest divisor <= 4
+    assert microbatch_choices(8, 1) == [1]
+    assert default_microbatches(2, 16) == 2
+
+
+def test_microbatch_search_lists():
+    every = candidates(4, p_min=2, num_layers=4, global_batch=16, microbatches="all")
+    assert [str(c.shape) for c in every] == ["2x2/m2", "2x2/m4", "2x2/m8", "4x1/m4",
+                                             "4x1/m8", "4x1/m16"]
+    listed = candidates(4, p_min=2, num_layers=4, global_batch=16, microbatches=[3, 4])
+    assert [str(c.shape) for c in listed] == ["2x2/m4", "4x1/m4"]
+
+
+def test_bounds_and_bad_arguments():
+    found = candidates(8, p_min=1, num_layers=8, global_batch=8, max_pipe=2)
+    assert {c.shape.pipe for c in found} == {1, 2}
+    assert candidates(4, p_min=2, num_layers=5, global_batch=8) == []
+    with pytest.raises(InvalidMeshShape, match="max_pipe"):
+        candidates(8, p_min=4, num_layers=8, global_batch=8, max_pipe=2)
+    with pytest.raises(InvalidMeshShape, match="p_min"):
+        candidates(8, p_min=0, num_layers=8, global_batch=8)
