@@ -322,15 +322,17 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     Replica-parallel saving slices every replicated array per replica with a freshly
     compiled `lax.slice` per shape, inside the blocking part of an async save: measured
     on 8 CPU devices, 3-5 s for a first save on a mesh instead of 0.2 s. It only pays off
-    when the replicas sit on different hosts that write in parallel. The files written
-    are the same as `StandardSave`'s (plain Orbax reads them).
+    when the replicas sit on different hosts that write in parallel. Compression is off:
+    trained float weights and Adam moments barely compress (7% on random normals) and
+    zstd made save + restore about 1.5x slower. Plain Orbax reads the files as it reads
+    `StandardSave`'s.
     """
     default = ocp.type_handlers.get_type_handler(jax.Array)
     arrays = ocp.type_handlers.ArrayHandler(
         use_replica_parallel=jax.process_count() > 1,
         array_metadata_store=getattr(default, "_array_metadata_store", None))
     return ocp.PyTreeCheckpointHandler(
-        type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+        use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(
             (jax.Array, arrays)))
 
 
