@@ -161,7 +161,7 @@ def decide(baseline: Baseline | None, results: Sequence[TryRunResult], *,
                                     f"{best.shape} at {best.samples_per_second:.1f} samples/s")
     improvement = (best.samples_per_second / baseline.samples_per_second - 1.0
                    if baseline.samples_per_second > 0 else math.inf)
-    gain = f"{best.shape} is {improvement:+.1%} over the baseline"
+    gain = f"{best.shape} is {improvement:+.1%} against the baseline"
     if available_devices is not None and baseline.num_devices > available_devices:
         return make(improvement, True,
                     f"the current mesh needs {baseline.num_devices} devices, only "

@@ -91,6 +91,14 @@ def _kind(shape: MeshShape, reference: MeshShape, has_current: bool) -> Kind:
     return "vertical"
 
 
+def require_devices(n_devices: int, p_min: int) -> None:
+    """Raise `InsufficientDevices` (saying how many are needed) when `n_devices < p_min`."""
+    if n_devices < p_min:
+        raise InsufficientDevices(
+            f"p_min={p_min} needs at least {p_min} devices, only {n_devices} available: "
+            f"add {p_min - n_devices} device(s) or lower p_min")
+
+
 def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int,
                current: MeshShape | None = None, max_pipe: int | None = None,
                microbatches: MicrobatchChoice = None) -> list[Candidate]:
@@ -119,10 +127,7 @@ def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int
                         ("num_layers", num_layers), ("global_batch", global_batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidMeshShape(f"{name} must be a positive int, got {value!r}")
-    if n_devices < p_min:
-        raise InsufficientDevices(
-            f"p_min={p_min} needs at least {p_min} devices, only {n_devices} available: "
-            f"add {p_min - n_devices} device(s) or lower p_min")
+    require_devices(n_devices, p_min)
     if max_pipe is not None and max_pipe < p_min:
         raise InvalidMeshShape(f"max_pipe={max_pipe} is below p_min={p_min}: raise max_pipe")
     reference = current if current is not None else MeshShape(p_min, 1)

@@ -107,7 +107,9 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
       trainer: the `Trainer` (its compile cache is shared, so a repeated try-run of the
         same shape on the same devices does not compile again).
       state: the live train state, on any mesh; never modified or donated.
-      batches: host (or device) global batches, used cyclically.
+      batches: host (or device) global batches, used cyclically; each timed step puts its
+        batch on the mesh, as a training step does, so try-runs compare with a baseline
+        measured from ordinary steps.
       candidate: the shape to try.
       devices: the devices available; the mesh uses the first ``pipe * data``.
       warmup: untimed steps after compiling (first-run allocation, autotuning).
@@ -134,13 +136,12 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
                 candidate, over_budget_reason(measured["bytes_per_device"], memory_budget),
                 **measured)
         total = warmup + steps
-        placed = [trainer.put_batch(batches[i], shape, devices)
-                  for i in range(min(total, len(batches)))]
         run_state = copy_state(trainer, state, shape, devices)
         times = []
         for i in range(total):
-            tick = time.perf_counter()
-            run_state, metrics = compiled(run_state, placed[i % len(placed)])
+            tick = time.perf_counter()  # a step as training runs it: feed the batch, step
+            batch = trainer.put_batch(batches[i % len(batches)], shape, devices)
+            run_state, metrics = compiled(run_state, batch)
             jax.block_until_ready((run_state, metrics))
             if i >= warmup:
                 times.append(time.perf_counter() - tick)

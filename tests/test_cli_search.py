@@ -1,0 +1,67 @@
+"""`meshscale search` on the command line (subprocesses: --devices must act before jax starts)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from meshscale.cli import DEVICE_COUNT_FLAG, device_environment, main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def meshscale_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m meshscale.cli` in a fresh process with no device flags of our own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["COLUMNS"] = "200"
+    return subprocess.run([sys.executable, "-m", "meshscale.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_devices_flag_sets_simulated_device_count_before_jax_starts():
+    # with the flag ignored the process would see 1 CPU device and say so instead
+    proc = meshscale_cli("search", "--model", "mlp", "--devices", "3", "--p-min", "4")
+    assert proc.returncode == 2, proc.stderr
+    assert "p_min=4 needs at least 4 devices, only 3 available" in proc.stderr
+
+
+def test_search_prints_table_and_decision_and_writes_json(tmp_path):
+    out = tmp_path / "search.json"
+    proc = meshscale_cli("search", "--model", "mlp", "--devices", "2", "--p-min", "2",
+                         "--batch", "8", "--warmup", "1", "--steps", "2", "--json", str(out),
+                         "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for column in ("mesh", "kind", "compile s", "step s", "samples/s", "per device", "memory",
+                   "status"):
+        assert column in proc.stdout
+    assert "2x1/m2" in proc.stdout and "start-up (no baseline)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["num_devices"] == 2 and data["global_batch"] == 8
+    decision = data["decision"]
+    assert [r["shape"] for r in decision["results"]] == ["2x1/m2"]
+    assert decision["results"][0]["status"] == "ok" and decision["switch"] is True
+    assert decision["best"]["shape"] == "2x1/m2" and decision["max_useful_devices"] == 2
+    assert decision["improvement"] is None  # nan (no baseline) is written as null
+    assert data["words"].startswith("2 devices: start-up")
+    assert any((tmp_path / "run" / "jax_cache").iterdir())  # persistent compile cache
+
+
+def test_no_command_prints_help_and_bad_p_min_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "search" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--p-min", "two"])
+    assert exc.value.code == 2
+    assert "--p-min takes an int or 'auto'" in capsys.readouterr().err
+
+
+def test_device_environment_is_restored_after_the_command():
+    before = os.environ.get("XLA_FLAGS")
+    with device_environment(3, "cpu"):
+        flags = os.environ["XLA_FLAGS"].split()
+        assert f"{DEVICE_COUNT_FLAG}=3" in flags
+        assert sum(f.startswith(DEVICE_COUNT_FLAG) for f in flags) == 1
+    assert os.environ.get("XLA_FLAGS") == before
