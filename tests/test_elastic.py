@@ -1,0 +1,247 @@
+"""ElasticTrainer: device changes keep the loss trajectory; failures never lose state."""
+
+import functools
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from meshscale import (
+    CompileCache,
+    IncompatibleCheckpoint,
+    InsufficientDevices,
+    InvalidMeshShape,
+    MeshShape,
+    ResourceError,
+    Trainer,
+    resources,
+)
+from meshscale.elastic import ElasticTrainer
+from meshscale.tryrun import TryRunResult
+from models.mlp import MLPConfig, ResidualMLP
+from tests.helpers import DEEP_TOL, assert_trees_close, make_model
+
+BATCH = 24
+OPTIMIZER = optax.adam(1e-2)  # one object: compiled steps are shared between the tests
+CACHE = CompileCache(maxsize=64)
+BATCHES = [make_model("mlp").example_batch(BATCH, seed=i) for i in range(30)]
+
+
+def elastic(tmp_path, source, *, p_min=2, model=None, **options):
+    options.setdefault("check_every", 5)
+    return ElasticTrainer(model or make_model("mlp"), OPTIMIZER, global_batch=BATCH,
+                          checkpoint_dir=tmp_path / "run", p_min=p_min, resources=source,
+                          compile_cache=CACHE, persistent_cache=False, **options)
+
+
+class Schedule:
+    """A scheduler stand-in: the device count in force from each step on."""
+
+    def __init__(self, changes):
+        self.changes, self.step = changes, 0
+
+    def __call__(self):
+        return [n for start, n in sorted(self.changes.items()) if start <= self.step][-1]
+
+
+@functools.cache
+def fixed_mesh_run(steps):
+    shape = MeshShape(2, 1, 2)
+    trainer = Trainer(make_model("mlp"), OPTIMIZER, global_batch=BATCH, cache=CACHE)
+    state, step, losses = trainer.init_state(shape), trainer.compile_step(shape), []
+    for i in range(steps):
+        state, metrics = step(state, trainer.put_batch(BATCHES[i], shape))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+def run(trainer, schedule, steps, first=0, state=None):
+    state = state if state is not None else trainer.init(BATCHES[0])
+    losses = []
+    for i in range(first, steps):
+        schedule.step = i
+        state, metrics = trainer.step(state, BATCHES[i])
+        losses.append(metrics["loss"])
+    return state, losses
+
+
+def prefer_more_devices(candidate):
+    """An injected measurement: more devices, then more data replicas, is faster."""
+    shape = candidate.shape
+    speed = 1e9 * (shape.num_devices + 0.1 * shape.data)
+    return TryRunResult(shape, candidate.kind, "ok", step_seconds=BATCH / speed,
+                        step_spread=0.0, samples_per_second=speed,
+                        samples_per_second_per_device=speed / shape.num_devices,
+                        num_devices=shape.num_devices)
+
+
+def events(trainer, kind):
+    return [e for e in trainer.history if e["event"] == kind]
+
+
+def test_device_changes_keep_every_loss_with_real_try_runs(tmp_path):
+    """4 -> 8 -> 6 -> 3 -> 8 devices, p_min 2: same losses as a fixed mesh at every step."""
+    schedule = Schedule({0: 4, 4: 8, 9: 6, 14: 3, 19: 8})
+    trainer = elastic(tmp_path, resources.Callback(schedule),
+                      search_options={"warmup": 1, "steps": 2, "max_pipe": 4})
+    state, losses = run(trainer, schedule, 25)
+    expected, params = fixed_mesh_run(25)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
+    changes = events(trainer, "devices_changed")
+    assert [e["after"] for e in changes] == [8, 6, 3, 8]
+    forced = [e for e in events(trainer, "switch") if e["reason"].startswith("forced")]
+    assert forced and forced[0]["num_devices"] <= 3
+    for change in changes:  # the checkpoint is written before the search, every time
+        after = trainer.history[trainer.history.index(change):]
+        kinds = [e["event"] for e in after]
+        assert kinds.index("checkpoint") < kinds.index("search")
+    assert trainer.shape.num_devices <= 8
+
+
+def test_switching_at_every_change_keeps_every_loss_when_devices_are_not_a_multiple(tmp_path):
+    """p_min 4 with 6 devices (not a multiple): vertical only; restored state is exact."""
+    schedule = Schedule({0: 4, 4: 8, 9: 6, 14: 4, 19: 8})
+    trainer = elastic(tmp_path, resources.Callback(schedule), p_min=4,
+                      search_options={"measure": prefer_more_devices})
+    state, losses = run(trainer, schedule, 25)
+    expected, params = fixed_mesh_run(25)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
+    searches = events(trainer, "search")
+    six = next(e for e in searches if e["num_devices"] == 6)
+    assert all(r.shape.data <= 1 for r in six["decision"].results)  # data axis never grew
+    assert len(events(trainer, "switch")) >= 4  # start + a switch at most changes
+
+
+def test_a_try_run_that_raises_does_not_disturb_training(tmp_path):
+    def flaky(candidate):
+        if candidate.shape.data == 4:
+            raise RuntimeError("simulated try-run crash")
+        return prefer_more_devices(candidate)
+
+    schedule = Schedule({0: 4, 4: 8})
+    trainer = elastic(tmp_path, resources.Callback(schedule), search_options={"measure": flaky})
+    state, losses = run(trainer, schedule, 10)
+    np.testing.assert_allclose(losses, fixed_mesh_run(10)[0], rtol=1e-5)
+    results = events(trainer, "search")[-1]["decision"].results
+    assert any(r.status.startswith("failed: RuntimeError: simulated") for r in results)
+    assert trainer.shape.data != 4
+
+
+def test_below_p_min_saves_then_refuses_to_go_on(tmp_path):
+    schedule = Schedule({0: 4, 4: 1})
+    trainer = elastic(tmp_path, resources.Callback(schedule),
+                      search_options={"measure": prefer_more_devices})
+    with pytest.raises(InsufficientDevices, match="needs p_min=2: wait for at least 2"):
+        run(trainer, schedule, 10)
+    assert trainer.checkpointer.latest_step() == 5
+
+
+def test_init_refuses_too_few_devices_and_leaves_the_checkpoints_alone(tmp_path):
+    schedule = Schedule({0: 4})
+    first = elastic(tmp_path, resources.Callback(schedule), checkpoint_every=2,
+                    search_options={"measure": prefer_more_devices})
+    run(first, schedule, 4)
+    first.checkpointer.wait()
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(InsufficientDevices, match="1 devices available, the model needs p_min=2"):
+        elastic(tmp_path, resources.Static(1)).init(BATCHES[0])
+    other = ResidualMLP(MLPConfig(num_layers=8, features=24, hidden=32),
+                        rngs=__import__("flax").nnx.Rngs(0))
+    with pytest.raises(IncompatibleCheckpoint):
+        elastic(tmp_path, resources.Static(4), model=other,
+                example_batch=other.example_batch(BATCH)).init(BATCHES[0])
+    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    assert before == after
+
+
+def test_bad_options_are_refused(tmp_path):
+    with pytest.raises(InvalidMeshShape, match="p_min=9 is larger than the model's 8 layers"):
+        elastic(tmp_path, resources.Static(8), p_min=9)
+    with pytest.raises(InvalidMeshShape, match="switch_via must be"):
+        elastic(tmp_path, resources.Static(8), switch_via="teleport")
+    with pytest.raises(ResourceError):
+        resources.FileSource(tmp_path / "missing.txt")
+    bad = tmp_path / "devices.txt"
+    bad.write_text("lots of devices please\n")
+    with pytest.raises(ResourceError):
+        resources.FileSource(bad)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    schedule = Schedule({0: 4})
+    first = elastic(tmp_path, resources.Callback(schedule), checkpoint_every=2,
+                    search_options={"measure": prefer_more_devices})
+    run(first, schedule, 4)
+    first.checkpointer.wait()
+    latest = first.checkpointer.latest_step()
+    assert latest == 4
+    step_dir = next(p for p in (tmp_path / "run" / "state").iterdir() if p.name == "4")
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage")
+    second = elastic(tmp_path, resources.Static(4), search_options={"measure": prefer_more_devices})
+    with caplog.at_level("WARNING"):
+        state = second.init(BATCHES[0])
+    assert int(state.step) == 2
+    assert "fall" in caplog.text.lower() or "previous" in caplog.text.lower()
+
+
+def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(tmp_path):
+    marker = tmp_path / "searching"
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time, pathlib
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        sys.path.insert(0, {root!r})
+        from tests import test_elastic as t
+
+        marker = pathlib.Path({str(marker)!r})
+        calls = []
+
+        def measure(candidate):
+            calls.append(candidate)
+            if len(calls) > 2:  # past start-up: the pre-search checkpoint is on disk
+                marker.write_text("searching")
+                time.sleep(600)
+            return t.prefer_more_devices(candidate)
+
+        schedule = t.Schedule({{0: 4, 4: 8}})
+        trainer = t.elastic(pathlib.Path({str(tmp_path)!r}), t.resources.Callback(schedule),
+                            search_options={{"measure": measure}}, max_to_keep=2)
+        t.run(trainer, schedule, 10)
+    """))
+    child = subprocess.Popen([sys.executable, str(script)], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert child.poll() is None, child.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "child never reached its search"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    # Resume on 6 devices (the child had 8): init restores the pre-search checkpoint.
+    schedule = Schedule({0: 6})
+    resumed = elastic(tmp_path, resources.Callback(schedule), max_to_keep=2,
+                      search_options={"measure": prefer_more_devices})
+    state = resumed.init(BATCHES[0])
+    assert int(state.step) == 5
+    assert events(resumed, "resume")[0]["checkpoint_step"] == 5
+    state, losses = run(resumed, schedule, 10, first=5, state=state)
+    np.testing.assert_allclose(losses, fixed_mesh_run(10)[0][5:], rtol=1e-5)
+    assert resumed.shape.num_devices <= 6 and os.path.isdir(tmp_path / "run" / "state")
