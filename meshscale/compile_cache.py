@@ -20,6 +20,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,38 @@ class CompileCache:
         }
 
 
+_PERSISTENT = {"hits": 0, "misses": 0}
+_listening = False
+
+
+def _count_persistent(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _PERSISTENT["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        _PERSISTENT["misses"] += 1
+
+
+def persistent_cache_stats() -> dict[str, int]:
+    """Executables loaded from (hits) and written to (misses) the persistent cache so far."""
+    return dict(_PERSISTENT)
+
+
 def enable_persistent_cache(directory: str | os.PathLike) -> str:
     """Turn on JAX's persistent compilation cache in `directory` (every entry kept).
 
     Put `directory` on storage shared by all hosts (and kept across restarts) so that a
     job restarted by its scheduler loads its executables instead of compiling them.
+    Safe to call after JAX has compiled something: the cache is re-initialised.
     """
-    path = os.fspath(directory)
+    global _listening
+    path = os.path.abspath(os.fspath(directory))
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if not _listening:
+        jax.monitoring.register_event_listener(_count_persistent)
+        _listening = True
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        cc.reset_cache()  # a cache checked (and found off) before must be looked at again
     return path

@@ -32,6 +32,7 @@ from meshscale.compile_cache import CompileCache, enable_persistent_cache
 from meshscale.errors import InsufficientDevices, InvalidMeshShape
 from meshscale.mesh import MeshShape, device_ids
 from meshscale.model import Batch
+from meshscale.precompile import Precompiler, likely_next_counts, resolve_mode
 from meshscale.search import Baseline, Decision, search
 from meshscale.train import Trainer, TrainState
 
@@ -66,6 +67,9 @@ class ElasticTrainer:
         checkpoint is written first.
       checkpoint_every: also save every this many steps (for resuming after a crash).
       on_event: called with every event as it happens (the CLI prints them).
+      precompile: "auto" (on for GPU/TPU, off on CPU), "on", "off", or the device counts
+        to prepare for; compiles the next meshes in the background (`meshscale.precompile`).
+      precompile_budget: most background compiles per plan.
       search_options: passed to `meshscale.search` (warmup, steps, max_pipe, microbatches,
         eps, memory_budget).
     """
@@ -79,7 +83,8 @@ class ElasticTrainer:
                  example_batch: Batch | None = None, remat: bool = False,
                  compile_cache: CompileCache | None = None, persistent_cache: bool = True,
                  baseline_window: int = 20, on_event: Callable[[Event], None] | None = None,
-                 search_options: dict | None = None):
+                 search_options: dict | None = None,
+                 precompile: str | Sequence[int] = "auto", precompile_budget: int = 8):
         if switch_via not in ("checkpoint", "memory"):
             raise InvalidMeshShape(
                 f"switch_via must be 'checkpoint' or 'memory', got {switch_via!r}")
@@ -114,6 +119,11 @@ class ElasticTrainer:
         self._recent = collections.deque(maxlen=baseline_window)  # step seconds on this mesh
         self._since_switch = 0
         self._last_switch_cost: float | None = None
+        self.precompile_mode = resolve_mode(precompile)
+        self.precompiler = (None if self.precompile_mode == "off" else Precompiler(
+            self.trainer, p_min=p_min, search_options=self.search_options,
+            budget=precompile_budget))
+        self._planned: tuple | None = None
 
     # -- events -----------------------------------------------------------------------
     def _emit(self, kind: str, **data) -> Event:
@@ -199,6 +209,7 @@ class ElasticTrainer:
         """Poll the resource source now; on a change, save, search and maybe switch."""
         devices = self.resources.poll()
         if device_ids(devices) == device_ids(self._granted):
+            self._plan_precompile()
             return state
         self._emit("devices_changed", before=len(self._granted), after=len(devices),
                    device_ids=list(device_ids(devices)))
@@ -223,6 +234,7 @@ class ElasticTrainer:
         elif forced:
             raise InsufficientDevices(f"the current mesh lost devices and no candidate ran on "
                                       f"{len(devices)} devices: {decision.reason}")
+        self._plan_precompile()
         return state
 
     def baseline(self) -> Baseline | None:
@@ -274,7 +286,27 @@ class ElasticTrainer:
             self._last_switch_cost = cost
         self._emit("switch", before=str(before) if before else None, after=str(shape),
                    num_devices=shape.num_devices, reason=reason, seconds=cost)
+        self._plan_precompile()
         return state
+
+    def _plan_precompile(self) -> None:
+        """Queue the likely next meshes for background compiling (once per situation)."""
+        if self.precompiler is None:
+            return
+        if isinstance(self.precompile_mode, list):
+            counts = self.precompile_mode
+        else:
+            counts = likely_next_counts(len(self._granted), p_min=self.p_min,
+                                        max_devices=len(jax.devices()),
+                                        announced=self.resources.announced())
+        situation = (tuple(counts), device_ids(self._granted), self.shape)
+        if situation == self._planned:
+            return
+        self._planned = situation
+        queued = self.precompiler.plan(counts, self._granted, current=self.shape,
+                                       current_devices=self.devices)
+        if queued:
+            self._emit("precompile", counts=list(counts), queued=queued)
 
     def report(self) -> None:
         """Print the history as rich tables (decisions, switches, time per mesh)."""
