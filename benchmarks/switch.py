@@ -1,0 +1,127 @@
+"""Device change to first step on the new mesh, with and without background pre-compiling.
+
+For each model: the job trains on 8 devices, then the scheduler takes 2 away (a forced
+switch). Measured side by side in one run:
+- change -> first step on the new mesh, pre-compiled (candidates compiled in the
+  background before the change) and cold (every candidate compiled on the spot);
+- the compiles paid on the critical path in each case (from the compile cache's record);
+- checkpoint save + restore alone, the floor of any switch;
+- the training step slowdown while the background compiler runs (CPU: same cores).
+Target: pre-compiled change -> new mesh <= 1.5x save + restore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+from benchmarks.common import simulate_devices, table
+
+simulate_devices(8)
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from meshscale import CompileCache, Trainer, resources  # noqa: E402
+from meshscale.checkpoint import Checkpointer  # noqa: E402
+from meshscale.elastic import ElasticTrainer  # noqa: E402
+from meshscale.mesh import MeshShape  # noqa: E402
+from meshscale.precompile import Precompiler  # noqa: E402
+from models.gpt import GPT, GPTConfig  # noqa: E402
+from models.text import ByteBatches, stdlib_text  # noqa: E402
+
+SEARCH = {"warmup": 1, "steps": 2, "max_pipe": 4}
+
+
+def change(model, data, batch, *, precompile: bool) -> dict:
+    counts = {"n": 8}
+    cache = CompileCache()
+    with tempfile.TemporaryDirectory() as tmp:
+        elastic = ElasticTrainer(
+            model, optax.adam(1e-3), global_batch=batch, checkpoint_dir=tmp, p_min=2,
+            resources=resources.Callback(lambda: counts["n"], announced=lambda: [6]),
+            check_every=10**9, compile_cache=cache, persistent_cache=False,
+            precompile="on" if precompile else "off", search_options=SEARCH)
+        state = elastic.init(data.batch(0))
+        for i in range(1, 6):
+            state, _ = elastic.step(state, data.batch(i))
+        if precompile:
+            elastic.precompiler.wait()
+        before = cache.count("miss", "on-demand")
+        counts["n"] = 6
+        start = time.perf_counter()
+        state = elastic.check(state, data.batch(6))
+        state, _ = elastic.step(state, data.batch(7))
+        seconds = time.perf_counter() - start
+        events = {e["event"]: e for e in elastic.history[-6:]}
+        return {"seconds": seconds, "on_demand": cache.count("miss", "on-demand") - before,
+                "mesh": str(elastic.shape), "search": events["search"]["seconds"],
+                "checkpoint": events["checkpoint"]["seconds"],
+                "switch": events["switch"]["seconds"],
+                "slowdown": slowdown(elastic, state, data) if precompile else None}
+
+
+def slowdown(elastic, state, data) -> float:
+    """Median step time while the background compiler works / while it is idle."""
+    def steps(n):
+        nonlocal state
+        times = []
+        for i in range(n):
+            state, m = elastic.step(state, data.batch(100 + i))
+            times.append(m["seconds"])
+        return statistics.median(times)
+
+    idle = steps(8)
+    # Meshes not compiled yet (every microbatch count), so the compiler really works.
+    busy_compiler = Precompiler(elastic.trainer, p_min=2, budget=4,
+                                search_options={"microbatches": [1, 3, 6]})
+    queued = busy_compiler.plan([4, 6], jax.devices()[:6], current=None)
+    busy = steps(8)
+    busy_compiler.wait()
+    busy_compiler.close()
+    assert queued and busy_compiler.records, "nothing was compiled in the background"
+    return busy / idle
+
+
+def save_restore(model, batch) -> float:
+    trainer = Trainer(model, optax.adam(1e-3), global_batch=batch)
+    state = trainer.init_state(MeshShape(2, 4, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Checkpointer(tmp, trainer)
+        start = time.perf_counter()
+        ckpt.save(state)
+        ckpt.wait()
+        restored = ckpt.restore(MeshShape(2, 3, 2))
+        jax.block_until_ready(restored)
+        return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="tiny,small")
+    args = parser.parse_args(argv)
+    rows = []
+    for preset in args.presets.split(","):
+        cfg = GPTConfig.preset(preset)
+        batch = 24
+        model = GPT(cfg, rngs=nnx.Rngs(0))
+        data = ByteBatches(stdlib_text(1_000_000), seq_len=cfg.seq_len, batch_size=batch)
+        cold = change(model, data, batch, precompile=False)
+        warm = change(model, data, batch, precompile=True)
+        floor = save_restore(model, batch)
+        for name, r in (("cold", cold), ("pre-compiled", warm)):
+            rows.append([f"gpt-{preset}", name, r["mesh"], r["seconds"], r["on_demand"],
+                         r["checkpoint"], r["search"], r["switch"], floor, r["seconds"] / floor,
+                         "-" if r["slowdown"] is None else f"{r['slowdown']:.2f}x"])
+    print(f"8 -> 6 simulated {jax.devices()[0].platform} devices, jax {jax.__version__}; "
+          f"try-runs: {SEARCH}\n")
+    print(table(["model", "compiles", "new mesh", "change->first step s", "compiles on path",
+                 "checkpoint s", "search s", "switch s", "save+restore s",
+                 "change / save+restore", "step slowdown while pre-compiling"], rows))
+
+
+if __name__ == "__main__":
+    main()
