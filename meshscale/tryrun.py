@@ -76,10 +76,16 @@ def copy_state(trainer: Trainer, state: TrainState, shape: MeshShape,
                devices: Sequence[jax.Device]) -> TrainState:
     """A copy of `state` on `shape`'s mesh that shares no buffer with `state`.
 
-    `Trainer.place` returns the very same arrays when the sharding already matches, and
-    the compiled step donates its input; `jnp.copy` makes the copy real.
+    The compiled step donates its input, and placement alone (`Trainer.place`, i.e.
+    `jax.device_put`) keeps the source's buffers wherever a shard already sits on the
+    right device: the very same array when the sharding matches, and shared per-device
+    buffers across overlapping meshes even with ``may_alias=False`` (checked on jax 0.10,
+    CPU). Donating such a placement deletes the live state; `jnp.copy` (a computation,
+    so new buffers) after placing makes the copy real. Leaf by leaf, so at most one
+    leaf's placement exists beside the copy.
     """
-    return jax.tree.map(jnp.copy, trainer.place(state, shape, devices))
+    shardings = trainer.shardings(shape, devices)
+    return jax.tree.map(lambda x, s: jnp.copy(jax.device_put(x, s)), state, shardings)
 
 
 def failure_status(error: BaseException) -> str:

@@ -37,13 +37,13 @@ def test_search_prints_table_and_decision_and_writes_json(tmp_path):
     for column in ("mesh", "kind", "compile s", "step s", "samples/s", "per device", "memory",
                    "status"):
         assert column in proc.stdout
-    assert "2x1/m2" in proc.stdout and "start-up (no baseline)" in proc.stdout
+    assert "2x1/m4" in proc.stdout and "start-up (no baseline)" in proc.stdout
     data = json.loads(out.read_text())
     assert data["num_devices"] == 2 and data["global_batch"] == 8
     decision = data["decision"]
-    assert [r["shape"] for r in decision["results"]] == ["2x1/m2"]
+    assert [r["shape"] for r in decision["results"]] == ["2x1/m4"]
     assert decision["results"][0]["status"] == "ok" and decision["switch"] is True
-    assert decision["best"]["shape"] == "2x1/m2" and decision["max_useful_devices"] == 2
+    assert decision["best"]["shape"] == "2x1/m4" and decision["max_useful_devices"] == 2
     assert decision["improvement"] is None  # nan (no baseline) is written as null
     assert data["words"].startswith("2 devices: start-up")
     assert any((tmp_path / "run" / "jax_cache").iterdir())  # persistent compile cache

@@ -65,12 +65,12 @@ def test_failed_candidate_is_recorded_and_search_goes_on(devices):
         return ran(str(c.shape), 120.0, c.kind)
 
     d = search(FAKE_TRAINER, None, [], devices, p_min=2, measure=measure)
-    assert [str(r.shape) for r in d.results] == ["2x4/m2", "4x2/m4", "8x1/m8"]
+    assert [str(r.shape) for r in d.results] == ["2x4/m4", "4x2/m8", "8x1/m16"]
     statuses = [r.status for r in d.results]
     assert statuses[0] == "ok"
     assert statuses[1].startswith("failed: out of memory")
     assert statuses[2].startswith("failed: RuntimeError")
-    assert d.best.shape == MeshShape(2, 4, 2) and d.switch  # start-up: no baseline
+    assert d.best.shape == MeshShape(2, 4, 4) and d.switch  # start-up: no baseline
 
 
 def test_no_candidate_ran_means_no_switch():
@@ -129,7 +129,7 @@ def test_search_passes_candidates_in_order_and_uses_baseline_shape(devices):
 
     d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, baseline=base(100.0, "2x2/m2"),
                measure=measure)
-    assert seen == [("2x2/m2", "current"), ("4x1/m4", "vertical")]  # 6 % 2 == 0, B % 3 != 0
+    assert seen == [("2x2/m2", "current"), ("4x1/m8", "vertical")]  # 6 % 2 == 0, B % 3 != 0
     assert not d.switch  # the current mesh is the fastest
 
 

@@ -110,6 +110,7 @@ def test_kinds_relative_to_current():
     kinds = {(c.shape.pipe, c.shape.data): c.kind for c in found}
     assert kinds == {(2, 4): "horizontal", (2, 2): "current", (4, 2): "vertical",
                      (8, 1): "vertical"}
+    assert MeshShape(2, 2, 2) in [c.shape for c in found]  # the current schedule is kept
 
 
 def test_kinds_at_start_up_without_current():
@@ -124,7 +125,7 @@ def test_kinds_at_start_up_without_current():
 def test_lost_devices_refit_current_to_narrower_data():
     found = candidates(6, p_min=2, num_layers=8, global_batch=32, current=MeshShape(2, 4, 2))
     assert [(c.shape, c.kind) for c in found] == [
-        (MeshShape(2, 2, 2), "current"), (MeshShape(4, 1, 4), "vertical")]
+        (MeshShape(2, 2, 2), "current"), (MeshShape(4, 1, 8), "vertical")]
 
 
 def test_microbatch_choices_and_default():
@@ -132,7 +133,10 @@ def test_microbatch_choices_and_default():
     assert microbatch_choices(4, 8) == [4, 8]
     assert microbatch_choices(4, 6) == [3]  # none of 4, 8, 16 divides 6: largest divisor <= 4
     assert microbatch_choices(8, 1) == [1]
-    assert default_microbatches(2, 16) == 2
+    assert default_microbatches(2, 16) == 4  # 2 * pipe
+    assert default_microbatches(2, 2) == 2  # 4 does not divide 2: pipe
+    assert default_microbatches(4, 6) == 3  # fallback
+    assert default_microbatches(1, 16) == 1  # one stage: no bubble to hide
 
 
 def test_microbatch_search_lists():

@@ -126,7 +126,7 @@ def test_gpt_search_runs_every_candidate_and_second_search_compiles_nothing(devi
     second = search(trainer, state, batches, devices, p_min=2, warmup=1, steps=2)
 
     assert [(str(r.shape), r.kind) for r in first.results] == [
-        ("2x4/m2", "horizontal"), ("4x2/m4", "horizontal")]
+        ("2x4/m4", "horizontal"), ("4x2/m8", "horizontal")]
     assert all(r.ok or r.status.startswith("skipped: ") for r in first.results)
     assert compiles == 2 and trainer.cache.compiles == compiles  # nothing compiled again
     assert [r.compile_origin for r in first.results] == ["on-demand"] * 2
