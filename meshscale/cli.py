@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-MODELS = ("gpt-tiny", "gpt-small", "mlp")
+MODELS = ("gpt-tiny", "gpt-small", "mlp")  # models.registry.NAMES, without importing jax
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -67,23 +67,9 @@ def take_devices(count: int | None):
 # -- models ------------------------------------------------------------------------------
 def build_model(name: str, seed: int):
     """(model, batch_fn) for a model name; ``batch_fn(batch_size, i)`` is host batch i."""
-    import jax
-    from flax import nnx
+    from models import registry
 
-    if name.startswith("gpt-"):
-        from models.gpt import GPT, GPTConfig
-        from models.text import ByteBatches, stdlib_text
-
-        model = GPT(GPTConfig.preset(name.removeprefix("gpt-")), rngs=nnx.Rngs(seed))
-        text = stdlib_text(1_000_000)
-        return model, lambda size, i: ByteBatches(
-            text, seq_len=model.config.seq_len, batch_size=size, seed=seed).batch(i)
-    if name == "mlp":
-        from models.mlp import MLPConfig, ResidualMLP
-
-        model = ResidualMLP(MLPConfig(), rngs=nnx.Rngs(seed))
-        return model, lambda size, i: jax.device_get(model.example_batch(size, seed=seed + i))
-    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return registry.build(name, seed)
 
 
 # -- search ------------------------------------------------------------------------------
@@ -234,8 +220,85 @@ def measure_baseline(trainer, batches, shape, devices, *, warmup: int, steps: in
     return state, Baseline.from_step_times(times, trainer.global_batch, shape, skip=warmup)
 
 
+# -- demo and report ---------------------------------------------------------------------
+def add_demo(subparsers) -> None:
+    from meshscale.demo import DEFAULT_SCHEDULE, DemoConfig
+
+    d = DemoConfig()
+    p = subparsers.add_parser(
+        "demo", help="train a GPT on stdlib text while the device count changes",
+        description="An ordinary ElasticTrainer run on simulated CPU devices, driven by a "
+                    "device file the demo rewrites on --schedule; writes RUN_DIR/report.json "
+                    "and RUN_DIR/report.png.")
+    p.add_argument("--steps", type=_positive, default=d.steps)
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
+    p.add_argument("--devices", type=_positive, default=d.devices,
+                   help="simulated CPU devices in the pool (default 8)")
+    p.add_argument("--p-min", type=_positive, default=d.p_min)
+    p.add_argument("--model", choices=("gpt-tiny", "mlp"), default=d.model)
+    p.add_argument("--run-dir", default=d.run_dir)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
+    p.add_argument("--check-every", type=_positive, default=d.check_every,
+                   help="poll the device file every this many steps")
+    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR's last checkpoint instead of starting over")
+    p.set_defaults(run=run_demo)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from meshscale.demo import DemoConfig, parse_schedule
+
+    try:
+        parse_schedule(args.schedule, max_devices=args.devices)
+    except ValueError as e:
+        print(f"meshscale demo: error: {e}", file=sys.stderr)
+        return 2
+    with device_environment(args.devices, "cpu"):
+        from meshscale import demo
+
+        demo.run(DemoConfig(steps=args.steps, schedule=args.schedule, devices=args.devices,
+                            p_min=args.p_min, model=args.model, run_dir=args.run_dir,
+                            seed=args.seed, resume=args.resume, global_batch=args.batch,
+                            check_every=args.check_every,
+                            checkpoint_every=args.checkpoint_every))
+    return 0
+
+
+def add_report(subparsers) -> None:
+    p = subparsers.add_parser("report", help="re-render a run's tables and report.png",
+                              description="Re-render RUN_DIR/report.png and the terminal "
+                                          "tables from RUN_DIR/report.json.")
+    p.add_argument("run_dir")
+    p.set_defaults(run=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from meshscale import report
+
+    try:
+        json_path, png = report.render(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"meshscale report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"re-rendered {png} from {json_path}")
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_search]
+COMMANDS: list[Callable] = [add_search, add_demo, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,33 +53,6 @@ def devices_at(schedule: list[tuple[int, int]], step: int) -> int:
     return [count for start, count in schedule if start <= step][-1]
 
 
-def build_model(name: str, seed: int):
-    """(model, batches) for a demo model name."""
-    from flax import nnx
-
-    if name == "gpt-tiny":
-        from models.gpt import GPT, GPTConfig
-        from models.text import ByteBatches, stdlib_text
-
-        model = GPT(GPTConfig.preset("tiny"), rngs=nnx.Rngs(seed))
-        return model, lambda batch: ByteBatches(stdlib_text(), seq_len=model.config.seq_len,
-                                                batch_size=batch, seed=seed)
-    if name == "mlp":
-        from models.mlp import MLPConfig, ResidualMLP
-
-        model = ResidualMLP(MLPConfig(), rngs=nnx.Rngs(seed))
-
-        class Synthetic:
-            def __init__(self, batch):
-                self.size = batch
-
-            def batch(self, i):
-                return model.example_batch(self.size, seed=seed * 100_003 + i)
-
-        return model, Synthetic
-    raise ValueError(f"unknown --model {name!r}: choose gpt-tiny or mlp")
-
-
 def run(cfg: DemoConfig) -> dict:
     """Run the demo; returns the report data (also written to RUN_DIR/report.json)."""
     import jax
@@ -91,6 +64,7 @@ def run(cfg: DemoConfig) -> dict:
     from meshscale.elastic import ElasticTrainer
     from meshscale.model import FunctionalModel
     from meshscale.resources import FileSource
+    from models import registry
 
     console = Console()
     schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
@@ -99,8 +73,7 @@ def run(cfg: DemoConfig) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
     previous = _previous_report(cfg.run_dir) if cfg.resume else None
 
-    model, batches_for = build_model(cfg.model, cfg.seed)
-    data = batches_for(cfg.global_batch)
+    model, batch_fn = registry.build(cfg.model, cfg.seed)
     device_file = os.path.join(cfg.run_dir, "devices.txt")
     last_step_with_file = previous["steps"][-1]["step"] if previous and previous["steps"] else 0
     FileSource.write(device_file, devices_at(schedule, last_step_with_file))
@@ -127,7 +100,7 @@ def run(cfg: DemoConfig) -> dict:
         resources=FileSource(device_file), check_every=cfg.check_every,
         total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
         search_options={"warmup": 1, "steps": 3})
-    state = elastic.init(data.batch(0))
+    state = elastic.init(batch_fn(cfg.global_batch, 0))
     first = int(state.step)
     config = dataclasses.asdict(cfg)
 
@@ -149,7 +122,7 @@ def run(cfg: DemoConfig) -> dict:
             count = devices_at(schedule, i)
             if i > first and count != devices_at(schedule, i - 1):
                 FileSource.write(device_file, count)
-            state, metrics = elastic.step(state, data.batch(i))
+            state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
             progress.update(task, completed=i + 1, info=(
                 f"loss {metrics['loss']:.3f}  {metrics['samples_per_second']:7.1f} samples/s  "
                 f"mesh {metrics['mesh']}"))

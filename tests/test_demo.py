@@ -1,0 +1,94 @@
+"""The demo end to end: report.json, report.png, learning, and --resume after SIGKILL."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from meshscale import cli
+from meshscale.demo import DemoConfig, parse_schedule, run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ["--model", "mlp", "--steps", "40", "--schedule", "4@0,8@10,6@20,3@30",
+        "--check-every", "5", "--checkpoint-every", "5", "--batch", "24"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    assert cli.main(["demo", *ARGS, "--run-dir", str(run_dir)]) == 0
+    return run_dir, json.loads((run_dir / "report.json").read_text())
+
+
+def test_demo_report_holds_every_change_decision_and_step(full_run):
+    run_dir, report = full_run
+    changes = [e for e in report["events"] if e["event"] == "devices_changed"]
+    assert [e["after"] for e in changes] == [8, 6, 3]
+    for change in changes:  # a search, with a decision, follows every change
+        later = report["events"][report["events"].index(change):]
+        search = next(e for e in later if e["event"] == "search")
+        assert search["num_devices"] == change["after"]
+        assert search["decision"]["reason"] and search["decision"]["results"]
+    assert [s["step"] for s in report["steps"]] == list(range(1, 41))
+    assert all(np.isfinite(s["loss"]) for s in report["steps"])
+    assert report["steps"][-1]["loss"] < report["steps"][0]["loss"]
+    assert report["machine"]["versions"]["jax"]
+    png = (run_dir / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_report_command_re_renders_from_the_json(full_run, capsys):
+    run_dir, _ = full_run
+    (run_dir / "report.png").unlink()
+    assert cli.main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.png").read_bytes().startswith(b"\x89PNG")
+    assert "time per mesh" in capsys.readouterr().out
+    assert cli.main(["report", str(run_dir / "nowhere")]) == 2
+
+
+def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run, tmp_path):
+    _, uninterrupted = full_run
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "meshscale.cli", "demo", *ARGS, "--run-dir", str(run_dir)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_dir = run_dir / "checkpoints" / "state"
+    try:
+        deadline = time.time() + 300
+        while not (state_dir.is_dir() and any(p.name.isdigit() and int(p.name) >= 10
+                                              for p in state_dir.iterdir())):
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert cli.main(["demo", *ARGS, "--run-dir", str(run_dir), "--resume"]) == 0
+    resumed = json.loads((run_dir / "report.json").read_text())
+    restart = next(e for e in resumed["events"] if e["event"] == "restart")
+    assert restart["step"] >= 10
+    after = {s["step"]: s["loss"] for s in resumed["steps"] if s["step"] > restart["step"]}
+    expected = {s["step"]: s["loss"] for s in uninterrupted["steps"] if s["step"] in after}
+    assert sorted(after) == list(range(restart["step"] + 1, 41))
+    np.testing.assert_allclose([after[k] for k in sorted(after)],
+                               [expected[k] for k in sorted(after)], rtol=1e-5)
+
+
+def test_bad_demo_flags_are_refused(capsys):
+    with pytest.raises(ValueError, match="first entry must be at step 0"):
+        parse_schedule("4@5,8@10", max_devices=8)
+    with pytest.raises(ValueError, match="outside 1..8"):
+        parse_schedule("4@0,16@10", max_devices=8)
+    assert cli.main(["demo", "--schedule", "four@0"]) == 2
+    assert "write DEVICES@STEP" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--steps", "-3"])
+    with pytest.raises(ValueError, match="unknown model"):
+        run(DemoConfig(model="resnet", run_dir="/nonexistent/never"))
