@@ -269,11 +269,15 @@ def run_demo(args: argparse.Namespace) -> int:
     with device_environment(args.devices, "cpu"):
         from meshscale import demo
 
-        demo.run(DemoConfig(steps=args.steps, schedule=args.schedule, devices=args.devices,
-                            p_min=args.p_min, model=args.model, run_dir=args.run_dir,
-                            seed=args.seed, resume=args.resume, global_batch=args.batch,
-                            check_every=args.check_every,
-                            checkpoint_every=args.checkpoint_every))
+        try:
+            demo.run(DemoConfig(steps=args.steps, schedule=args.schedule, devices=args.devices,
+                                p_min=args.p_min, model=args.model, run_dir=args.run_dir,
+                                seed=args.seed, resume=args.resume, global_batch=args.batch,
+                                check_every=args.check_every,
+                                checkpoint_every=args.checkpoint_every))
+        except FileExistsError as e:
+            print(f"meshscale demo: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

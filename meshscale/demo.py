@@ -68,15 +68,12 @@ def run(cfg: DemoConfig) -> dict:
 
     console = Console()
     schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
-    if not cfg.resume and os.path.exists(cfg.run_dir):
-        shutil.rmtree(cfg.run_dir)
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    model, batch_fn = registry.build(cfg.model, cfg.seed)
+    _prepare_run_dir(cfg.run_dir, resume=cfg.resume)
     previous = _previous_report(cfg.run_dir) if cfg.resume else None
 
-    model, batch_fn = registry.build(cfg.model, cfg.seed)
     device_file = os.path.join(cfg.run_dir, "devices.txt")
-    last_step_with_file = previous["steps"][-1]["step"] if previous and previous["steps"] else 0
-    FileSource.write(device_file, devices_at(schedule, last_step_with_file))
+    FileSource.write(device_file, devices_at(schedule, 0))
     pending: dict = {}
 
     def on_event(event):
@@ -89,6 +86,8 @@ def run(cfg: DemoConfig) -> dict:
         elif event["event"] == "switch" and "search" in pending:
             console.print(report.decision_words(report.to_plain(pending.pop("search")),
                                                 report.to_plain(event)))
+        elif event["event"] == "checkpoint" and "save" in pending:
+            pending["save"]()  # the record on disk is never behind the checkpoint
         elif event["event"] in ("devices_changed", "resume"):
             console.print(f"[bold]{event['event'].replace('_', ' ')}[/]: "
                           + ", ".join(f"{k}={v}" for k, v in event.items()
@@ -100,19 +99,24 @@ def run(cfg: DemoConfig) -> dict:
         resources=FileSource(device_file), check_every=cfg.check_every,
         total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
         search_options={"warmup": 1, "steps": 3})
+    if cfg.resume:  # the devices the schedule grants at the step we resume from
+        FileSource.write(device_file,
+                         devices_at(schedule, elastic.checkpointer.latest_step() or 0))
     state = elastic.init(batch_fn(cfg.global_batch, 0))
     first = int(state.step)
     config = dataclasses.asdict(cfg)
 
     def save_report():
         out = report.run_data(elastic, config=config)
-        if previous:
-            keep = [s for s in previous["steps"] if s["step"] <= first]
-            out["steps"] = keep + out["steps"]
-            out["events"] = previous["events"] + [{"event": "restart", "step": first}] \
+        if cfg.resume:
+            before = previous or {"steps": [], "events": []}
+            out["steps"] = [s for s in before["steps"] if s["step"] <= first] + out["steps"]
+            out["events"] = before["events"] + [{"event": "restart", "step": first}] \
                 + out["events"]
         report.write_json(out, os.path.join(cfg.run_dir, "report.json"))
         return out
+
+    pending["save"] = save_report
 
     columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
@@ -142,6 +146,19 @@ def run(cfg: DemoConfig) -> dict:
         console.print("[bold]sampled from the trained model:[/]\ndef " + out["sample"])
     console.print(f"report: {os.path.join(cfg.run_dir, 'report.json')}, {png}")
     return out
+
+
+RUN_DIR_MARKERS = ("report.json", "devices.txt", "checkpoints")
+
+
+def _prepare_run_dir(run_dir: str, *, resume: bool) -> None:
+    """A fresh run replaces a previous demo run's directory, never anything else."""
+    if not resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        if not any(os.path.exists(os.path.join(run_dir, m)) for m in RUN_DIR_MARKERS):
+            raise FileExistsError(f"--run-dir {run_dir} is not empty and holds no demo run: "
+                                  f"choose another --run-dir")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
 
 
 def _previous_report(run_dir: str) -> dict | None:

@@ -92,3 +92,12 @@ def test_bad_demo_flags_are_refused(capsys):
         cli.main(["demo", "--steps", "-3"])
     with pytest.raises(ValueError, match="unknown model"):
         run(DemoConfig(model="resnet", run_dir="/nonexistent/never"))
+    assert not pathlib.Path("/nonexistent").exists()
+
+
+def test_a_fresh_demo_never_deletes_a_directory_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no demo run"):
+        run(DemoConfig(model="mlp", run_dir=str(tmp_path)))
+    assert precious.read_text() == "keep me"
