@@ -5,7 +5,9 @@
 2. The same search again (every executable cached): second / first seconds (target
    <= 0.3), and the compile count of the second (must be 0).
 3. Regret: every valid pipe x data x microbatches shape (not only the widest data axis,
-   not only the default microbatch count) try-run with 5x longer timing; the first
+   not only the default microbatch count) try-run with 5x longer timing, in 5 rounds
+   over all shapes (median of the rounds), so load that drifts during the long run falls
+   on every shape alike; the first
    search's chosen shape's samples/s there over the best samples/s there (target >= 0.95),
    both over the rule's space (widest data per pipe, every microbatch choice) and over
    every valid shape.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -80,19 +83,20 @@ def main(argv=None) -> None:
         second_s = time.perf_counter() - start
         recompiles = trainer.cache.compiles - compiles
 
-        long_steps = args.steps * args.longer
         shapes = every_shape(len(devices), p_min=args.p_min, num_layers=trainer.num_layers,
                              global_batch=args.batch)
-        exhaustive = []
-        for s in shapes:
-            exhaustive.append(try_run(trainer, state, [data.batch(i) for i in range(8)],
-                                      Candidate(s, "exhaustive"), devices,
-                                      warmup=args.warmup, steps=long_steps))
-            print(f"exhaustive {s}: {exhaustive[-1].samples_per_second:.1f} samples/s",
-                  file=sys.stderr, flush=True)
+        rounds: dict[MeshShape, list] = {s: [] for s in shapes}
+        for i in range(args.longer):
+            for s in shapes:
+                r = try_run(trainer, state, batches, Candidate(s, "exhaustive"), devices,
+                            warmup=args.warmup if i == 0 else 1, steps=args.steps)
+                rounds[s].append(r)
+                print(f"round {i} {s}: {r.samples_per_second:.1f} samples/s", file=sys.stderr,
+                      flush=True)
 
     compile_s = sum(r.compile_seconds for r in first.results)
-    ran = {r.shape: r.samples_per_second for r in exhaustive if r.ok}
+    ran = {s: statistics.median(r.samples_per_second for r in rs)
+           for s, rs in rounds.items() if all(r.ok for r in rs)}
     rule = {c.shape for c in candidates(len(devices), p_min=args.p_min,
                                         num_layers=trainer.num_layers,
                                         global_batch=args.batch, microbatches="all")}
@@ -104,14 +108,15 @@ def main(argv=None) -> None:
 
     print(f"GPT tiny, global batch {args.batch}, {len(devices)} simulated devices, "
           f"p_min {args.p_min}, try-runs of {args.warmup} + {args.steps} steps; exhaustive: "
-          f"{len(shapes)} shapes x {args.warmup} + {long_steps} steps.\n")
+          f"{len(shapes)} shapes x {args.longer} rounds of {args.steps} timed steps.\n")
     headers = ["mesh", "kind", "compile", "compile s", "step s", "samples/s", "status"]
     print("First search:\n\n" + table(headers, rows(first)) + "\n")
     print("Second search:\n\n" + table(headers, rows(second)) + "\n")
     print("Exhaustive (chosen: " + str(chosen) + "):\n\n" + table(
-        ["mesh", "in rule's space", "step s", "spread s", "samples/s", "status"],
-        [[str(r.shape), r.shape in rule, r.step_seconds, r.step_spread,
-          r.samples_per_second, r.status] for r in exhaustive]) + "\n")
+        ["mesh", "in rule's space", "samples/s (median of rounds)", "min", "max", "status"],
+        [[str(s), s in rule, ran.get(s, 0.0), min(r.samples_per_second for r in rs),
+          max(r.samples_per_second for r in rs), rs[0].status]
+         for s, rs in rounds.items()]) + "\n")
     figures = [
         ["first search s", first_s, "", ""],
         ["sum of compile s (first search)", compile_s, "", ""],

@@ -138,4 +138,7 @@ def test_gpt_search_runs_every_candidate_and_second_search_compiles_nothing(devi
         assert d.best.samples_per_second == max(r.samples_per_second for r in ran)
         assert d.switch and d.target == d.best.shape  # start-up: run the best
         assert d.max_useful_devices in {r.num_devices for r in ran}
+    tight = search(trainer, state, batches, devices, p_min=2, memory_budget="1KiB")
+    assert all(r.status.startswith("skipped: would need") for r in tight.results)
+    assert tight.best is None and not tight.switch and trainer.cache.compiles == compiles
     assert_unchanged(state, before)
