@@ -25,6 +25,7 @@ from meshscale.errors import InsufficientDevices, InvalidMeshShape
 from meshscale.mesh import DATA, PIPE, MeshShape, device_ids, make_mesh
 from meshscale.model import Batch, FunctionalModel, Params
 from meshscale.pipeline import pipeline_loss
+from meshscale.placement import move_tree
 
 Devices = Sequence[jax.Device] | None
 
@@ -142,8 +143,11 @@ class Trainer:
         return TrainState(step, params, opt_state)
 
     def place(self, state: TrainState, shape: MeshShape, devices: Devices = None) -> TrainState:
-        """`state` moved onto `shape`'s mesh in memory (values unchanged, bit for bit)."""
-        return jax.device_put(state, self.shardings(shape, devices))
+        """`state` moved onto `shape`'s mesh in memory (values unchanged, bit for bit).
+
+        Leaves whose placement already matches are returned as they are (not copied).
+        """
+        return move_tree(state, self.shardings(shape, devices))
 
     def put_batch(self, batch: Batch, shape: MeshShape, devices: Devices = None) -> Batch:
         """A global batch (host or device arrays) split over the ``data`` axis."""
