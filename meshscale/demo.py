@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 DEFAULT_SCHEDULE = "4@0,8@80,6@160,3@240,8@320"
 
@@ -66,7 +67,7 @@ def run(cfg: DemoConfig) -> dict:
     from meshscale.resources import FileSource
     from models import registry
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
     model, batch_fn = registry.build(cfg.model, cfg.seed)
     _prepare_run_dir(cfg.run_dir, resume=cfg.resume)

@@ -107,7 +107,7 @@ def tryrun_table(decision: dict, title: str = "") -> Table:
 
 
 def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
-    """"8 devices: 2x4/m4 beats 4x1/m4 (current) by 38%, above the 5% threshold: switching"."""
+    """"8 devices: 2x4/m4 beats 4x1/m8 (current) by 38%, above the 5% threshold: switching"."""
     d = search_event["decision"]
     n = search_event.get("num_devices")
     best = (d.get("best") or {}).get("shape")
@@ -116,9 +116,11 @@ def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
     if best is None:
         return text + (d.get("reason") or "no candidate ran")
     imp, thr = d.get("improvement"), d.get("threshold") or 0.0
-    if base and imp is not None:
+    if base and imp is not None and best == base.get("shape"):
+        text += f"the current mesh {best} is the fastest measured"
+    elif base and imp is not None:
         text += (f"{best} {'beats' if imp > 0 else 'does not beat'} {base.get('shape')} "
-                 f"(current) by {imp * 100:+.0f}%, "
+                 f"(current) by {abs(imp) * 100:.0f}%, "
                  f"{'above' if imp > thr else 'not above'} the {thr * 100:.0f}% threshold")
     else:
         text += f"{best} is the fastest mesh found"
@@ -127,10 +129,10 @@ def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
     elif d.get("switch"):
         text += ": switching"
     else:
-        text += f": staying ({d.get('reason', '')})"
-    mud = d.get("max_useful_devices")
-    if mud is not None:
-        text += f"; more than {mud} devices did not help"
+        text += ": staying"
+    useful = d.get("max_useful_devices")
+    if useful is not None and n is not None and useful < n:
+        text += f"; {useful} of the {n} devices give within 5% of the best throughput"
     return text
 
 
