@@ -62,6 +62,7 @@ def run(cfg: DemoConfig) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from meshscale import report
+    from meshscale.compile_cache import enable_persistent_cache
     from meshscale.elastic import ElasticTrainer
     from meshscale.model import FunctionalModel
     from meshscale.resources import FileSource
@@ -69,6 +70,9 @@ def run(cfg: DemoConfig) -> dict:
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
+    # Beside the run dir, so a fresh run (which replaces the run dir) still finds it.
+    enable_persistent_cache(os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)),
+                                         ".jax_cache"))
     model, batch_fn = registry.build(cfg.model, cfg.seed)
     _prepare_run_dir(cfg.run_dir, resume=cfg.resume)
     previous = _previous_report(cfg.run_dir) if cfg.resume else None
@@ -99,7 +103,7 @@ def run(cfg: DemoConfig) -> dict:
         checkpoint_dir=os.path.join(cfg.run_dir, "checkpoints"), p_min=cfg.p_min,
         resources=FileSource(device_file), check_every=cfg.check_every,
         total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
-        search_options={"warmup": 1, "steps": 3})
+        persistent_cache=False, search_options={"warmup": 1, "steps": 3})
     if cfg.resume:  # the devices the schedule grants at the step we resume from
         FileSource.write(device_file,
                          devices_at(schedule, elastic.checkpointer.latest_step() or 0))

@@ -109,14 +109,19 @@ class GPT(LayerStack):
 
 def sample(model: GPT, prompt: bytes, length: int, *, seed: int = 0,
            temperature: float = 0.8) -> bytes:
-    """Continue `prompt` by `length` bytes, sampling from the (unpipelined) model."""
+    """Continue `prompt` by `length` bytes, sampling from the (unpipelined) model.
+
+    The window is always `seq_len` long (right-padded while shorter; the model is causal,
+    so padding after the last real token changes nothing before it): one compile.
+    """
     cfg = model.config
     tokens = list(prompt) or [ord("\n")]
     logits_fn = jax.jit(lambda m, x: m.logits(x))
     key = jax.random.key(seed)
     for _ in range(length):
-        window = jnp.asarray(tokens[-cfg.seq_len:], jnp.int32)[None]
-        logits = logits_fn(model, window)[0, -1]
+        window = tokens[-cfg.seq_len:]
+        padded = jnp.asarray(window + [0] * (cfg.seq_len - len(window)), jnp.int32)[None]
+        logits = logits_fn(model, padded)[0, len(window) - 1]
         key, sub = jax.random.split(key)
         tokens.append(int(jax.random.categorical(sub, logits / temperature)))
     return bytes(tokens[len(prompt):])
