@@ -7,6 +7,7 @@ The public surface is re-exported here; implementation lives in one module per c
 from meshscale import resources
 from meshscale.checkpoint import Checkpointer
 from meshscale.compile_cache import CompileCache, enable_persistent_cache
+from meshscale.elastic import ElasticTrainer
 from meshscale.errors import (
     ContractError,
     IncompatibleCheckpoint,
@@ -28,6 +29,7 @@ __all__ = [
     "Checkpointer",
     "CompileCache",
     "ContractError",
+    "ElasticTrainer",
     "IncompatibleCheckpoint",
     "InsufficientDevices",
     "InvalidMeshShape",
