@@ -4,7 +4,7 @@ The public surface is re-exported here; implementation lives in one module per c
 (see the module map in the README).
 """
 
-from meshscale import resources
+from meshscale import distributed, resources
 from meshscale.checkpoint import Checkpointer
 from meshscale.compile_cache import CompileCache, enable_persistent_cache
 from meshscale.elastic import ElasticTrainer
@@ -42,6 +42,7 @@ __all__ = [
     "Trainer",
     "enable_persistent_cache",
     "make_mesh",
+    "distributed",
     "resources",
     "run_layers",
     "stack_layers",

@@ -8,6 +8,12 @@ devices), by restoring the checkpoint with the new mesh's shardings. The trainin
 never depends on the mesh (same global batch, same optimizer), so losses with switches
 equal those without, to float tolerance.
 
+With several processes (one per host, `meshscale.distributed`) every process runs the
+same loop: process 0's device poll is the one that counts, baselines and try-runs count
+the slowest process, process 0's decision is everyone's, and only process 0 calls
+`on_event` and prints reports. A switch between different device sets goes through the
+checkpoint (JAX on CPU cannot move arrays across processes in memory).
+
 Never: change the live state during a search, or touch devices the source did not grant.
 """
 
@@ -26,6 +32,7 @@ import jax
 import optax
 from flax import nnx
 
+from meshscale import distributed
 from meshscale import resources as resources_lib
 from meshscale.checkpoint import Checkpointer
 from meshscale.compile_cache import CompileCache, enable_persistent_cache
@@ -66,7 +73,8 @@ class ElasticTrainer:
         "memory" (`Trainer.place`; only when every device is addressable). Either way the
         checkpoint is written first.
       checkpoint_every: also save every this many steps (for resuming after a crash).
-      on_event: called with every event as it happens (the CLI prints them).
+      on_event: called with every event as it happens (the CLI prints them); on process 0
+        only when the job has several processes.
       precompile: "auto" (on for GPU/TPU, off on CPU), "on", "off", or the device counts
         to prepare for; compiles the next meshes in the background (`meshscale.precompile`).
       precompile_budget: most background compiles per plan.
@@ -131,7 +139,7 @@ class ElasticTrainer:
                  "step": self.steps[-1].step if self.steps else None, **data}
         self.history.append(event)
         log.info("%s %s", kind, {k: v for k, v in data.items() if k != "decision"})
-        if self.on_event is not None:
+        if self.on_event is not None and distributed.is_main():
             self.on_event(event)
         return event
 
@@ -141,7 +149,7 @@ class ElasticTrainer:
 
         Refuses to start (`InsufficientDevices`) with fewer devices than `p_min`.
         """
-        devices = self.resources.poll()
+        devices = self._poll()
         self._require(devices)
         staging = self._staging_shape(devices)
         latest = self.checkpointer.latest_step()
@@ -168,15 +176,26 @@ class ElasticTrainer:
                 f"wait for at least {self.p_min} devices or lower p_min")
 
     def _staging_shape(self, devices) -> MeshShape:
-        """The smallest valid mesh, to hold the state while the real one is searched."""
-        for p in range(self.p_min, len(devices) + 1):
-            if self.trainer.num_layers % p == 0:
-                shape = MeshShape(p, 1, 1)
-                self.trainer.check(shape, devices)
-                return shape
+        """The smallest valid mesh, to hold the state while the real one is searched.
+
+        With several processes, the smallest on which every process holds a part (a
+        process outside the mesh could not even read the step counter).
+        """
+        for n in range(self.p_min, len(devices) + 1):
+            for p in range(self.p_min, n + 1):
+                if n % p or self.trainer.num_layers % p:
+                    continue
+                shape = MeshShape(p, n // p, 1)
+                try:
+                    self.trainer.check(shape, devices)
+                except InvalidMeshShape:
+                    continue
+                if not distributed.idle_processes(devices[:n]):
+                    return shape
         raise InsufficientDevices(
-            f"no pipe width in [{self.p_min}, {len(devices)}] divides "
-            f"{self.trainer.num_layers} layers: add devices or change p_min")
+            f"no mesh of pipe width in [{self.p_min}, {len(devices)}] divides "
+            f"{self.trainer.num_layers} layers and spans every process: add devices or "
+            "change p_min")
 
     # -- the loop ---------------------------------------------------------------------
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -207,7 +226,7 @@ class ElasticTrainer:
 
     def check(self, state: TrainState, batch: Batch) -> TrainState:
         """Poll the resource source now; on a change, save, search and maybe switch."""
-        devices = self.resources.poll()
+        devices = self._poll()
         if device_ids(devices) == device_ids(self._granted):
             self._plan_precompile()
             return state
@@ -241,8 +260,12 @@ class ElasticTrainer:
         """The current mesh's steady-state samples/s from ordinary steps (None if too few)."""
         if len(self._recent) < 3:
             return None
-        return Baseline(self.trainer.global_batch / statistics.median(self._recent),
-                        self.shape.num_devices, self.shape)
+        seconds = float(distributed.slowest(statistics.median(self._recent)))
+        return Baseline(self.trainer.global_batch / seconds, self.shape.num_devices, self.shape)
+
+    def _poll(self) -> list[jax.Device]:
+        """The devices granted now; with several processes, process 0's answer."""
+        return distributed.agree_devices(self.resources.poll())
 
     # -- pieces -----------------------------------------------------------------------
     def _save(self, state: TrainState, *, reason: str) -> None:
@@ -273,7 +296,13 @@ class ElasticTrainer:
             self._save(state, reason="before switch")
         before = self.shape
         if self.switch_via == "memory" or self.checkpointer.latest_step() != int(state.step):
-            state = self.trainer.place(state, shape, devices)
+            if distributed.can_place(state, self.trainer.shardings(shape, devices)):
+                state = self.trainer.place(state, shape, devices)
+            elif reason == "start" and self.checkpointer.latest_step() is None:
+                state = self.trainer.init_state(shape, devices)  # fresh: made again there
+            else:  # across processes and device sets: through the checkpoint
+                self._save(state, reason="before switch")
+                state = self.checkpointer.restore(shape, step=int(state.step), devices=devices)
         else:
             state = self.checkpointer.restore(shape, devices=devices)
         self._step_fn = self.trainer.compile_step(shape, devices)
@@ -309,7 +338,9 @@ class ElasticTrainer:
             self._emit("precompile", counts=list(counts), queued=queued)
 
     def report(self) -> None:
-        """Print the history as rich tables (decisions, switches, time per mesh)."""
+        """Print the history as rich tables (decisions, switches, time per mesh); process 0
+        only."""
         from meshscale.report import print_history
 
-        print_history(self)
+        if distributed.is_main():
+            print_history(self)

@@ -11,7 +11,10 @@ pure rule over the measurements, so it can be checked without compiling anything
 - maximum useful devices: the fewest devices within `eps` of the best throughput.
 
 A search never changes the live state (each try-run trains a copy) and never raises for a
-candidate that fails: it is recorded and the search goes on.
+candidate that fails: it is recorded and the search goes on. When the mesh spans several
+processes, every process runs the same candidates in the same order, each try-run's step
+times are the slowest process's, and process 0's decision is broadcast to all, so no two
+processes can pick different meshes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from meshscale import memory
+from meshscale import distributed, memory
 from meshscale.compile_cache import enable_persistent_cache
 from meshscale.errors import InvalidMeshShape, MeshscaleError
 from meshscale.mesh import MeshShape
@@ -222,7 +225,7 @@ def search(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
     devices = list(devices)
     if compile_cache_dir is not None:
         enable_persistent_cache(compile_cache_dir)
-    budget = memory.memory_budget(devices, memory_budget)
+    budget = distributed.broadcast(memory.memory_budget(devices, memory_budget))
     if p_min == "auto":
         if budget is None:
             raise MeshscaleError("p_min='auto' needs a memory budget and this backend reports "
@@ -254,5 +257,6 @@ def search(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
     decision = decide(baseline, results, threshold=threshold, remaining_steps=remaining_steps,
                       switch_cost=switch_cost, eps=eps, global_batch=trainer.global_batch,
                       available_devices=len(devices), p_min=p_min)
+    decision = distributed.broadcast(decision)  # one decision: process 0's, everywhere
     log.info("search on %d devices: %s", len(devices), decision.reason)
     return decision

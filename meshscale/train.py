@@ -150,8 +150,29 @@ class Trainer:
         return move_tree(state, self.shardings(shape, devices))
 
     def put_batch(self, batch: Batch, shape: MeshShape, devices: Devices = None) -> Batch:
-        """A global batch (host or device arrays) split over the ``data`` axis."""
-        return jax.device_put(batch, self.batch_sharding(shape, devices))
+        """A batch split over the ``data`` axis, from host or device arrays.
+
+        `batch` is the global batch, or, when the mesh spans several processes, either
+        the global batch (the same on every process; each keeps only its rows) or just
+        this process's rows, ``batch[local_rows(shape, devices)]``.
+        """
+        shardings = self.batch_sharding(shape, devices)
+        if jax.process_count() == 1:
+            return jax.device_put(batch, shardings)
+        return jax.tree.map(
+            lambda x, s: jax.make_array_from_process_local_data(
+                s, np.asarray(x), (self.global_batch, *np.shape(x)[1:])), batch, shardings)
+
+    def local_rows(self, shape: MeshShape, devices: Devices = None) -> slice:
+        """The global batch rows this process's devices hold on `shape`'s mesh.
+
+        Every row with one process; with several, a process that loads only its share
+        passes ``batch[local_rows(...)]`` to `put_batch`. Empty when no device is local.
+        """
+        sharding = jax.tree.leaves(self.batch_sharding(shape, devices))[0]
+        rows = [i[0].indices(self.global_batch)[:2] for i in
+                sharding.addressable_devices_indices_map((self.global_batch,)).values()]
+        return slice(min(r[0] for r in rows), max(r[1] for r in rows)) if rows else slice(0, 0)
 
     # -- computation ------------------------------------------------------------------
     def loss_fn(self, shape: MeshShape, devices: Devices = None):

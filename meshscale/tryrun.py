@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from meshscale import distributed
 from meshscale.errors import MeshscaleError
 from meshscale.memory import bytes_per_device, fits, over_budget_reason
 from meshscale.mesh import MeshShape
@@ -83,8 +84,15 @@ def copy_state(trainer: Trainer, state: TrainState, shape: MeshShape,
     CPU). Donating such a placement deletes the live state; `jnp.copy` (a computation,
     so new buffers) after placing makes the copy real. Leaf by leaf, so at most one
     leaf's placement exists beside the copy.
+
+    When the mesh spans processes and the candidate uses other devices than the live
+    state, JAX cannot move the state in memory (`distributed.can_place`); the try-run
+    then trains a fresh state of the same shapes and shardings (`Trainer.init_state`):
+    a step's time does not depend on the values it computes with.
     """
     shardings = trainer.shardings(shape, devices)
+    if not distributed.can_place(state, shardings):
+        return trainer.init_state(shape, devices)
     return jax.tree.map(lambda x, s: jnp.copy(jax.device_put(x, s)), state, shardings)
 
 
@@ -131,19 +139,31 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
         trainer.check(shape, devices)
     except MeshscaleError as e:
         return TryRunResult.not_run(candidate, f"skipped: {e}")
+    idle = distributed.idle_processes(devices[: shape.num_devices])
+    if idle:
+        return TryRunResult.not_run(candidate, f"skipped: mesh {shape} leaves process(es) "
+                                               f"{idle} without devices")
     start = time.perf_counter()
     measured: dict = {}
+    failure = None
     try:
         compiled, origin = _compile(trainer, shape, devices)
         measured.update(compile_seconds=time.perf_counter() - start, compile_origin=origin,
                         bytes_per_device=bytes_per_device(compiled))
-        if not fits(measured["bytes_per_device"], memory_budget):
-            return TryRunResult.not_run(
-                candidate, over_budget_reason(measured["bytes_per_device"], memory_budget),
-                **measured)
-        total = warmup + steps
+    except Exception as e:  # any failure is a result: the search goes on
+        log.warning("try-run %s failed: %s", shape, e)
+        failure = failure_status(e)
+    failure = distributed.failed_anywhere(failure)  # never step while a peer does not
+    if failure:
+        return TryRunResult.not_run(candidate, failure, **measured)
+    if not fits(measured["bytes_per_device"], memory_budget):
+        return TryRunResult.not_run(
+            candidate, over_budget_reason(measured["bytes_per_device"], memory_budget),
+            **measured)
+    total = warmup + steps
+    times = []
+    try:
         run_state = copy_state(trainer, state, shape, devices)
-        times = []
         for i in range(total):
             tick = time.perf_counter()  # a step as training runs it: feed the batch, step
             batch = trainer.put_batch(batches[i % len(batches)], shape, devices)
@@ -152,10 +172,18 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
             if i >= warmup:
                 times.append(time.perf_counter() - tick)
         jax.tree.map(lambda x: x.delete(), run_state)  # free the copy now, not at next GC
-    except Exception as e:  # any failure is a result: the search goes on
+    except Exception as e:
         log.warning("try-run %s failed: %s", shape, e)
-        return TryRunResult.not_run(candidate, failure_status(e), **measured)
+        failure = failure_status(e)
     elapsed = time.perf_counter() - start
+    # Across processes the slowest counts, step by step (NaN where one failed).
+    local = [measured["compile_seconds"], elapsed, *(times if not failure else [math.nan] * steps)]
+    compile_seconds, elapsed, *times = distributed.slowest(local).tolist()
+    failure = failure or ("failed: on another process" if math.isnan(elapsed + sum(times))
+                          else None)
+    if failure:
+        return TryRunResult.not_run(candidate, failure, **measured)
+    measured["compile_seconds"] = compile_seconds
     median = statistics.median(times)
     sps = trainer.global_batch / median
     result = TryRunResult(

@@ -1,0 +1,184 @@
+"""One process of a multi-process job in tests/test_multihost.py (run under meshscale.launch).
+
+    python -m tests.multihost_worker job    OUT RUN   # steps, searches, elastic run
+    python -m tests.multihost_worker resume OUT RUN   # ElasticTrainer.init resumes, trains on
+
+Each process writes ``OUT/<mode>-<process index>.json``; process 0 also writes the full
+train state it checkpointed (job) or restored (resume) as ``OUT/<mode>-state.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from meshscale import distributed
+
+BATCH = 24
+SHAPES = ("2x4/m2", "4x2/m2")  # both span every process of 2 x 4 and 4 x 2 devices
+STEPS = 3  # per mesh, plain Trainer
+TRAIN_STEPS, SAVED_STEP = 5, 3  # the elastic run checkpoints at step 3, goes on to step 5
+SEARCH = {"warmup": 1, "steps": 1, "max_pipe": 4, "microbatches": [2]}  # 2 candidates
+START = time.perf_counter()
+
+
+def say(what: str) -> None:
+    """A progress line from process 0 (shown when a test fails)."""
+    if distributed.is_main():
+        print(f"{time.perf_counter() - START:6.1f}s {what}", flush=True)
+
+
+def host_batches(n: int) -> list[dict]:
+    """The test suite's batches (seed i for step i), as host arrays."""
+    import numpy as np
+
+    from tests.helpers import make_model
+
+    model = make_model("mlp")
+    return [{k: np.asarray(v) for k, v in model.example_batch(BATCH, seed=i).items()}
+            for i in range(n)]
+
+
+def gather(tree) -> dict:
+    """Every leaf of `tree` as one host array, keyed by its path (a collective)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    values = multihost_utils.process_allgather([x for _, x in leaves], tiled=True)
+    return {jax.tree_util.keystr(p): v for (p, _), v in zip(leaves, values, strict=True)}
+
+
+def write(out: Path, mode: str, result: dict, state: dict | None = None) -> None:
+    """This process's result; the gathered `state` from process 0."""
+    import jax
+    import numpy as np
+
+    (out / f"{mode}-{jax.process_index()}.json").write_text(json.dumps(result))
+    if state is not None and distributed.is_main():
+        np.savez(out / f"{mode}-state.npz", **state)
+
+
+def plain_steps(trainer) -> tuple:
+    """Losses of STEPS plain Trainer steps on each of SHAPES, and this process's rows."""
+    from meshscale import MeshShape
+
+    losses, rows = {}, {}
+    for text, shape in ((t, MeshShape.parse(t)) for t in SHAPES):
+        state, step = trainer.init_state(shape), trainer.compile_step(shape)
+        local = trainer.local_rows(shape)
+        rows[text], losses[text] = [local.start, local.stop], []
+        for i, batch in enumerate(host_batches(STEPS)):
+            if i % 2:  # odd steps: only this process's rows, as a sharded loader gives them
+                batch = {k: v[local] for k, v in batch.items()}
+            state, metrics = step(state, trainer.put_batch(batch, shape))
+            losses[text].append(float(metrics["loss"]))
+    return losses, rows, state
+
+
+def searches(trainer, state) -> tuple:
+    """A search with real try-runs, and one whose measurements differ per process."""
+    import jax
+
+    from meshscale import search
+    from meshscale.tryrun import TryRunResult
+
+    batches = host_batches(2)
+    measured = search(trainer, state, batches, jax.devices(), p_min=2, **SEARCH)
+
+    def disagreeing(candidate):
+        """Process 0 finds deep pipelines fast, the others shallow ones."""
+        pipe = candidate.shape.pipe
+        speed = 100.0 * (pipe if distributed.is_main() else 1.0 / pipe)
+        return TryRunResult(candidate.shape, candidate.kind, "ok", step_seconds=BATCH / speed,
+                            samples_per_second=speed, num_devices=candidate.shape.num_devices)
+
+    injected = search(trainer, state, batches, jax.devices(), p_min=2, measure=disagreeing,
+                      **SEARCH)
+    return measured, injected
+
+
+def elastic_trainer(run: Path, trainer=None, **search):
+    import jax
+
+    from meshscale import resources
+    from meshscale.elastic import ElasticTrainer
+    from tests.helpers import make_model, make_optimizer
+
+    return ElasticTrainer(
+        make_model("mlp"), trainer.optimizer if trainer else make_optimizer(),
+        global_batch=BATCH, checkpoint_dir=run, p_min=2, check_every=100,
+        checkpoint_every=SAVED_STEP, persistent_cache=False,
+        compile_cache=trainer.cache if trainer else None,
+        resources=resources.Static(jax.device_count()), search_options={**SEARCH, **search})
+
+
+def job(out: Path, run: Path) -> None:
+    """Plain steps on meshes spanning the processes, two searches, then an uninterrupted
+    elastic run of TRAIN_STEPS that checkpoints the state at SAVED_STEP."""
+    from meshscale import Trainer
+    from meshscale.report import to_plain
+    from tests.helpers import make_model, make_optimizer
+
+    trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=BATCH)
+    say("model built")
+    losses, rows, state = plain_steps(trainer)
+    say("plain steps done")
+    measured, injected = searches(trainer, state)
+    say("searches done")
+    elastic = elastic_trainer(run, trainer)  # shares the compiled steps
+    batches = host_batches(TRAIN_STEPS)
+    state = elastic.init(batches[0])
+    say(f"elastic run on {elastic.shape}")
+    elastic_losses, saved = [], None
+    for i in range(TRAIN_STEPS):
+        state, metrics = elastic.step(state, batches[i])
+        elastic_losses.append(metrics["loss"])
+        if int(state.step) == SAVED_STEP:
+            saved = gather(state)  # before the next step donates it
+    write(out, "job", {"losses": losses, "local_rows": rows, "measured": to_plain(measured),
+                       "injected": to_plain(injected), "elastic_losses": elastic_losses,
+                       "mesh": str(elastic.shape),
+                       "events": [e["event"] for e in elastic.history]}, saved)
+
+
+def most_replicas(candidate):
+    """A deterministic measurement for restarts: more data replicas are faster."""
+    from meshscale.tryrun import TryRunResult
+
+    speed = 100.0 * candidate.shape.data
+    return TryRunResult(candidate.shape, candidate.kind, "ok", step_seconds=BATCH / speed,
+                        samples_per_second=speed, num_devices=candidate.shape.num_devices)
+
+
+def resume(out: Path, run: Path) -> None:
+    """A new job (another process count) resumes from the checkpoint and trains on."""
+    import jax
+
+    batches = host_batches(TRAIN_STEPS)
+    elastic = elastic_trainer(run, measure=most_replicas)
+    say("model built")
+    state = elastic.init(batches[0])
+    first = int(state.step)
+    say(f"resumed at step {first} on {elastic.shape}")
+    restored = gather(state)
+    losses = []
+    for i in range(first, TRAIN_STEPS):
+        state, metrics = elastic.step(state, batches[i])
+        losses.append(metrics["loss"])
+    write(out, "resume", {"first_step": first, "losses": losses, "mesh": str(elastic.shape),
+                          "processes": jax.process_count(), "devices": jax.device_count()},
+          restored)
+
+
+def main(argv: list[str]) -> None:
+    distributed.initialize()
+    say(f"{argv[0]}: process 0 of {__import__('jax').process_count()} started")
+    mode, out, run = argv
+    {"job": job, "resume": resume}[mode](Path(out), Path(run))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,161 @@
+"""Several JAX processes on this machine (CPU, loopback): one job, as on a cluster of hosts.
+
+Each test starts its own processes with `meshscale.launch` (bounded by a timeout; on a
+failure or timeout the launcher stops them all) and checks what they wrote to tmp_path.
+The processes share a JAX compilation cache, so later jobs load what earlier ones compiled.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from meshscale import MeshShape, Trainer
+from meshscale.launch import launch
+from tests import multihost_worker as worker
+from tests.helpers import assert_trees_equal, make_model, make_optimizer
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+JOB_TIMEOUT = 240  # seconds per job, start-up and compiles included, on a loaded machine
+
+
+def run_job(mode, out, run, *, processes, devices_per_process, cache_dir):
+    """Launch `processes` workers; fail the test (with their output) unless all exit 0."""
+    lines = []
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),  # every entry, however small
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    status = launch(["-m", "tests.multihost_worker", mode, str(out), str(run)],
+                    processes=processes, devices_per_process=devices_per_process,
+                    timeout=JOB_TIMEOUT, output=lines.append, cwd=ROOT, env=cache)
+    text = "\n".join(line for line in lines if "[Gloo]" not in line)
+    assert status == 0, f"{mode} on {processes}x{devices_per_process} exited {status}:\n" \
+                        f"{text[-6000:]}"
+    results = [json.loads((out / f"{mode}-{p}.json").read_text()) for p in range(processes)]
+    return results, dict(np.load(out / f"{mode}-state.npz"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def two_process_job(tmp_path_factory, cache_dir):
+    """2 processes x 4 devices: plain steps, two searches, an elastic run to step 5."""
+    out = tmp_path_factory.mktemp("job")
+    results, saved = run_job("job", out, out / "run", processes=2, devices_per_process=4,
+                             cache_dir=cache_dir)
+    return out, results, saved
+
+
+@functools.cache
+def one_process_losses(steps):
+    """The same training on one process with 8 devices (this test process)."""
+    shape = MeshShape(2, 4, 2)
+    trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=worker.BATCH)
+    state, step, losses = trainer.init_state(shape), trainer.compile_step(shape), []
+    for batch in worker.host_batches(steps):
+        state, metrics = step(state, trainer.put_batch(batch, shape))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_pipelined_step_across_two_processes_matches_one_process(two_process_job):
+    _, results, _ = two_process_job
+    expected = one_process_losses(worker.STEPS)
+    for result in results:
+        for shape in worker.SHAPES:  # 2x4 and 4x2, both spanning the two processes
+            np.testing.assert_allclose(result["losses"][shape], expected, rtol=1e-5,
+                                       err_msg=shape)
+    assert results[0]["losses"] == results[1]["losses"]
+    # each process held half the batch: odd steps were fed its rows only
+    assert [r["local_rows"]["2x4/m2"] for r in results] == [[0, 12], [12, 24]]
+
+
+def test_search_across_two_processes_ends_in_one_decision(two_process_job):
+    _, results, _ = two_process_job
+    first, second = results
+    for kind in ("measured", "injected"):
+        assert first[kind] == second[kind], f"{kind}: the processes decided differently"
+        assert first[kind]["switch"] and first[kind]["best"]["shape"] in worker.SHAPES
+    # real try-runs: every candidate ran, timed as its slowest process
+    assert [r["status"] for r in first["measured"]["results"]] == ["ok", "ok"]
+    # measurements that differ per process: process 0's decision (deep pipe) holds for all
+    assert first["injected"]["best"]["shape"] == "4x2/m2"
+
+
+@pytest.mark.parametrize("processes,devices_per_process", [(1, 4), (4, 2)])
+def test_restart_with_another_process_count_restores_exactly_and_trains_on(
+        two_process_job, tmp_path, cache_dir, processes, devices_per_process):
+    """Saved by 2 processes x 4 devices; resumed by 1 x 4 and by 4 x 2."""
+    out, job, saved = two_process_job
+    assert job[0]["elastic_losses"] == job[1]["elastic_losses"]
+    np.testing.assert_allclose(job[0]["elastic_losses"], one_process_losses(worker.TRAIN_STEPS),
+                               rtol=1e-5)
+    shutil.copytree(out / "run", tmp_path / "run")  # each restart gets its own copy
+    results, restored = run_job("resume", tmp_path, tmp_path / "run", processes=processes,
+                                devices_per_process=devices_per_process, cache_dir=cache_dir)
+    assert_trees_equal(restored, saved)
+    for result in results:
+        assert result["first_step"] == worker.SAVED_STEP
+        assert result["processes"] == processes
+        # the uninterrupted run's last steps, on a mesh for the new job's devices
+        np.testing.assert_allclose(result["losses"],
+                                   job[0]["elastic_losses"][worker.SAVED_STEP:], rtol=1e-5)
+    assert MeshShape.parse(results[0]["mesh"]).num_devices <= processes * devices_per_process
+
+
+def test_launch_stops_every_process_when_one_fails(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, pathlib, time
+        me = os.environ["MESHSCALE_PROCESS_ID"]
+        pathlib.Path({str(tmp_path)!r}, me).write_text(str(os.getpid()))
+        if me == "1":
+            while not pathlib.Path({str(tmp_path)!r}, "0").exists():
+                time.sleep(0.05)
+            raise SystemExit(3)
+        time.sleep(120)
+    """))
+    lines = []
+    start = time.monotonic()
+    status = launch([str(script)], processes=2, devices_per_process=1, timeout=60,
+                    output=lines.append)
+    assert status == 3 and time.monotonic() - start < 30, lines
+    assert "[launch] process 1 exited with 3: stopping the others" in lines
+    pid = int((tmp_path / "0").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # process 0 was stopped and reaped
+
+
+def test_launch_stops_every_process_on_timeout(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    lines = []
+    start = time.monotonic()
+    status = launch([str(script)], processes=2, devices_per_process=1, timeout=3,
+                    output=lines.append)
+    assert status == 124 and time.monotonic() - start < 20
+    assert sorted(lines[:2]) == ["[p0] started", "[p1] started"]
+
+
+def test_launch_command_passes_its_script_and_exit_status(tmp_path, capsys):
+    from meshscale.cli import main
+
+    script = tmp_path / "child.py"
+    script.write_text("import os, sys\nprint(os.environ['MESHSCALE_PROCESS_ID'], sys.argv[1:],"
+                      " os.environ['XLA_FLAGS'])\nsys.exit(int(sys.argv[1]))\n")
+    assert main(["launch", "--processes", "2", "--devices-per-process", "3", "--timeout",
+                 "60", "--", str(script), "0"]) == 0
+    out = capsys.readouterr().out
+    assert "[p0] 0 ['0']" in out and "[p1] 1 ['0']" in out
+    assert out.count("--xla_force_host_platform_device_count=3") == 2
+    assert main(["launch", "--processes", "1", "--", str(script), "5"]) == 5
+    assert main(["launch", "--processes", "2"]) == 2
