@@ -23,14 +23,14 @@ MODELS = ["mlp", "gpt"]
 TOL = {"mlp": SIMPLE_TOL, "gpt": DEEP_TOL}
 # The MLP covers every shape x microbatch count. The GPT (the same pipeline code, a
 # compile about three times slower on CPU) covers every shape at 2 microbatches and every
-# microbatch count on two shapes, which keeps the suite inside CI's time.
+# microbatch count on 2x4, which keeps the suite inside CI's time.
 CASES = [
     (name, MeshShape(p, d, m))
     for name in MODELS
     for p, d in SHAPES
     for m in (1, 2, 4)
     if GLOBAL_BATCH % (d * m) == 0
-    and (name == "mlp" or m == 2 or (p, d) in [(2, 4), (8, 1)])
+    and (name == "mlp" or m == 2 or (p, d) == (2, 4))
 ]
 
 
@@ -74,7 +74,7 @@ def test_loss_and_gradients_match_one_device_reference(name, shape):
 
 
 STEP_CASES = [(name, MeshShape(p, d, 2)) for name in MODELS for p, d in SHAPES
-              if name == "mlp" or (p, d) in [(1, 1), (1, 8), (2, 4), (8, 1)]]
+              if name == "mlp" or (p, d) in [(1, 8), (8, 1)]]
 
 
 @pytest.mark.parametrize("name,shape", STEP_CASES, ids=[f"{n}-{s}" for n, s in STEP_CASES])
