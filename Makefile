@@ -20,7 +20,7 @@ lint: venv
 	$(VENV)/bin/ruff check meshscale models tests benchmarks
 
 test: venv lint
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 bench: venv
 	$(PY) -m benchmarks.run_all

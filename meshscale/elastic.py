@@ -11,8 +11,8 @@ equal those without, to float tolerance.
 With several processes (one per host, `meshscale.distributed`) every process runs the
 same loop: process 0's device poll is the one that counts, baselines and try-runs count
 the slowest process, process 0's decision is everyone's, and only process 0 calls
-`on_event` and prints reports. A switch between different device sets goes through the
-checkpoint (JAX on CPU cannot move arrays across processes in memory).
+`on_event` and prints reports. A switch always goes through the checkpoint
+(`distributed.can_place`).
 
 Never: change the live state during a search, or touch devices the source did not grant.
 """
@@ -70,8 +70,8 @@ class ElasticTrainer:
       check_every: poll `resources` every this many steps.
       total_steps: when given, a switch must also pay back its cost over the steps left.
       switch_via: "checkpoint" (restore with the new shardings; works across hosts) or
-        "memory" (`Trainer.place`; only when every device is addressable). Either way the
-        checkpoint is written first.
+        "memory" (`Trainer.place`; one process only: with several, the checkpoint).
+        Either way the checkpoint is written first.
       checkpoint_every: also save every this many steps (for resuming after a crash).
       on_event: called with every event as it happens (the CLI prints them); on process 0
         only when the job has several processes.
@@ -296,11 +296,11 @@ class ElasticTrainer:
             self._save(state, reason="before switch")
         before = self.shape
         if self.switch_via == "memory" or self.checkpointer.latest_step() != int(state.step):
-            if distributed.can_place(state, self.trainer.shardings(shape, devices)):
+            if distributed.can_place():
                 state = self.trainer.place(state, shape, devices)
             elif reason == "start" and self.checkpointer.latest_step() is None:
                 state = self.trainer.init_state(shape, devices)  # fresh: made again there
-            else:  # across processes and device sets: through the checkpoint
+            else:  # across processes: through the checkpoint
                 self._save(state, reason="before switch")
                 state = self.checkpointer.restore(shape, step=int(state.step), devices=devices)
         else:

@@ -137,9 +137,9 @@ class Trainer:
     def init_state(self, shape: MeshShape, devices: Devices = None) -> TrainState:
         """A fresh state on `shape`'s mesh, from the model's parameters as constructed."""
         shardings = self.shardings(shape, devices)
-        params = jax.device_put(self.initial_params, shardings.params)
+        params = _from_host(self.initial_params, shardings.params)
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+        step = _from_host(np.zeros((), np.int32), shardings.step)
         return TrainState(step, params, opt_state)
 
     def place(self, state: TrainState, shape: MeshShape, devices: Devices = None) -> TrainState:
@@ -212,6 +212,19 @@ class Trainer:
         self.check(shape, devices)
         return self.cache.get(self.step_key(shape, devices),
                               lambda: self.lower_step(shape, devices).compile(), origin=origin)
+
+
+def _from_host(tree: Any, shardings: Any) -> Any:
+    """Host values (the same on every process) placed with `shardings`.
+
+    Across processes each one builds only its own shards: `jax.device_put` would first
+    check, leaf by leaf, that every process holds the same values (an all-gather of the
+    whole tree onto every host).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+        np.shape(x), s, lambda index: np.asarray(x)[index]), tree, shardings)
 
 
 def divisors(n: int) -> list[int]:

@@ -85,14 +85,13 @@ def copy_state(trainer: Trainer, state: TrainState, shape: MeshShape,
     so new buffers) after placing makes the copy real. Leaf by leaf, so at most one
     leaf's placement exists beside the copy.
 
-    When the mesh spans processes and the candidate uses other devices than the live
-    state, JAX cannot move the state in memory (`distributed.can_place`); the try-run
-    then trains a fresh state of the same shapes and shardings (`Trainer.init_state`):
-    a step's time does not depend on the values it computes with.
+    With several processes the state is not moved in memory (`distributed.can_place`):
+    the try-run trains a fresh state of the same shapes and shardings
+    (`Trainer.init_state`); a step's time does not depend on the values it computes with.
     """
-    shardings = trainer.shardings(shape, devices)
-    if not distributed.can_place(state, shardings):
+    if not distributed.can_place():
         return trainer.init_state(shape, devices)
+    shardings = trainer.shardings(shape, devices)
     return jax.tree.map(lambda x, s: jnp.copy(jax.device_put(x, s)), state, shardings)
 
 

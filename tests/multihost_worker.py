@@ -1,6 +1,6 @@
 """One process of a multi-process job in tests/test_multihost.py (run under meshscale.launch).
 
-    python -m tests.multihost_worker job    OUT RUN   # steps, searches, elastic run
+    python -m tests.multihost_worker job    OUT RUN   # steps, searches, an elastic run
     python -m tests.multihost_worker resume OUT RUN   # ElasticTrainer.init resumes, trains on
 
 Each process writes ``OUT/<mode>-<process index>.json``; process 0 also writes the full
@@ -9,7 +9,9 @@ train state it checkpointed (job) or restored (resume) as ``OUT/<mode>-state.npz
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,10 +102,7 @@ def searches(trainer, state) -> tuple:
     return measured, injected
 
 
-def elastic_trainer(run: Path, trainer=None, **search):
-    import jax
-
-    from meshscale import resources
+def elastic_trainer(run: Path, source, trainer=None, **search):
     from meshscale.elastic import ElasticTrainer
     from tests.helpers import make_model, make_optimizer
 
@@ -111,14 +110,14 @@ def elastic_trainer(run: Path, trainer=None, **search):
         make_model("mlp"), trainer.optimizer if trainer else make_optimizer(),
         global_batch=BATCH, checkpoint_dir=run, p_min=2, check_every=100,
         checkpoint_every=SAVED_STEP, persistent_cache=False,
-        compile_cache=trainer.cache if trainer else None,
-        resources=resources.Static(jax.device_count()), search_options={**SEARCH, **search})
+        compile_cache=trainer.cache if trainer else None, resources=source,
+        search_options={**SEARCH, **search})
 
 
 def job(out: Path, run: Path) -> None:
-    """Plain steps on meshes spanning the processes, two searches, then an uninterrupted
-    elastic run of TRAIN_STEPS that checkpoints the state at SAVED_STEP."""
-    from meshscale import Trainer
+    """Plain steps on meshes spanning the processes, two searches, then an elastic run of
+    TRAIN_STEPS that checkpoints the state at SAVED_STEP and then loses two devices."""
+    from meshscale import Trainer, resources
     from meshscale.report import to_plain
     from tests.helpers import make_model, make_optimizer
 
@@ -128,7 +127,11 @@ def job(out: Path, run: Path) -> None:
     say("plain steps done")
     measured, injected = searches(trainer, state)
     say("searches done")
-    elastic = elastic_trainer(run, trainer)  # shares the compiled steps
+    # The scheduler grants 8 devices, then 6 after the checkpoint at SAVED_STEP; only
+    # process 0's answer counts (the others' sources say 8 all along).
+    granted = {"count": 8}
+    source = resources.Callback(lambda: granted["count"] if distributed.is_main() else 8)
+    elastic = elastic_trainer(run, source, trainer)  # shares the compiled steps
     batches = host_batches(TRAIN_STEPS)
     state = elastic.init(batches[0])
     say(f"elastic run on {elastic.shape}")
@@ -137,11 +140,15 @@ def job(out: Path, run: Path) -> None:
         state, metrics = elastic.step(state, batches[i])
         elastic_losses.append(metrics["loss"])
         if int(state.step) == SAVED_STEP:
-            saved = gather(state)  # before the next step donates it
+            saved = gather(state)  # as checkpointed, before the next step donates it
+            granted["count"] = 6
+            state = elastic.check(state, batches[i])  # as check_every would
+            say(f"after the device change: {elastic.shape}")
+    events = [{k: v for k, v in e.items() if k in ("event", "after", "reason", "num_devices")}
+              for e in elastic.history]
     write(out, "job", {"losses": losses, "local_rows": rows, "measured": to_plain(measured),
                        "injected": to_plain(injected), "elastic_losses": elastic_losses,
-                       "mesh": str(elastic.shape),
-                       "events": [e["event"] for e in elastic.history]}, saved)
+                       "mesh": str(elastic.shape), "events": to_plain(events)}, saved)
 
 
 def most_replicas(candidate):
@@ -157,8 +164,10 @@ def resume(out: Path, run: Path) -> None:
     """A new job (another process count) resumes from the checkpoint and trains on."""
     import jax
 
+    from meshscale import resources
+
     batches = host_batches(TRAIN_STEPS)
-    elastic = elastic_trainer(run, measure=most_replicas)
+    elastic = elastic_trainer(run, resources.Static(jax.device_count()), measure=most_replicas)
     say("model built")
     state = elastic.init(batches[0])
     first = int(state.step)
@@ -174,6 +183,10 @@ def resume(out: Path, run: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # A process stuck (say, in a collective a peer never joins) prints every thread's
+    # stack and exits, so the launcher stops the rest and the test shows where.
+    faulthandler.dump_traceback_later(float(os.environ.get("WORKER_HANG_SECONDS", 180)),
+                                      exit=True)
     distributed.initialize()
     say(f"{argv[0]}: process 0 of {__import__('jax').process_count()} started")
     mode, out, run = argv

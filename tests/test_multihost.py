@@ -21,6 +21,8 @@ from meshscale.launch import launch
 from tests import multihost_worker as worker
 from tests.helpers import assert_trees_equal, make_model, make_optimizer
 
+pytestmark = pytest.mark.xdist_group("multihost")  # one worker runs the module's jobs
+
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 JOB_TIMEOUT = 240  # seconds per job, start-up and compiles included, on a loaded machine
 
@@ -56,12 +58,12 @@ def two_process_job(tmp_path_factory, cache_dir):
 
 
 @functools.cache
-def one_process_losses(steps):
-    """The same training on one process with 8 devices (this test process)."""
+def one_process_losses():
+    """The same training on one process with 8 devices (this test process), 2x4 mesh."""
     shape = MeshShape(2, 4, 2)
     trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=worker.BATCH)
     state, step, losses = trainer.init_state(shape), trainer.compile_step(shape), []
-    for batch in worker.host_batches(steps):
+    for batch in worker.host_batches(worker.TRAIN_STEPS):
         state, metrics = step(state, trainer.put_batch(batch, shape))
         losses.append(float(metrics["loss"]))
     return losses
@@ -69,7 +71,7 @@ def one_process_losses(steps):
 
 def test_pipelined_step_across_two_processes_matches_one_process(two_process_job):
     _, results, _ = two_process_job
-    expected = one_process_losses(worker.STEPS)
+    expected = one_process_losses()[: worker.STEPS]
     for result in results:
         for shape in worker.SHAPES:  # 2x4 and 4x2, both spanning the two processes
             np.testing.assert_allclose(result["losses"][shape], expected, rtol=1e-5,
@@ -91,14 +93,25 @@ def test_search_across_two_processes_ends_in_one_decision(two_process_job):
     assert first["injected"]["best"]["shape"] == "4x2/m2"
 
 
+def test_elastic_run_across_two_processes_follows_process_0s_device_poll(two_process_job):
+    """8 devices, then 6 (process 0's poll; the other process's source kept saying 8)."""
+    _, results, _ = two_process_job
+    first, second = results
+    assert first["elastic_losses"] == second["elastic_losses"]
+    np.testing.assert_allclose(first["elastic_losses"], one_process_losses(), rtol=1e-5)
+    assert first["events"] == second["events"]
+    changes = [e for e in first["events"] if e["event"] == "devices_changed"]
+    assert [e["after"] for e in changes] == [6]
+    switch = [e for e in first["events"] if e["event"] == "switch"][-1]
+    assert switch["reason"].startswith("forced") and switch["num_devices"] <= 6
+    assert MeshShape.parse(first["mesh"]).num_devices <= 6
+
+
 @pytest.mark.parametrize("processes,devices_per_process", [(1, 4), (4, 2)])
 def test_restart_with_another_process_count_restores_exactly_and_trains_on(
         two_process_job, tmp_path, cache_dir, processes, devices_per_process):
     """Saved by 2 processes x 4 devices; resumed by 1 x 4 and by 4 x 2."""
-    out, job, saved = two_process_job
-    assert job[0]["elastic_losses"] == job[1]["elastic_losses"]
-    np.testing.assert_allclose(job[0]["elastic_losses"], one_process_losses(worker.TRAIN_STEPS),
-                               rtol=1e-5)
+    out, _, saved = two_process_job
     shutil.copytree(out / "run", tmp_path / "run")  # each restart gets its own copy
     results, restored = run_job("resume", tmp_path, tmp_path / "run", processes=processes,
                                 devices_per_process=devices_per_process, cache_dir=cache_dir)
@@ -106,9 +119,9 @@ def test_restart_with_another_process_count_restores_exactly_and_trains_on(
     for result in results:
         assert result["first_step"] == worker.SAVED_STEP
         assert result["processes"] == processes
-        # the uninterrupted run's last steps, on a mesh for the new job's devices
+        # the last steps of a run that was never restarted, on this job's devices
         np.testing.assert_allclose(result["losses"],
-                                   job[0]["elastic_losses"][worker.SAVED_STEP:], rtol=1e-5)
+                                   one_process_losses()[worker.SAVED_STEP:], rtol=1e-5)
     assert MeshShape.parse(results[0]["mesh"]).num_devices <= processes * devices_per_process
 
 
