@@ -10,6 +10,7 @@ train state it checkpointed (job) or restored (resume) as ``OUT/<mode>-state.npz
 from __future__ import annotations
 
 import faulthandler
+import functools
 import json
 import os
 import sys
@@ -32,8 +33,9 @@ def say(what: str) -> None:
         print(f"{time.perf_counter() - START:6.1f}s {what}", flush=True)
 
 
+@functools.cache
 def host_batches(n: int) -> list[dict]:
-    """The test suite's batches (seed i for step i), as host arrays."""
+    """The test suite's batches (seed i for step i), as host arrays (do not modify)."""
     import numpy as np
 
     from tests.helpers import make_model
@@ -72,7 +74,7 @@ def plain_steps(trainer) -> tuple:
         state, step = trainer.init_state(shape), trainer.compile_step(shape)
         local = trainer.local_rows(shape)
         rows[text], losses[text] = [local.start, local.stop], []
-        for i, batch in enumerate(host_batches(STEPS)):
+        for i, batch in enumerate(host_batches(TRAIN_STEPS)[:STEPS]):
             if i % 2:  # odd steps: only this process's rows, as a sharded loader gives them
                 batch = {k: v[local] for k, v in batch.items()}
             state, metrics = step(state, trainer.put_batch(batch, shape))
@@ -87,7 +89,7 @@ def searches(trainer, state) -> tuple:
     from meshscale import search
     from meshscale.tryrun import TryRunResult
 
-    batches = host_batches(2)
+    batches = host_batches(TRAIN_STEPS)[:2]
     measured = search(trainer, state, batches, jax.devices(), p_min=2, **SEARCH)
 
     def disagreeing(candidate):
