@@ -77,12 +77,10 @@ def _p_min(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--p-min takes an int or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--p-min must be >= 1, got {value}")
-    return value
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"--p-min takes an int or 'auto', got {text!r}") from None
 
 
 def _microbatches(text: str):

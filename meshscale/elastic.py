@@ -166,7 +166,7 @@ class ElasticTrainer:
         if best is None:
             raise InsufficientDevices(f"no mesh could run on {len(devices)} devices: "
                                       f"{decision.reason}")
-        state = self._switch(state, best.shape, devices, reason="start", save=False)
+        state = self._switch(state, best.shape, devices, reason="start")
         return state
 
     def _require(self, devices: Sequence[jax.Device]) -> None:
@@ -249,7 +249,7 @@ class ElasticTrainer:
                 != (self.shape, device_ids(self.devices)):
             state = self._switch(state, decision.best.shape, devices,
                                  reason="forced: current mesh lost devices" if forced
-                                 else "faster", save=False)
+                                 else "faster")
         elif forced:
             raise InsufficientDevices(f"the current mesh lost devices and no candidate ran on "
                                       f"{len(devices)} devices: {decision.reason}")
@@ -289,11 +289,10 @@ class ElasticTrainer:
                    seconds=time.perf_counter() - start)
         return decision
 
-    def _switch(self, state: TrainState, shape: MeshShape, devices, *, reason: str,
-                save: bool = True) -> TrainState:
+    def _switch(self, state: TrainState, shape: MeshShape, devices, *,
+                reason: str) -> TrainState:
+        """Move `state` onto `shape`: restore the checkpoint written before the search."""
         start = time.perf_counter()
-        if save:
-            self._save(state, reason="before switch")
         before = self.shape
         if self.switch_via == "memory" or self.checkpointer.latest_step() != int(state.step):
             if distributed.can_place():

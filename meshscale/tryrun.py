@@ -106,7 +106,9 @@ def _compile(trainer: Trainer, shape: MeshShape, devices) -> tuple[jax.stages.Co
     key = trainer.step_key(shape, devices)
     seen = len(trainer.cache.events)
     compiled = trainer.compile_step(shape, devices)
-    if any(e.key == key and e.outcome == "miss" for e in trainer.cache.events[seen:]):
+    # A background compile that finished while we waited is recorded with its own origin.
+    if any(e.key == key and e.outcome == "miss" and e.origin == "on-demand"
+           for e in trainer.cache.events[seen:]):
         return compiled, "on-demand"
     return compiled, "background" if trainer.cache.origin(key) == "background" else "hit"
 
