@@ -71,8 +71,11 @@ def test_failing_candidate_is_recorded_not_raised(mlp, devices):
     before = snapshot(state)
     wrong = [{"x": np.zeros((8, 3), np.float32), "y": np.zeros((8, 4), np.float32)}]
     r = try_run(trainer, state, wrong, Candidate(LIVE, "current"), devices[:4])
-    assert r.status.startswith("failed: ") and not r.ok
-    assert r.compile_origin == "hit"  # it got as far as the step
+    assert r.status.startswith("failed: ") and "Argument types differ" in r.status
+    assert not r.ok
+    # it got as far as the step: the compile itself went through (fresh or from the cache,
+    # depending on which xdist worker ran the tests above)
+    assert r.compile_origin in ("hit", "on-demand")
     assert_unchanged(state, before)
 
 
