@@ -13,12 +13,15 @@ import pytest
 from meshscale import cli
 from meshscale.demo import DemoConfig, parse_schedule, run
 
+# One worker runs the module, so the uninterrupted demo (module fixture) runs once.
+pytestmark = pytest.mark.xdist_group("demo")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--model", "mlp", "--steps", "40", "--schedule", "4@0,8@10,6@20,3@30",
         "--check-every", "5", "--checkpoint-every", "5", "--batch", "24"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once, even when xdist interleaves other modules
 def full_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     assert cli.main(["demo", *ARGS, "--run-dir", str(run_dir)]) == 0
@@ -51,9 +54,11 @@ def test_report_command_re_renders_from_the_json(full_run, capsys):
     assert cli.main(["report", str(run_dir / "nowhere")]) == 2
 
 
-def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run, tmp_path):
-    _, uninterrupted = full_run
-    run_dir = tmp_path / "run"
+def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run):
+    full_dir, uninterrupted = full_run
+    # beside the first run: it finds the compile cache that run left there, as a second
+    # demo run on a user's machine does
+    run_dir = full_dir.parent / "killed"
     child = subprocess.Popen(
         [sys.executable, "-m", "meshscale.cli", "demo", *ARGS, "--run-dir", str(run_dir)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

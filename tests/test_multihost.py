@@ -43,12 +43,14 @@ def run_job(mode, out, run, *, processes, devices_per_process, cache_dir):
     return results, dict(np.load(out / f"{mode}-state.npz"))
 
 
-@pytest.fixture(scope="module")
+# Session scope: xdist may run other modules' tests between this module's, and a module
+# fixture would then be torn down and its jobs launched again.
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_cache")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_process_job(tmp_path_factory, cache_dir):
     """2 processes x 4 devices: plain steps, two searches, an elastic run to step 5."""
     out = tmp_path_factory.mktemp("job")
