@@ -22,3 +22,12 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, "tests expect 8 simulated CPU devices (see tests/conftest.py)"
     return devs
+
+
+def pytest_runtest_setup(item):
+    """Fail loudly if `--dist loadgroup` ignores our xdist_group marks (it did, silently,
+    with pytest 9.2 and xdist 3.8): grouped modules would launch their jobs twice."""
+    if getattr(item.config.option, "loadgroup", False) and \
+            item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+        pytest.fail("pytest-xdist ignored this test's xdist_group mark: use a pytest/xdist "
+                    "pair that supports --dist loadgroup (see pyproject.toml)", pytrace=False)
