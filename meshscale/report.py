@@ -118,10 +118,13 @@ def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
     imp, thr = d.get("improvement"), d.get("threshold") or 0.0
     if base and imp is not None and best == base.get("shape"):
         text += f"the current mesh {best} is the fastest measured"
-    elif base and imp is not None:
-        text += (f"{best} {'beats' if imp > 0 else 'does not beat'} {base.get('shape')} "
-                 f"(current) by {abs(imp) * 100:.0f}%, "
+    elif base and imp is not None and imp > 0:
+        text += (f"{best} beats {base.get('shape')} (current) by "
+                 f"{'' if imp > thr else 'only '}{imp * 100:.0f}%, "
                  f"{'above' if imp > thr else 'not above'} the {thr * 100:.0f}% threshold")
+    elif base and imp is not None:
+        text += (f"the fastest other mesh, {best}, is {-imp * 100:.0f}% slower than "
+                 f"{base.get('shape')} (current)")
     else:
         text += f"{best} is the fastest mesh found"
     if switch_event is not None:
