@@ -31,7 +31,8 @@ def main() -> int:
         f"Measured {datetime.date.today().isoformat()} on {platform.platform()}, "
         f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, {versions}.",
         "Simulated devices share the machine's cores: ratios measured side by side in one "
-        "run are the figures to read, not absolute speed. Regenerate with `make bench`.",
+        "run are the figures to read, not absolute speed. Regenerate with `make bench`; "
+        "what each figure means: README.md, \"Performance figures\".",
     ]
     failed = 0
     for name in SCRIPTS:
