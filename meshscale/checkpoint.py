@@ -8,7 +8,9 @@ mesh (each device reads only its shards; nothing is first gathered on one host).
 What this module must never do: load a checkpoint of another model, optimizer or global
 batch (that raises `IncompatibleCheckpoint`), or change the checkpoint directory when a
 restore fails. A damaged newest step (missing or truncated files, no commit marker) is
-skipped for the previous good one, with a warning and a record in `last_fallback`.
+skipped for the previous good one, with a warning and a record in `last_fallback`; it is
+kept for inspection until training saves that step number again, which first moves it
+aside to ``DIR/<step>.damaged`` (Orbax lists only integer-named steps).
 
 On-disk layout (Orbax `CheckpointManager`, atomic by temporary directory + rename)::
 
@@ -130,6 +132,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.trainer = trainer
         self.last_fallback: Fallback | None = None
+        self._damaged: set[int] = set()  # steps a restore found unreadable
         self._opt_fingerprint = _tree_fingerprint(trainer.abstract_state().opt_state)
         self._directory_checked = False
         self._manager = ocp.CheckpointManager(
@@ -160,8 +163,11 @@ class Checkpointer:
                     self._check(meta)
             self._directory_checked = True
         if step in self.all_steps():
-            log.info("step %d already saved in %s; not saving it again", step, self.directory)
-            return False
+            if step not in self._damaged:
+                log.info("step %d already saved in %s; not saving it again", step,
+                         self.directory)
+                return False
+            self._set_aside(step)
         meta = {
             "format": FORMAT,
             "meshscale_version": _version(),
@@ -225,6 +231,7 @@ class Checkpointer:
             except IncompatibleCheckpoint:
                 raise
             except Exception as e:
+                self._damaged.add(step)
                 raise IncompatibleCheckpoint(
                     f"step {step} in {self.directory} is unreadable ({_reason(e)}): restore "
                     f"another step (available: {self.all_steps()})") from e
@@ -239,6 +246,7 @@ class Checkpointer:
                 raise
             except Exception as e:  # damaged step: fall back to the previous one
                 skipped.append((candidate, _reason(e)))
+                self._damaged.add(candidate)
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying the "
                             "previous step", candidate, self.directory, _reason(e))
                 continue
@@ -253,6 +261,23 @@ class Checkpointer:
             "directories or point checkpoint_dir elsewhere")
 
     # -- internals ----------------------------------------------------------------------
+    def _set_aside(self, step: int) -> None:
+        """Rename damaged step `step` to ``<step>.damaged[.N]`` so the step can be saved
+        again (process 0 renames; every process waits for it)."""
+        if jax.process_index() == 0:
+            target = self.directory / f"{step}.damaged"
+            n = 1
+            while target.exists():
+                target, n = self.directory / f"{step}.damaged.{n}", n + 1
+            (self.directory / str(step)).rename(target)
+            log.warning("moved damaged checkpoint step %d aside to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"meshscale set aside step {step}")
+        self._damaged.discard(step)
+        self._manager.reload()
+
     def _existing_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if step is None:

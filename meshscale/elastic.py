@@ -36,7 +36,7 @@ from meshscale import distributed
 from meshscale import resources as resources_lib
 from meshscale.checkpoint import Checkpointer
 from meshscale.compile_cache import CompileCache, enable_persistent_cache
-from meshscale.errors import InsufficientDevices, InvalidMeshShape
+from meshscale.errors import IncompatibleCheckpoint, InsufficientDevices, InvalidMeshShape
 from meshscale.mesh import MeshShape, device_ids
 from meshscale.model import Batch
 from meshscale.precompile import Precompiler, likely_next_counts, resolve_mode
@@ -270,10 +270,9 @@ class ElasticTrainer:
     # -- pieces -----------------------------------------------------------------------
     def _save(self, state: TrainState, *, reason: str) -> None:
         step = int(state.step)
-        if self.checkpointer.latest_step() == step:
-            return
         start = time.perf_counter()
-        self.checkpointer.save(state, shape=self.shape)
+        if not self.checkpointer.save(state, shape=self.shape):
+            return  # this step is on disk already (a damaged copy is replaced)
         self.checkpointer.wait()
         self._emit("checkpoint", checkpoint_step=step, reason=reason,
                    seconds=time.perf_counter() - start)
@@ -302,8 +301,14 @@ class ElasticTrainer:
             else:  # across processes: through the checkpoint
                 self._save(state, reason="before switch")
                 state = self.checkpointer.restore(shape, step=int(state.step), devices=devices)
-        else:
-            state = self.checkpointer.restore(shape, devices=devices)
+        else:  # exactly the step in memory: never an older one behind a damaged step
+            try:
+                state = self.checkpointer.restore(shape, step=int(state.step), devices=devices)
+            except IncompatibleCheckpoint as e:
+                if not distributed.can_place():
+                    raise
+                log.warning("switch: %s; moving the state in memory instead", e)
+                state = self.trainer.place(state, shape, devices)
         self._step_fn = self.trainer.compile_step(shape, devices)
         self.shape, self.devices = shape, list(devices[: shape.num_devices])
         self._granted = list(devices)

@@ -215,6 +215,23 @@ def test_damaged_newest_step_falls_back_to_previous_with_warning(trainer, tmp_pa
     assert listing(tmp_path) == before
 
 
+def test_saving_a_damaged_step_again_sets_the_damaged_one_aside(trainer, tmp_path):
+    good = random_state(trainer, MeshShape(2, 4), seed=6)
+    newer = random_state(trainer, MeshShape(2, 4), seed=7)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        ckpt.save(good, step=1)
+        ckpt.save(good, step=2)
+    _truncate_array_files(tmp_path / "2")
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        assert ckpt.save(newer, step=2) is False  # not known to be damaged: kept as is
+        assert_same_values(ckpt.restore(MeshShape(4, 2)), good)  # falls back to step 1
+        assert ckpt.save(newer, step=2) is True  # now known damaged: replaced
+        ckpt.wait()
+        assert_same_values(ckpt.restore(MeshShape(4, 2)), newer)
+        assert ckpt.last_fallback is None and ckpt.all_steps() == [1, 2]
+    assert (tmp_path / "2.damaged" / "state").is_dir()  # kept for inspection
+
+
 def test_restore_with_no_readable_step_raises(trainer, tmp_path):
     with Checkpointer(tmp_path, trainer) as ckpt:
         with pytest.raises(FileNotFoundError):

@@ -189,11 +189,20 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     for f in step_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"\0garbage")
-    second = elastic(tmp_path, resources.Static(4), search_options={"measure": prefer_more_devices})
+    schedule = Schedule({0: 4, 3: 8})  # seen by the check after step 4: the damaged step
+    second = elastic(tmp_path, resources.Callback(schedule), check_every=2,
+                     search_options={"measure": prefer_more_devices})
     with caplog.at_level("WARNING"):
         state = second.init(BATCHES[0])
     assert int(state.step) == 2
     assert "fall" in caplog.text.lower() or "previous" in caplog.text.lower()
+    # Training passes step 4 again: the save before the search replaces the damaged step
+    # (moved aside, not deleted), and the switch restores step 4, not step 2 behind it.
+    state, losses = run(second, schedule, 8, first=2, state=state)
+    np.testing.assert_allclose(losses, fixed_mesh_run(8)[0][2:], rtol=1e-5)
+    assert second.shape.num_devices == 8 and int(state.step) == 8
+    assert (step_dir.parent / "4.damaged").is_dir()
+    assert 4 in second.checkpointer.all_steps()
 
 
 def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(tmp_path):
