@@ -112,7 +112,7 @@ def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
     n = search_event.get("num_devices")
     best = (d.get("best") or {}).get("shape")
     base = d.get("baseline") or {}
-    text = f"{n} devices: "
+    text = f"{n} device{'' if n == 1 else 's'}: "
     if best is None:
         return text + (d.get("reason") or "no candidate ran")
     imp, thr = d.get("improvement"), d.get("threshold") or 0.0

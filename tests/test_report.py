@@ -31,4 +31,4 @@ def test_decision_words_name_the_current_mesh_and_the_useful_devices():
     no_baseline = {"num_devices": 3, "decision": {"best": {"shape": "2x1/m4"}, "switch": True}}
     assert decision_words(no_baseline) == "3 devices: 2x1/m4 is the fastest mesh found: switching"
     nothing = {"num_devices": 1, "decision": {"best": None, "reason": "no candidate ran"}}
-    assert decision_words(nothing) == "1 devices: no candidate ran"
+    assert decision_words(nothing) == "1 device: no candidate ran"
