@@ -293,17 +293,18 @@ class ElasticTrainer:
         """Move `state` onto `shape`: restore the checkpoint written before the search."""
         start = time.perf_counter()
         before = self.shape
-        if self.switch_via == "memory" or self.checkpointer.latest_step() != int(state.step):
-            if distributed.can_place():
-                state = self.trainer.place(state, shape, devices)
-            elif reason == "start" and self.checkpointer.latest_step() is None:
-                state = self.trainer.init_state(shape, devices)  # fresh: made again there
-            else:  # across processes: through the checkpoint
+        step = int(state.step)
+        latest = self.checkpointer.latest_step()
+        on_disk = self.switch_via != "memory" and latest == step
+        if not on_disk and distributed.can_place():
+            state = self.trainer.place(state, shape, devices)
+        elif not on_disk and reason == "start" and latest is None:
+            state = self.trainer.init_state(shape, devices)  # fresh, across processes
+        else:  # through the checkpoint: exactly this step, never an older one behind it
+            if not on_disk:  # across processes, the only way to move the state
                 self._save(state, reason="before switch")
-                state = self.checkpointer.restore(shape, step=int(state.step), devices=devices)
-        else:  # exactly the step in memory: never an older one behind a damaged step
             try:
-                state = self.checkpointer.restore(shape, step=int(state.step), devices=devices)
+                state = self.checkpointer.restore(shape, step=step, devices=devices)
             except IncompatibleCheckpoint as e:
                 if not distributed.can_place():
                     raise

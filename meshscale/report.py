@@ -116,15 +116,17 @@ def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
     if best is None:
         return text + (d.get("reason") or "no candidate ran")
     imp, thr = d.get("improvement"), d.get("threshold") or 0.0
-    if base and imp is not None and best == base.get("shape"):
-        text += f"the current mesh {best} is the fastest measured"
-    elif base and imp is not None and imp > 0:
-        text += (f"{best} beats {base.get('shape')} (current) by "
-                 f"{'' if imp > thr else 'only '}{imp * 100:.0f}%, "
-                 f"{'above' if imp > thr else 'not above'} the {thr * 100:.0f}% threshold")
-    elif base and imp is not None:
-        text += (f"the fastest other mesh, {best}, is {-imp * 100:.0f}% slower than "
-                 f"{base.get('shape')} (current)")
+    current = base.get("shape")
+    if base and imp is not None:
+        if best == current:
+            text += f"the current mesh {best} is the fastest measured"
+        elif imp > 0:
+            text += (f"{best} beats {current} (current) by {'' if imp > thr else 'only '}"
+                     f"{imp * 100:.0f}%, {'above' if imp > thr else 'not above'} the "
+                     f"{thr * 100:.0f}% threshold")
+        else:
+            text += (f"the fastest other mesh, {best}, is {-imp * 100:.0f}% slower than "
+                     f"{current} (current)")
     else:
         text += f"{best} is the fastest mesh found"
     if switch_event is not None:

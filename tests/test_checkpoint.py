@@ -189,16 +189,21 @@ def _garble_metadata(step_dir):
         f.write('{"format": "meshscale.tr')
 
 
+def _save_steps(trainer, directory, *, seeds):
+    """Random states (one per seed) saved as steps 1, 2, ...; returned in that order."""
+    states = [random_state(trainer, MeshShape(2, 4), seed=s) for s in seeds]
+    with Checkpointer(directory, trainer) as ckpt:
+        for step, state in enumerate(states, start=1):
+            ckpt.save(state, step=step)
+    return states
+
+
 @pytest.mark.parametrize("damage", [_delete_array_files, _truncate_array_files,
                                     _remove_commit_marker, _garble_metadata],
                          ids=["deleted", "truncated", "uncommitted", "garbled_metadata"])
 def test_damaged_newest_step_falls_back_to_previous_with_warning(trainer, tmp_path, damage,
                                                                  caplog):
-    good = random_state(trainer, MeshShape(2, 4), seed=6)
-    newer = random_state(trainer, MeshShape(2, 4), seed=7)
-    with Checkpointer(tmp_path, trainer) as ckpt:
-        ckpt.save(good, step=1)
-        ckpt.save(newer, step=2)
+    good, _ = _save_steps(trainer, tmp_path, seeds=(6, 7))
     damage(tmp_path / "2")
     before = listing(tmp_path)
     with Checkpointer(tmp_path, trainer) as ckpt:
@@ -216,11 +221,8 @@ def test_damaged_newest_step_falls_back_to_previous_with_warning(trainer, tmp_pa
 
 
 def test_saving_a_damaged_step_again_sets_the_damaged_one_aside(trainer, tmp_path):
-    good = random_state(trainer, MeshShape(2, 4), seed=6)
+    good, _ = _save_steps(trainer, tmp_path, seeds=(6, 6))
     newer = random_state(trainer, MeshShape(2, 4), seed=7)
-    with Checkpointer(tmp_path, trainer) as ckpt:
-        ckpt.save(good, step=1)
-        ckpt.save(good, step=2)
     _truncate_array_files(tmp_path / "2")
     with Checkpointer(tmp_path, trainer) as ckpt:
         assert ckpt.save(newer, step=2) is False  # not known to be damaged: kept as is
