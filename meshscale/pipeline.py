@@ -30,6 +30,7 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -40,6 +41,14 @@ from meshscale.model import Batch, FunctionalModel, Params
 
 Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
+
+
+LAYER_INPUT = "meshscale_layer_input"
+_POLICIES = {
+    "stage": None,  # keep only what enters the stage
+    "layer": jax.checkpoint_policies.save_only_these_names(LAYER_INPUT),
+    "none": jax.checkpoint_policies.everything_saveable,
+}
 
 
 def check_remat(remat: str | bool) -> Remat:
@@ -79,14 +88,18 @@ def pipeline_loss(
 
     def run_stage(blocks: Params, h: jax.Array) -> jax.Array:
         def one_layer(h, layer_params):
+            h = checkpoint_name(h, LAYER_INPUT)
             return fmodel.merge_layer(layer_params)(h), None
 
-        if remat == "layer":
-            one_layer = jax.checkpoint(one_layer)
         return lax.scan(one_layer, h, blocks)[0]
 
-    if remat == "stage":
-        run_stage = jax.checkpoint(run_stage)
+    def stage_or_pass(blocks: Params, x: jax.Array, active: jax.Array) -> jax.Array:
+        return lax.cond(active, run_stage, lambda _, h: h, blocks, x)
+
+    # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
+    # parameters, which the scan hoists out; a cond differentiated as is keeps its
+    # branches' residuals per tick, the stage's parameters included (measured).
+    stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
 
     def stages(blocks: Params, h0: jax.Array, specs: Params) -> jax.Array:
         # Everything the loop reads is made varying over both axes *before* the loop: the
@@ -101,7 +114,7 @@ def pipeline_loss(
             fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, m - 1), keepdims=False)
             x = jnp.where((stage == 0) & (t < m), fresh, received)
             active = (t >= stage) & (t < stage + m)
-            y = lax.cond(active, run_stage, lambda _, h: h, blocks, x)
+            y = stage_or_pass(blocks, x, active)
             sent = lax.ppermute(y, PIPE, forward) if p > 1 else y
             return sent, y
 
