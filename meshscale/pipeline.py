@@ -43,18 +43,20 @@ Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
 
 
+# What a tick keeps from its forward pass for the backward pass: its stage input
+# ("stage"), every layer's input ("layer", which recomputes one layer at a time), or all.
 LAYER_INPUT = "meshscale_layer_input"
 _POLICIES = {
-    "stage": None,  # keep only what enters the stage
+    "stage": None,
     "layer": jax.checkpoint_policies.save_only_these_names(LAYER_INPUT),
     "none": jax.checkpoint_policies.everything_saveable,
 }
 
 
 def check_remat(remat: str | bool) -> Remat:
-    """`remat` as a policy name; ``True``/``False`` mean ``"stage"``/``"none"``."""
+    """`remat` as a policy name; ``True``/``False`` mean ``"layer"``/``"none"``."""
     if remat is True or remat is False:
-        return "stage" if remat else "none"
+        return "layer" if remat else "none"
     if remat not in REMATS:
         raise InvalidMeshShape(f"remat must be one of {', '.join(REMATS)}, got {remat!r}")
     return remat  # type: ignore[return-value]
@@ -77,7 +79,7 @@ def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
 
 def pipeline_loss(
     fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
-    state_sharding: sharding.StateSharding = "replicate", remat: Remat = "stage",
+    state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
 ) -> Callable[[Params, Batch], jax.Array]:
     """``(params, batch) -> loss`` computed pipelined on `mesh`; differentiable."""
     p, m = shape.pipe, shape.microbatches
@@ -87,9 +89,14 @@ def pipeline_loss(
     rows_over_pipe = rows != P(DATA)
 
     def run_stage(blocks: Params, h: jax.Array) -> jax.Array:
+        def apply(h, layer_params):
+            return fmodel.merge_layer(layer_params)(h)
+
+        if remat == "layer":  # the backward pass recomputes one layer at a time
+            apply = jax.checkpoint(apply)
+
         def one_layer(h, layer_params):
-            h = checkpoint_name(h, LAYER_INPUT)
-            return fmodel.merge_layer(layer_params)(h), None
+            return apply(checkpoint_name(h, LAYER_INPUT), layer_params), None
 
         return lax.scan(one_layer, h, blocks)[0]
 

@@ -61,9 +61,10 @@ class Trainer:
         (optimizer state split over ``data``) or ``"fsdp"`` (parameters split over
         ``data`` too, gathered per stage for compute). Embedding and head are split over
         ``pipe`` in every mode.
-      remat: what each stage keeps for the backward pass (`meshscale.pipeline.Remat`):
-        ``"stage"`` (only each tick's stage input; layers recomputed), ``"layer"`` (each
-        layer's input) or ``"none"``.
+      remat: what each tick keeps for the backward pass (`meshscale.pipeline.Remat`):
+        ``"layer"`` (default: each layer's input; the backward recomputes one layer at a
+        time), ``"stage"`` (only the stage's input; the backward holds a whole stage's
+        activations at once) or ``"none"`` (everything).
       donate: let the compiled step reuse the input state's buffers (the state passed to a
         step must not be used again).
       cache: where compiled steps are kept (shared with try-runs).
@@ -72,7 +73,7 @@ class Trainer:
     def __init__(self, model: nnx.Module | Callable[[], nnx.Module],
                  optimizer: optax.GradientTransformation, *, global_batch: int,
                  example_batch: Batch | None = None,
-                 state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "stage",
+                 state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "layer",
                  donate: bool = True, cache: CompileCache | None = None):
         self._constructor = None
         if not isinstance(model, nnx.Module):
