@@ -153,6 +153,8 @@ class ElasticTrainer:
 
         Refuses to start (`InsufficientDevices`) with fewer devices than `p_min`.
         """
+        if not self.trainer.knows_batch:
+            self.trainer.set_example_batch(example_batch)
         devices = self._poll()
         self._require(devices)
         staging = self._staging_shape(devices)

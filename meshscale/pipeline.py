@@ -25,7 +25,7 @@ Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,15 @@ from jax.sharding import PartitionSpec as P
 from meshscale import sharding
 from meshscale.errors import InvalidMeshShape
 from meshscale.mesh import AXES, DATA, PIPE, MeshShape
-from meshscale.model import Batch, FunctionalModel, Params
+from meshscale.model import (
+    Batch,
+    FunctionalModel,
+    Params,
+    call_layer,
+    cast_floats,
+    layer_inputs,
+    mean_loss,
+)
 
 Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
@@ -80,6 +88,7 @@ def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
 def pipeline_loss(
     fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
     state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
+    compute_dtype: Any = None,
 ) -> Callable[[Params, Batch], jax.Array]:
     """``(params, batch) -> loss`` computed pipelined on `mesh`; differentiable."""
     p, m = shape.pipe, shape.microbatches
@@ -88,9 +97,9 @@ def pipeline_loss(
     rows = sharding.rows_spec(shape, global_batch)
     rows_over_pipe = rows != P(DATA)
 
-    def run_stage(blocks: Params, h: jax.Array) -> jax.Array:
+    def run_stage(blocks: Params, h: jax.Array, side) -> jax.Array:
         def apply(h, layer_params):
-            return fmodel.merge_layer(layer_params)(h)
+            return call_layer(fmodel.merge_layer(layer_params), h, side)
 
         if remat == "layer":  # the backward pass recomputes one layer at a time
             apply = jax.checkpoint(apply)
@@ -100,28 +109,31 @@ def pipeline_loss(
 
         return lax.scan(one_layer, h, blocks)[0]
 
-    def stage_or_pass(blocks: Params, x: jax.Array, active: jax.Array) -> jax.Array:
-        return lax.cond(active, run_stage, lambda _, h: h, blocks, x)
+    def stage_or_pass(blocks: Params, x: jax.Array, side, active: jax.Array) -> jax.Array:
+        return lax.cond(active, run_stage, lambda _, h, __: h, blocks, x, side)
 
     # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
     # parameters, which the scan hoists out; a cond differentiated as is keeps its
     # branches' residuals per tick, the stage's parameters included (measured).
     stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
 
-    def stages(blocks: Params, h0: jax.Array, specs: Params) -> jax.Array:
+    def stages(blocks: Params, h0: jax.Array, side, specs: Params) -> jax.Array:
         # Everything the loop reads is made varying over both axes *before* the loop: the
         # transpose of that cast is a psum, which must run on every device, never inside a
         # branch of the stage conds below (a collective inside a cond deadlocks).
         blocks = jax.tree.map(_gather_over_data, blocks, specs)
-        blocks, h0 = jax.tree.map(_varying, (blocks, h0))
+        blocks, h0, side = jax.tree.map(_varying, (blocks, h0, side))
         stage = lax.axis_index(PIPE)
-        micro = h0.reshape(m, h0.shape[0] // m, *h0.shape[1:])
+        split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
+        pick = lambda tree, i: jax.tree.map(
+            lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+        micro, side = split(h0), jax.tree.map(split, side)
 
         def tick(received, t):
-            fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, m - 1), keepdims=False)
-            x = jnp.where((stage == 0) & (t < m), fresh, received)
+            x = jnp.where((stage == 0) & (t < m), pick(micro, jnp.minimum(t, m - 1)), received)
             active = (t >= stage) & (t < stage + m)
-            y = stage_or_pass(blocks, x, active)
+            mine = jnp.clip(t - stage, 0, m - 1)  # the microbatch this stage holds
+            y = stage_or_pass(blocks, x, pick(side, mine), active)
             sent = lax.ppermute(y, PIPE, forward) if p > 1 else y
             return sent, y
 
@@ -138,13 +150,16 @@ def pipeline_loss(
                 lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
 
         batch = constrain(batch)
+        params = cast_floats(params, compute_dtype)  # float32 master weights stay outside
         model = fmodel.merge(params)
         h0 = constrain(model.embed(batch))
+        side = constrain(layer_inputs(model, batch))
         specs = sharding.tree_specs(params, mesh_shape=shape, num_layers=fmodel.num_layers,
                                     split_over_data=state_sharding == "fsdp")["blocks"]
-        body = jax.shard_map(lambda b, h: stages(b, h, specs), mesh=mesh,
-                             in_specs=(specs, P(DATA)), out_specs=rows)
-        h = body(params["blocks"], h0)
-        return model.head_loss(h, batch).astype(jnp.float32)
+        body = jax.shard_map(lambda b, h, s: stages(b, h, s, specs), mesh=mesh,
+                             in_specs=(specs, P(DATA), jax.tree.map(lambda _: P(DATA), side)),
+                             out_specs=rows)
+        h = body(params["blocks"], h0, side)
+        return mean_loss(model.head_loss(h, batch))
 
     return loss_fn

@@ -65,6 +65,11 @@ class Trainer:
         ``"layer"`` (default: each layer's input; the backward recomputes one layer at a
         time), ``"stage"`` (only the stage's input; the backward holds a whole stage's
         activations at once) or ``"none"`` (everything).
+      compute_dtype: mixed precision: the forward and backward passes run with the
+        floating parameters cast to this dtype (e.g. ``jnp.bfloat16``), while the
+        parameters, their gradients and the optimizer state stay in their own dtype
+        (float32 master weights) and the loss and its reduction are float32. None: no
+        cast. The one-device reference is the same cast (`meshscale.model.cast_floats`).
       donate: let the compiled step reuse the input state's buffers (the state passed to a
         step must not be used again).
       cache: where compiled steps are kept (shared with try-runs).
@@ -74,7 +79,8 @@ class Trainer:
                  optimizer: optax.GradientTransformation, *, global_batch: int,
                  example_batch: Batch | None = None,
                  state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "layer",
-                 donate: bool = True, cache: CompileCache | None = None):
+                 compute_dtype: Any = None, donate: bool = True,
+                 cache: CompileCache | None = None):
         self._constructor = None
         if not isinstance(model, nnx.Module):
             if not callable(model):
@@ -91,23 +97,46 @@ class Trainer:
         if not isinstance(global_batch, int) or global_batch < 1:
             raise InvalidMeshShape(f"global_batch must be a positive int, got {global_batch!r}")
         self.global_batch = global_batch
-        if example_batch is None:
-            if not hasattr(model, "example_batch"):
-                raise InvalidMeshShape(
-                    "pass example_batch= to Trainer (the model has no example_batch method)")
-            example_batch = jax.eval_shape(lambda: model.example_batch(global_batch))
-        self.batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       example_batch)
-        for leaf in jax.tree.leaves(self.batch_spec):
-            if not leaf.shape or leaf.shape[0] != global_batch:
-                raise InvalidMeshShape(
-                    f"every batch leaf needs leading axis global_batch={global_batch}, "
-                    f"got shape {leaf.shape}")
         self.state_sharding = sharding.check_state_sharding(state_sharding)
         self.remat = check_remat(remat)
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+        if self.compute_dtype is not None and not jnp.issubdtype(self.compute_dtype,
+                                                                 jnp.floating):
+            raise InvalidMeshShape(f"compute_dtype must be a float dtype, got {compute_dtype}")
+        self._name = type(model).__name__
+        self._batch_spec = None
+        if example_batch is None and hasattr(model, "example_batch"):
+            example_batch = jax.eval_shape(lambda: model.example_batch(global_batch))
+        if example_batch is not None:
+            self.set_example_batch(example_batch)
         self.donate = donate
         self.cache = cache if cache is not None else CompileCache()
         self.fingerprint = self.fmodel.fingerprint()
+
+    @property
+    def batch_spec(self) -> Batch:
+        """The batch's `jax.ShapeDtypeStruct`s (from `example_batch`)."""
+        if self._batch_spec is None:
+            raise ContractError(
+                "the batch structure is not known yet: pass example_batch= to Trainer, give "
+                "the model an example_batch(n) method, or call ElasticTrainer.init(batch)")
+        return self._batch_spec
+
+    @property
+    def knows_batch(self) -> bool:
+        return self._batch_spec is not None
+
+    def set_example_batch(self, example_batch: Batch) -> None:
+        """Fix the batch structure from one batch (arrays or `ShapeDtypeStruct`s) and check
+        the model's forward on it abstractly (`FunctionalModel.check_forward`)."""
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), example_batch)
+        for leaf in jax.tree.leaves(spec):
+            if not leaf.shape or leaf.shape[0] != self.global_batch:
+                raise InvalidMeshShape(
+                    f"every batch leaf needs leading axis global_batch={self.global_batch}, "
+                    f"got shape {leaf.shape}")
+        self.fmodel.check_forward(spec, self._name)
+        self._batch_spec = spec
 
     # -- validity ---------------------------------------------------------------------
     def check(self, shape: MeshShape, devices: Devices = None) -> None:
@@ -233,7 +262,7 @@ class Trainer:
         """The pipelined ``(params, batch) -> loss`` on `shape`'s mesh (differentiable)."""
         return pipeline_loss(self.fmodel, shape, self.mesh(shape, devices),
                              global_batch=self.global_batch, state_sharding=self.state_sharding,
-                             remat=self.remat)
+                             remat=self.remat, compute_dtype=self.compute_dtype)
 
     def _train_step(self, shape: MeshShape, devices: Devices):
         loss_fn = self.loss_fn(shape, devices)
@@ -250,7 +279,8 @@ class Trainer:
         devs = jax.devices() if devices is None else devices
         spec = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(self.batch_spec))
         return ("train_step", shape, device_ids(devs[: shape.num_devices]), self.fingerprint,
-                id(self.optimizer), spec, self.state_sharding, self.remat, self.donate)
+                id(self.optimizer), spec, self.state_sharding, self.remat,
+                str(self.compute_dtype), self.donate)
 
     def lower_step(self, shape: MeshShape, devices: Devices = None) -> jax.stages.Lowered:
         state_sh = self.shardings(shape, devices)

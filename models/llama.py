@@ -39,6 +39,8 @@ class LlamaConfig:
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     tied: bool = False
+    sliding_window: int = 0  # > 0: a local layer attends to at most this many positions
+    global_every: int = 1  # with a window: every this-many-th layer is global (Gemma 3: 6)
 
     @classmethod
     def preset(cls, name: str) -> LlamaConfig:
@@ -71,9 +73,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class Block(nnx.Module):
     """h + attn(norm(h)), then h + swiglu(norm(h))."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, local: bool = False):
         d, hd = cfg.d_model, cfg.head_dim
         self.cfg = cfg
+        self.window = cfg.sliding_window if local else 0
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
         self.attn_norm = nnx.RMSNorm(d, epsilon=cfg.norm_eps, rngs=rngs)
         self.q = linear(d, cfg.num_heads * hd)
@@ -97,6 +100,8 @@ class Block(nnx.Module):
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / jnp.sqrt(cfg.head_dim).astype(x.dtype)
         seg = side["segments"]
         mask = (seg[:, :, None] == seg[:, None, :]) & jnp.tril(jnp.ones((t, t), dtype=bool))
+        if self.window:  # a local layer: only the last `window` positions of its segment
+            mask &= positions[:, :, None] - positions[:, None, :] < self.window
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
         out = jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(scores, axis=-1), v)
         return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
@@ -115,7 +120,13 @@ class Llama(LayerStack):
         self.config = cfg
         self.num_layers = cfg.num_layers
         self.tok = nnx.Embed(cfg.vocab, cfg.d_model, rngs=rngs)
-        self.blocks = stack_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        if cfg.sliding_window and cfg.global_every > 1:  # local, ..., local, global
+            self.blocks = stack_layers(
+                lambda r, kind: Block(cfg, r, local=kind < cfg.global_every - 1),
+                cfg.num_layers, rngs, kinds=cfg.global_every)
+        else:
+            self.blocks = stack_layers(lambda r: Block(cfg, r, local=bool(cfg.sliding_window)),
+                                       cfg.num_layers, rngs)
         self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
         self.unembed = None if cfg.tied else nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False,
                                                         rngs=rngs)
