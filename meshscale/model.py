@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from meshscale import rng as rng_lib
 from meshscale.errors import ContractError
 
 Batch = Any  # a pytree of arrays whose leading axis is the example axis
@@ -59,9 +60,10 @@ class LayerPattern(nnx.Module):
         for kind in range(kinds):
             setattr(self, f"kind{kind}", make_layer(rngs, kind))
 
-    def __call__(self, h: jax.Array, *side: Any) -> jax.Array:
+    def __call__(self, h: jax.Array, *side: Any, rng: jax.Array | None = None) -> jax.Array:
         for kind in range(self.kinds):
-            h = getattr(self, f"kind{kind}")(h, *side)
+            keys = None if rng is None else jax.vmap(jax.random.fold_in, (0, None))(rng, kind)
+            h = call_layer(getattr(self, f"kind{kind}"), h, side[0] if side else None, keys)
         return h
 
 
@@ -92,23 +94,32 @@ def stack_length(model: Any) -> int:
     return model.num_layers // getattr(model.blocks, "kinds", 1)
 
 
-def call_layer(layer: nnx.Module, h: jax.Array, side: Any) -> jax.Array:
+def call_layer(layer: nnx.Module, h: jax.Array, side: Any, rng: Any = None) -> jax.Array:
     """One layer applied as the contract says: ``layer(h)``, or ``layer(h, side)`` for a
-    model with `layer_inputs`."""
-    return layer(h) if side is None else layer(h, side)
+    model with `layer_inputs`; with ``rng=keys`` (one key per example) when the trainer
+    has an ``rng_seed`` (`meshscale.rng`)."""
+    extra = {} if rng is None else {"rng": rng}
+    return layer(h, **extra) if side is None else layer(h, side, **extra)
 
 
-def run_layers(blocks: nnx.Module, h: jax.Array, side: Any = None, *,
+def run_layers(blocks: nnx.Module, h: jax.Array, side: Any = None, *, rng_data: Any = None,
                remat: bool = False) -> jax.Array:
-    """Apply the stacked layers of `blocks` to `h` in order (a `lax.scan` over layers)."""
-    graphdef, state = nnx.split(blocks)
+    """Apply the stacked layers of `blocks` to `h` in order (a `lax.scan` over layers).
 
-    def one_layer(h, layer_state):
-        return call_layer(nnx.merge(graphdef, layer_state), h, side), None
+    `rng_data`: per-example key data (`meshscale.rng.example_keys`); layer ``i`` gets
+    ``layer_keys(rng_data, i)``.
+    """
+    graphdef, state = nnx.split(blocks)
+    count = jax.tree.leaves(state)[0].shape[0]
+
+    def one_layer(h, xs):
+        layer_state, index = xs
+        layer = nnx.merge(graphdef, layer_state)
+        return call_layer(layer, h, side, rng_lib.layer_keys(rng_data, index)), None
 
     if remat:
         one_layer = jax.checkpoint(one_layer)
-    h, _ = jax.lax.scan(one_layer, h, state)
+    h, _ = jax.lax.scan(one_layer, h, (state, jnp.arange(count)))
     return h
 
 
@@ -141,8 +152,11 @@ def mean_loss(out: Any) -> jax.Array:
 class LayerStack(nnx.Module):
     """Base class giving `loss` from `embed`, `blocks`, `head_loss` (and `layer_inputs`)."""
 
-    def loss(self, batch: Batch) -> jax.Array:
-        h = run_layers(self.blocks, self.embed(batch), layer_inputs(self, batch))
+    def loss(self, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        """The plain forward's loss; `rng` (a step's key) turns on layer randomness."""
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        h = run_layers(self.blocks, self.embed(batch), layer_inputs(self, batch),
+                       rng_data=rng_lib.example_keys(rng, rows))
         return mean_loss(self.head_loss(h, batch))
 
 
@@ -179,11 +193,12 @@ class FunctionalModel:
         """One layer of the stack, from ``params["blocks"]`` sliced at one layer index."""
         return nnx.merge(self.blocks_graphdef, _filled(self.blocks_template, layer_params))
 
-    def loss(self, params: Params, batch: Batch) -> jax.Array:
-        """The reference loss: plain forward, no mesh."""
-        return self.merge(params).loss(batch)
+    def loss(self, params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        """The reference loss: plain forward, no mesh (`rng`: a step's key, or None)."""
+        return self.merge(params).loss(batch) if rng is None else \
+            self.merge(params).loss(batch, rng)
 
-    def check_forward(self, batch_spec: Batch, name: str) -> None:
+    def check_forward(self, batch_spec: Batch, name: str, *, rng: bool = False) -> None:
         """Trace embed, one layer and the head abstractly on `batch_spec` (nothing runs):
         signature, shape and dtype mistakes raise a `ContractError` before any compile."""
         params = self.abstract_params()
@@ -210,7 +225,9 @@ class FunctionalModel:
                         f"{name}: embed / layer_inputs gave shape {jnp.shape(leaf)}: their "
                         f"outputs need the example axis ({rows}) first")
             layer = self.merge_layer(jax.tree.map(lambda x: x[0], params["blocks"]))
-            out = stage("one layer", call_layer, layer, h, side)
+            keys = rng_lib.layer_keys(rng_lib.example_keys(jax.random.key(0), rows), 0) \
+                if rng else None
+            out = stage("one layer", call_layer, layer, h, side, keys)
             if jnp.shape(out) != jnp.shape(h) or jnp.result_type(out) != jnp.result_type(h):
                 raise ContractError(
                     f"{name}: one layer maps h {jnp.shape(h)} {jnp.result_type(h)} to "
@@ -251,7 +268,8 @@ _CONTRACT_FIXES = {
     "embed(batch)": "embed takes the batch and returns the hidden state h",
     "layer_inputs(batch)": "layer_inputs takes the batch and returns per-example arrays",
     "one layer": "a layer is called as layer(h), or layer(h, side) where side = "
-                 "model.layer_inputs(batch); make __call__ take exactly that",
+                 "model.layer_inputs(batch), plus rng=keys when the trainer has an "
+                 "rng_seed; make __call__ take exactly that",
     "head_loss(h, batch)": "head_loss takes (h, batch) and returns the mean loss or a "
                            "(loss_sum, weight) pair",
 }

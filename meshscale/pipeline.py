@@ -34,6 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import rng as rng_lib
 from meshscale import sharding
 from meshscale.errors import InvalidMeshShape
 from meshscale.mesh import AXES, DATA, PIPE, MeshShape
@@ -90,50 +91,57 @@ def pipeline_loss(
     state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
     compute_dtype: Any = None,
 ) -> Callable[[Params, Batch], jax.Array]:
-    """``(params, batch) -> loss`` computed pipelined on `mesh`; differentiable."""
+    """``(params, batch, rng=None) -> loss`` computed pipelined on `mesh`; differentiable.
+
+    `rng` is a step's key (`meshscale.rng`); layers then get per-example keys that do
+    not depend on the mesh."""
     p, m = shape.pipe, shape.microbatches
     ticks = m + p - 1
     forward = [(i, i + 1) for i in range(p - 1)]
     rows = sharding.rows_spec(shape, global_batch)
+    per_stage = fmodel.num_layers // p
     rows_over_pipe = rows != P(DATA)
 
-    def run_stage(blocks: Params, h: jax.Array, side) -> jax.Array:
-        def apply(h, layer_params):
-            return call_layer(fmodel.merge_layer(layer_params), h, side)
+    def run_stage(blocks: Params, h: jax.Array, side, keys) -> jax.Array:
+        first = lax.axis_index(PIPE) * per_stage  # this stage's first layer in the stack
+
+        def apply(h, layer_params, index):
+            rng = rng_lib.layer_keys(keys, first + index)
+            return call_layer(fmodel.merge_layer(layer_params), h, side, rng)
 
         if remat == "layer":  # the backward pass recomputes one layer at a time
             apply = jax.checkpoint(apply)
 
-        def one_layer(h, layer_params):
-            return apply(checkpoint_name(h, LAYER_INPUT), layer_params), None
+        def one_layer(h, xs):
+            return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
 
-        return lax.scan(one_layer, h, blocks)[0]
+        return lax.scan(one_layer, h, (blocks, jnp.arange(per_stage)))[0]
 
-    def stage_or_pass(blocks: Params, x: jax.Array, side, active: jax.Array) -> jax.Array:
-        return lax.cond(active, run_stage, lambda _, h, __: h, blocks, x, side)
+    def stage_or_pass(blocks: Params, x: jax.Array, side, keys, active: jax.Array):
+        return lax.cond(active, run_stage, lambda _, h, *__: h, blocks, x, side, keys)
 
     # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
     # parameters, which the scan hoists out; a cond differentiated as is keeps its
     # branches' residuals per tick, the stage's parameters included (measured).
     stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
 
-    def stages(blocks: Params, h0: jax.Array, side, specs: Params) -> jax.Array:
+    def stages(blocks: Params, h0: jax.Array, side, keys, specs: Params) -> jax.Array:
         # Everything the loop reads is made varying over both axes *before* the loop: the
         # transpose of that cast is a psum, which must run on every device, never inside a
         # branch of the stage conds below (a collective inside a cond deadlocks).
         blocks = jax.tree.map(_gather_over_data, blocks, specs)
-        blocks, h0, side = jax.tree.map(_varying, (blocks, h0, side))
+        blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
         stage = lax.axis_index(PIPE)
         split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
         pick = lambda tree, i: jax.tree.map(
             lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
-        micro, side = split(h0), jax.tree.map(split, side)
+        micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
 
         def tick(received, t):
             x = jnp.where((stage == 0) & (t < m), pick(micro, jnp.minimum(t, m - 1)), received)
             active = (t >= stage) & (t < stage + m)
             mine = jnp.clip(t - stage, 0, m - 1)  # the microbatch this stage holds
-            y = stage_or_pass(blocks, x, pick(side, mine), active)
+            y = stage_or_pass(blocks, x, pick(side, mine), pick(keys, mine), active)
             sent = lax.ppermute(y, PIPE, forward) if p > 1 else y
             return sent, y
 
@@ -144,7 +152,7 @@ def pipeline_loss(
             return lax.psum_scatter(out, PIPE, scatter_dimension=0, tiled=True)
         return lax.psum(out, PIPE)
 
-    def loss_fn(params: Params, batch: Batch) -> jax.Array:
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         def constrain(tree):
             return jax.tree.map(
                 lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
@@ -154,12 +162,13 @@ def pipeline_loss(
         model = fmodel.merge(params)
         h0 = constrain(model.embed(batch))
         side = constrain(layer_inputs(model, batch))
+        keys = constrain(rng_lib.example_keys(rng, global_batch))
         specs = sharding.tree_specs(params, mesh_shape=shape, num_layers=fmodel.num_layers,
                                     split_over_data=state_sharding == "fsdp")["blocks"]
-        body = jax.shard_map(lambda b, h, s: stages(b, h, s, specs), mesh=mesh,
-                             in_specs=(specs, P(DATA), jax.tree.map(lambda _: P(DATA), side)),
-                             out_specs=rows)
-        h = body(params["blocks"], h0, side)
+        per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
+        body = jax.shard_map(lambda b, h, s, k: stages(b, h, s, k, specs), mesh=mesh,
+                             in_specs=(specs, P(DATA), *per_example), out_specs=rows)
+        h = body(params["blocks"], h0, side, keys)
         return mean_loss(model.head_loss(h, batch))
 
     return loss_fn

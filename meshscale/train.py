@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import rng as rng_lib
 from meshscale import sharding
 from meshscale.compile_cache import CompileCache
 from meshscale.errors import ContractError, InsufficientDevices, InvalidMeshShape
@@ -70,6 +71,9 @@ class Trainer:
         parameters, their gradients and the optimizer state stay in their own dtype
         (float32 master weights) and the loss and its reduction are float32. None: no
         cast. The one-device reference is the same cast (`meshscale.model.cast_floats`).
+      rng_seed: turn on randomness in layers (dropout): every layer gets ``rng=`` keys,
+        one per example, derived from (seed, step, example, layer) (`meshscale.rng`), so
+        a step draws the same on every mesh. None: layers get no keys.
       donate: let the compiled step reuse the input state's buffers (the state passed to a
         step must not be used again).
       cache: where compiled steps are kept (shared with try-runs).
@@ -79,7 +83,7 @@ class Trainer:
                  optimizer: optax.GradientTransformation, *, global_batch: int,
                  example_batch: Batch | None = None,
                  state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "layer",
-                 compute_dtype: Any = None, donate: bool = True,
+                 compute_dtype: Any = None, rng_seed: int | None = None, donate: bool = True,
                  cache: CompileCache | None = None):
         self._constructor = None
         if not isinstance(model, nnx.Module):
@@ -103,6 +107,9 @@ class Trainer:
         if self.compute_dtype is not None and not jnp.issubdtype(self.compute_dtype,
                                                                  jnp.floating):
             raise InvalidMeshShape(f"compute_dtype must be a float dtype, got {compute_dtype}")
+        if rng_seed is not None and not isinstance(rng_seed, int):
+            raise InvalidMeshShape(f"rng_seed must be an int or None, got {rng_seed!r}")
+        self.rng_seed = rng_seed
         self._name = type(model).__name__
         self._batch_spec = None
         if example_batch is None and hasattr(model, "example_batch"):
@@ -135,7 +142,7 @@ class Trainer:
                 raise InvalidMeshShape(
                     f"every batch leaf needs leading axis global_batch={self.global_batch}, "
                     f"got shape {leaf.shape}")
-        self.fmodel.check_forward(spec, self._name)
+        self.fmodel.check_forward(spec, self._name, rng=self.rng_seed is not None)
         self._batch_spec = spec
 
     # -- validity ---------------------------------------------------------------------
@@ -268,7 +275,8 @@ class Trainer:
         loss_fn = self.loss_fn(shape, devices)
 
         def train_step(state: TrainState, batch: Batch):
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+            rng = rng_lib.step_key(self.rng_seed, state.step)
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             return TrainState(state.step + 1, params, opt_state), {"loss": loss}
@@ -280,7 +288,7 @@ class Trainer:
         spec = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(self.batch_spec))
         return ("train_step", shape, device_ids(devs[: shape.num_devices]), self.fingerprint,
                 id(self.optimizer), spec, self.state_sharding, self.remat,
-                str(self.compute_dtype), self.donate)
+                str(self.compute_dtype), self.rng_seed, self.donate)
 
     def lower_step(self, shape: MeshShape, devices: Devices = None) -> jax.stages.Lowered:
         state_sh = self.shardings(shape, devices)

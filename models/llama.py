@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from meshscale.model import LayerStack, stack_layers
+from meshscale.rng import dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,7 @@ class LlamaConfig:
     tied: bool = False
     sliding_window: int = 0  # > 0: a local layer attends to at most this many positions
     global_every: int = 1  # with a window: every this-many-th layer is global (Gemma 3: 6)
+    dropout: float = 0.0  # on the attention and MLP outputs, when the trainer gives keys
 
     @classmethod
     def preset(cls, name: str) -> LlamaConfig:
@@ -106,10 +108,14 @@ class Block(nnx.Module):
         out = jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(scores, axis=-1), v)
         return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
 
-    def __call__(self, h: jax.Array, side: dict) -> jax.Array:
-        h = h + self.attention(self.attn_norm(h), side)
+    def __call__(self, h: jax.Array, side: dict, rng: jax.Array | None = None) -> jax.Array:
+        """`rng`: one key per example (`meshscale.rng`), or None for no dropout."""
+        keys = [None, None] if rng is None else [
+            jax.vmap(jax.random.fold_in, (0, None))(rng, i) for i in range(2)]
+        rate = self.cfg.dropout
+        h = h + dropout(self.attention(self.attn_norm(h), side), rate, keys[0])
         x = self.mlp_norm(h)
-        return h + self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return h + dropout(self.down(jax.nn.silu(self.gate(x)) * self.up(x)), rate, keys[1])
 
 
 class Llama(LayerStack):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from meshscale import ContractError, LayerStack, MeshShape, Trainer, stack_layers
 from meshscale.model import FunctionalModel, cast_floats
+from meshscale.rng import step_key
 from models.llama import Llama, LlamaConfig
 from tests.helpers import DEEP_TOL, assert_trees_close
 
@@ -93,6 +94,28 @@ def test_local_and_global_layers_really_differ():
     windowed = float(model.loss(batch))
     model.blocks.kind0.window = 0
     assert not np.isclose(windowed, float(model.loss(batch)), rtol=1e-4)
+
+
+DROPOUT = LlamaConfig(**{**CFG.__dict__, "dropout": 0.25})
+
+
+@pytest.mark.parametrize("shape", [MeshShape(1, 8, 1), MeshShape(2, 2, 4), MeshShape(2, 1, 8)],
+                         ids=str)
+def test_dropout_draws_the_same_masks_on_every_mesh(shape):
+    _, _, params, batch = setup()
+    model = Llama(DROPOUT, rngs=nnx.Rngs(0))
+    fmodel = FunctionalModel.of(model)[0]
+    trainer = Trainer(model, optax.adam(1e-3), global_batch=BATCH, example_batch=batch,
+                      rng_seed=7)
+    key = step_key(7, jnp.int32(0))
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(fmodel.loss))(params, batch, key)
+    assert not np.isclose(float(ref_loss), float(fmodel.loss(params, batch)), rtol=1e-3)
+    loss, grads = jax.jit(jax.value_and_grad(trainer.loss_fn(shape)))(params, batch, key)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=DEEP_TOL)
+    assert_trees_close(jax.device_get(grads), jax.device_get(ref_grads), DEEP_TOL, str(shape))
+    state = trainer.init_state(shape)  # the compiled step folds its step count in
+    _, metrics = trainer.compile_step(shape)(state, trainer.put_batch(batch, shape))
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=DEEP_TOL)
 
 
 @pytest.mark.parametrize("shape", [MeshShape(2, 4, 2), MeshShape(2, 1, 4)], ids=str)
