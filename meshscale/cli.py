@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-MODELS = ("gpt-tiny", "gpt-small", "mlp")  # models.registry.NAMES, without importing jax
+MODELS = ("gpt-tiny", "gpt-small", "llama-tiny", "mlp")  # models.registry.NAMES, no jax import
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -65,6 +65,13 @@ def take_devices(count: int | None):
 
 
 # -- models ------------------------------------------------------------------------------
+def _model(text: str) -> str:
+    if text in MODELS or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"--model takes one of {', '.join(MODELS)} or package.module:factory, got {text!r}")
+
+
 def build_model(name: str, seed: int):
     """(model, batch_fn) for a model name; ``batch_fn(batch_size, i)`` is host batch i."""
     from models import registry
@@ -98,7 +105,8 @@ def add_search(subparsers) -> None:
         "search", help="try-run every candidate mesh and say which trains fastest",
         description="Try-run every candidate mesh for a model on N devices (simulated CPU "
                     "devices by default) and decide whether switching to the best pays.")
-    p.add_argument("--model", choices=MODELS, default="gpt-tiny")
+    p.add_argument("--model", type=_model, default="gpt-tiny",
+                   help=f"{', '.join(MODELS)}, or package.module:factory (your own model)")
     p.add_argument("--devices", type=int, default=8, help="devices to use (default 8)")
     p.add_argument("--platform", choices=("cpu", "auto"), default="cpu",
                    help="cpu: simulate --devices CPU devices; auto: JAX's own devices")
@@ -237,7 +245,7 @@ def add_demo(subparsers) -> None:
     p.add_argument("--devices", type=_positive, default=d.devices,
                    help="simulated CPU devices in the pool (default 8)")
     p.add_argument("--p-min", type=_positive, default=d.p_min)
-    p.add_argument("--model", choices=("gpt-tiny", "mlp"), default=d.model)
+    p.add_argument("--model", choices=("gpt-tiny", "llama-tiny", "mlp"), default=d.model)
     p.add_argument("--run-dir", default=d.run_dir)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")

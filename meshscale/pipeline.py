@@ -14,9 +14,11 @@ Three parts, so that activations shrink with the mesh:
    (often the largest activation of an LM) exist once per row, on one device.
 
 This is MaxText's arrangement (embedding and head outside the stage loop). Layers are
-rematerialised per `Remat` policy. With ``"fsdp"`` state sharding a stage gathers its
-layers' parameters over ``data`` once per step (their gradients are reduce-scattered
-by the transpose). The backward pass is JAX autodiff through the loop; the result equals
+rematerialised per `Remat` policy. With ``"fsdp"`` state sharding each layer's
+parameters are gathered over ``data`` just before the layer runs, inside the
+rematerialised part (so again in the backward pass), and their gradients are
+reduce-scattered by the transpose: a device never holds more than one whole layer.
+The backward pass is JAX autodiff through the loop; the result equals
 the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
 
 Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
@@ -81,9 +83,11 @@ def _varying(x: jax.Array) -> jax.Array:
 
 
 def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
-    """This stage's whole leaf from its ``data`` shards (FSDP); as is when not split."""
+    """One layer's whole leaf from its ``data`` shards (FSDP); as is when not split.
+
+    `spec` is the stacked leaf's spec; `x` is one layer of it (no layer axis)."""
     dim = sharding.data_dim(spec)
-    return x if dim is None else lax.all_gather(x, DATA, axis=dim, tiled=True)
+    return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
 
 
 def pipeline_loss(
@@ -100,12 +104,18 @@ def pipeline_loss(
     forward = [(i, i + 1) for i in range(p - 1)]
     rows = sharding.rows_spec(shape, global_batch)
     per_stage = fmodel.num_layers // p
+    specs = sharding.tree_specs(fmodel.abstract_params(), mesh_shape=shape,
+                                num_layers=fmodel.num_layers,
+                                split_over_data=state_sharding == "fsdp")["blocks"]
     rows_over_pipe = rows != P(DATA)
 
     def run_stage(blocks: Params, h: jax.Array, side, keys) -> jax.Array:
         first = lax.axis_index(PIPE) * per_stage  # this stage's first layer in the stack
 
         def apply(h, layer_params, index):
+            # FSDP: gathered layer by layer, inside the rematerialised part, so a stage never
+            # holds more than one layer's whole parameters (and their gradient).
+            layer_params = jax.tree.map(_gather_over_data, layer_params, specs)
             rng = rng_lib.layer_keys(keys, first + index)
             return call_layer(fmodel.merge_layer(layer_params), h, side, rng)
 
@@ -125,11 +135,10 @@ def pipeline_loss(
     # branches' residuals per tick, the stage's parameters included (measured).
     stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
 
-    def stages(blocks: Params, h0: jax.Array, side, keys, specs: Params) -> jax.Array:
+    def stages(blocks: Params, h0: jax.Array, side, keys) -> jax.Array:
         # Everything the loop reads is made varying over both axes *before* the loop: the
         # transpose of that cast is a psum, which must run on every device, never inside a
         # branch of the stage conds below (a collective inside a cond deadlocks).
-        blocks = jax.tree.map(_gather_over_data, blocks, specs)
         blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
         stage = lax.axis_index(PIPE)
         split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
@@ -163,10 +172,8 @@ def pipeline_loss(
         h0 = constrain(model.embed(batch))
         side = constrain(layer_inputs(model, batch))
         keys = constrain(rng_lib.example_keys(rng, global_batch))
-        specs = sharding.tree_specs(params, mesh_shape=shape, num_layers=fmodel.num_layers,
-                                    split_over_data=state_sharding == "fsdp")["blocks"]
         per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
-        body = jax.shard_map(lambda b, h, s, k: stages(b, h, s, k, specs), mesh=mesh,
+        body = jax.shard_map(stages, mesh=mesh,
                              in_specs=(specs, P(DATA), *per_example), out_specs=rows)
         h = body(params["blocks"], h0, side, keys)
         return mean_loss(model.head_loss(h, batch))

@@ -51,3 +51,9 @@ def assert_trees_equal(actual, expected) -> None:
         a, e = np.asarray(a), np.asarray(e)
         assert a.dtype == e.dtype, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
+
+
+def cli_factory():
+    """A user's own model for `meshscale search --model tests.helpers:cli_factory`."""
+    model = make_model("mlp")
+    return model, jax.device_get(model.example_batch(8))
