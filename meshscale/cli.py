@@ -246,6 +246,8 @@ def add_demo(subparsers) -> None:
                    help="simulated CPU devices in the pool (default 8)")
     p.add_argument("--p-min", type=_positive, default=d.p_min)
     p.add_argument("--model", choices=("gpt-tiny", "llama-tiny", "mlp"), default=d.model)
+    p.add_argument("--state-sharding", choices=("replicate", "zero1", "fsdp"),
+                   default=d.state_sharding, help="where parameters and optimizer state live")
     p.add_argument("--run-dir", default=d.run_dir)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
@@ -283,7 +285,8 @@ def run_demo(args: argparse.Namespace) -> int:
                                 p_min=args.p_min, model=args.model, run_dir=args.run_dir,
                                 seed=args.seed, resume=args.resume, global_batch=args.batch,
                                 check_every=args.check_every,
-                                checkpoint_every=args.checkpoint_every))
+                                checkpoint_every=args.checkpoint_every,
+                                state_sharding=args.state_sharding))
         except FileExistsError as e:
             print(f"meshscale demo: error: {e}", file=sys.stderr)
             return 2
