@@ -139,7 +139,7 @@ class Trainer:
         spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), example_batch)
         for leaf in jax.tree.leaves(spec):
             if not leaf.shape or leaf.shape[0] != self.global_batch:
-                raise InvalidMeshShape(
+                raise ContractError(
                     f"every batch leaf needs leading axis global_batch={self.global_batch}, "
                     f"got shape {leaf.shape}")
         self.fmodel.check_forward(spec, self._name, rng=self.rng_seed is not None)

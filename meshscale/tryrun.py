@@ -25,6 +25,7 @@ from meshscale.errors import MeshscaleError
 from meshscale.memory import bytes_per_device, fits, over_budget_reason
 from meshscale.mesh import MeshShape
 from meshscale.model import Batch
+from meshscale.placement import move
 from meshscale.space import Candidate
 from meshscale.train import Trainer, TrainState
 
@@ -117,13 +118,15 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
                devices: Sequence[jax.Device]) -> TrainState:
     """A copy of `state` on `shape`'s mesh that shares no buffer with `state`.
 
-    The compiled step donates its input, and placement alone (`Trainer.place`, i.e.
-    `jax.device_put`) keeps the source's buffers wherever a shard already sits on the
+    The compiled step donates its input, and placement alone (`meshscale.placement.move`,
+    as `jax.device_put`) keeps the source's buffers wherever a shard already sits on the
     right device: the very same array when the sharding matches, and shared per-device
-    buffers across overlapping meshes even with ``may_alias=False`` (checked on jax 0.10,
-    CPU). Donating such a placement deletes the live state; `jnp.copy` (a computation,
-    so new buffers) after placing makes the copy real. Leaf by leaf, so at most one
-    leaf's placement exists beside the copy.
+    buffers across overlapping meshes (`device_put` too, even with ``may_alias=False``,
+    checked on jax 0.10, CPU). Donating such a placement deletes the live state;
+    `jnp.copy` (a computation, so new buffers) after placing makes the copy real. Leaf by
+    leaf, so at most one leaf's placement exists beside the copy. `move`, not
+    `device_put`: jax 0.10's reorder path for meshes listing the same devices in another
+    order aborted the process once in a full test run (SIGABRT in `reorder_shards`).
 
     With several processes the state is not moved in memory (`distributed.can_place`):
     the try-run trains a fresh state of the same shapes and shardings
@@ -133,7 +136,7 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
     if state is None or not distributed.can_place():
         return trainer.init_state(shape, devices)
     shardings = trainer.shardings(shape, devices)
-    return jax.tree.map(lambda x, s: jnp.copy(jax.device_put(x, s)), state, shardings)
+    return jax.tree.map(lambda x, s: jnp.copy(move(x, s)), state, shardings)
 
 
 def failure_status(error: BaseException) -> str:

@@ -73,8 +73,7 @@ def test_gpt_loss_goes_down_on_python_source():
 
 
 def test_llama_loss_goes_down_on_python_source():
-    cfg = LlamaConfig(seq_len=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                      mlp_hidden=64)
+    cfg = LlamaConfig.preset("tiny")  # what `meshscale demo --model llama-tiny` trains
     model = Llama(cfg, rngs=nnx.Rngs(0))
     trainer = Trainer(model, optax.adam(1e-2), global_batch=16)
     data = ByteBatches(stdlib_text(), seq_len=cfg.seq_len, batch_size=16)
