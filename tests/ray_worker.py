@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+IMPORTED = time.time()  # in a worker: when Ray handed it this attempt's function
 BATCH = 24
 P_MIN = 2
 CHECKPOINT_EVERY = 3
@@ -79,7 +80,7 @@ def loop(config: dict) -> None:
             record(event=event["event"], **{k: event.get(k) for k in (
                 "checkpoint_step", "after", "num_devices", "reason") if k in event})
 
-    record(event="joined")
+    record(event="joined", imported=IMPORTED)
     elastic = ElasticTrainer(
         make_model("mlp"), make_optimizer(), global_batch=BATCH,
         checkpoint_dir=config["checkpoint_dir"], p_min=config.get("p_min", P_MIN),

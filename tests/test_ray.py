@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -32,23 +33,24 @@ TOTAL_STEPS = 14
 WAIT = 120  # seconds any one phase may take on a loaded 2-core machine
 SLOT = "meshscale_worker"  # a custom resource: one per Ray Train worker a node may host
 MB = 1024 * 1024
-RAY_SETTINGS = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+RAY_SETTINGS = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster: a head that hosts no training worker; the tests add nodes."""
+    """A local Ray cluster whose head can host one training worker; tests add nodes."""
     import ray
     from ray.cluster_utils import Cluster
 
     # Set before the cluster starts, so Ray's controller reads them. Without the first a
     # shrinking job waits 60 s for workers that will not come back; the second is how
     # often the controller looks at its workers (failures, resizes, and the queue of
-    # `ray.train.report`s, which lets a worker report about once per look: 2 s).
+    # `ray.train.report`s, which lets a worker report about once per look: 2 s by default).
     os.environ.update(RAY_SETTINGS)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 80 * MB, "include_dashboard": False})
+        "num_cpus": 2, "resources": {SLOT: 1}, "object_store_memory": 80 * MB,
+        "include_dashboard": False})
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
@@ -67,7 +69,8 @@ class Job:
     """`meshscale_ray.jax_trainer(...).fit()` in a helper thread (Ray's `Cluster.add_node`
     must run on the main thread), and what its process 0 wrote."""
 
-    def __init__(self, tmp_path, *, num_workers, steps=TOTAL_STEPS, max_failures=3, **config):
+    def __init__(self, tmp_path, *, num_workers, steps=TOTAL_STEPS, max_failures=3,
+                 wait_for_devices_s=0.0, **config):
         from meshscale.integrations import ray as meshscale_ray
 
         self.out = tmp_path / "out"
@@ -76,6 +79,7 @@ class Job:
             worker.loop, checkpoint_dir=tmp_path / "run", num_workers=num_workers,
             resources_per_worker={SLOT: 1}, cpu_devices_per_worker=DEVICES_PER_WORKER,
             max_failures=max_failures, resize_interval_s=1.0,
+            wait_for_devices_s=wait_for_devices_s,
             config={"out": str(self.out), "steps": steps, **config},
             env={"PYTHONPATH": ROOT, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
             callbacks=[worker.ReportedMetrics(str(self.out / "reported.jsonl"))])
@@ -141,7 +145,6 @@ def test_restarts_by_ray_resume_the_latest_checkpoint_on_the_new_device_count(cl
     restart resumes the latest checkpoint onto a mesh of its devices, and every step
     trained, twice or once, has the loss of an uninterrupted fixed-mesh run."""
     start = time.monotonic()
-    first = add_node(cluster, 1)
     second = None
     job = Job(tmp_path, num_workers=(1, 3))
     try:
@@ -167,7 +170,6 @@ def test_restarts_by_ray_resume_the_latest_checkpoint_on_the_new_device_count(cl
         job.allow(10**6)
         if second is not None:
             cluster.remove_node(second)
-        cluster.remove_node(first)
     assert job.error is None, repr(job.error)
     lines = job.lines()
     attempts = list(dict.fromkeys(line["attempt"] for line in lines))
@@ -206,7 +208,51 @@ def test_restarts_by_ray_resume_the_latest_checkpoint_on_the_new_device_count(cl
     assert last["mesh"] == switch["after"] and last["samples_per_second"] > 0
     times = [x["time"] for x in lines if x["event"] == "joined"] + [lines[-1]["time"]]
     print(f"ray elastic scenario: {time.monotonic() - start:.1f} s; attempts (joined to "
-          f"next joined): {[round(b - a, 1) for a, b in zip(times, times[1:])]}")
+          f"next joined): {[round(b - a, 1) for a, b in itertools.pairwise(times)]}")
+
+
+def test_fewer_devices_than_p_min_fails_with_insufficient_devices_and_never_trains(
+        cluster, tmp_path):
+    """A group of 1 worker (2 devices) for a model that needs p_min=4 stages: the job
+    fails with meshscale's message and no step runs (as after a shrink below p_min)."""
+    job = Job(tmp_path, num_workers=1, max_failures=0, p_min=4)
+    job.allow(10**6)
+    job.join()
+    assert "InsufficientDevices" in repr(job.error) and "p_min=4" in repr(job.error)
+    assert [x["event"] for x in job.lines()] == ["joined"], job.tail()
+
+
+def test_storage_a_process_cannot_see_is_refused_on_every_process(tmp_path, monkeypatch):
+    """As process 1 of a job whose process 0 wrote its marker on another node's disk."""
+    from meshscale import StorageNotShared, distributed
+    from meshscale.integrations import ray as meshscale_ray
+
+    meshscale_ray.check_shared_storage(tmp_path / "shared")  # one process: it sees it
+    assert list((tmp_path / "shared").iterdir()) == []  # the marker is removed
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(distributed, "broadcast", lambda value: "token-of-process-0")
+    with pytest.raises(StorageNotShared, match="cannot see it.*storage every node mounts"):
+        meshscale_ray.check_shared_storage(tmp_path / "shared")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageNotShared, match="cannot create it"):
+        meshscale_ray.check_shared_storage(tmp_path / "file" / "run")
+
+
+def test_insufficient_devices_waits_for_ray_to_add_workers_then_fails(tmp_path, monkeypatch):
+    from meshscale import InsufficientDevices
+    from meshscale.integrations import ray as meshscale_ray
+
+    monkeypatch.setattr(meshscale_ray, "join_jax", lambda: None)
+
+    def loop(config):
+        assert config == {"steps": 3, "checkpoint_dir": str(tmp_path)}
+        raise InsufficientDevices("2 devices available, the model needs p_min=4")
+
+    run = meshscale_ray.train_function(loop, checkpoint_dir=tmp_path, wait_for_devices_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(InsufficientDevices, match="p_min=4"):
+        run({"steps": 3})
+    assert time.monotonic() - start >= 0.3
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
