@@ -201,11 +201,15 @@ class _Watcher:
         self.seen: set[int] = set()
         self.attempt: int | None = None
         self._pending_search = None
+        self._cursor = 0  # lines before it are printed
 
     def until(self, predicate, what: str) -> dict:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            for line in self._read_new():
+            self._read_new()
+            while self._cursor < len(self.lines):  # each line printed once, in order
+                line = self.lines[self._cursor]
+                self._cursor += 1
                 self._print(line)
                 if predicate(line):
                     if line["event"] in ("start", "resume"):
@@ -217,13 +221,10 @@ class _Watcher:
             time.sleep(0.2)
         raise TimeoutError(f"no {what} within {self.timeout:.0f} s (see {self.path})")
 
-    def _read_new(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        text = self.path.read_text().splitlines()
-        new = [json.loads(x) for x in text[len(self.lines):]]
-        self.lines += new
-        return new
+    def _read_new(self) -> None:
+        if self.path.exists():
+            text = self.path.read_text().splitlines()
+            self.lines += [json.loads(x) for x in text[len(self.lines):]]
 
     def _print(self, line: dict) -> None:
         from meshscale import report
