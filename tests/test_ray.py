@@ -98,7 +98,8 @@ class Job:
 
     def lines(self) -> list[dict]:
         path = self.out / "progress.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(x) for x in text[: text.rfind("\n") + 1].splitlines()]
 
     def wait_for(self, what: str, predicate, timeout: float = WAIT) -> dict:
         """The first progress line that satisfies `predicate`; fails on timeout or when
@@ -253,6 +254,13 @@ def test_insufficient_devices_waits_for_ray_to_add_workers_then_fails(tmp_path, 
     with pytest.raises(InsufficientDevices, match="p_min=4"):
         run({"steps": 3})
     assert time.monotonic() - start >= 0.3
+
+
+def test_ray_demo_command_refuses_a_bad_schedule(capsys):
+    from meshscale.cli import main
+
+    assert main(["ray-demo", "--schedule", "3@5"]) == 2
+    assert "the first entry must be at step 0" in capsys.readouterr().err
 
 
 def test_missing_ray_names_the_extra(monkeypatch):

@@ -223,8 +223,9 @@ class _Watcher:
 
     def _read_new(self) -> None:
         if self.path.exists():
-            text = self.path.read_text().splitlines()
-            self.lines += [json.loads(x) for x in text[len(self.lines):]]
+            text = self.path.read_text()
+            complete = text[: text.rfind("\n") + 1].splitlines()  # not a line being written
+            self.lines += [json.loads(x) for x in complete[len(self.lines):]]
 
     def _print(self, line: dict) -> None:
         from meshscale import report
