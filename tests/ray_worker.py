@@ -37,18 +37,6 @@ def host_batch(i: int) -> dict:
     return {k: np.asarray(v) for k, v in make_model("mlp").example_batch(BATCH, seed=i).items()}
 
 
-def prefer_more_devices(candidate):
-    """An injected measurement (no timing in the decision): more devices is faster."""
-    from meshscale.tryrun import TryRunResult
-
-    shape = candidate.shape
-    speed = 1e9 * (shape.num_devices + 0.1 * shape.data)
-    return TryRunResult(shape, candidate.kind, "ok", step_seconds=BATCH / speed,
-                        step_spread=0.0, samples_per_second=speed,
-                        samples_per_second_per_device=speed / shape.num_devices,
-                        num_devices=shape.num_devices)
-
-
 def allowed(out: Path) -> int:
     try:
         return int((out / "allow").read_text())
@@ -61,7 +49,7 @@ def loop(config: dict) -> None:
 
     from meshscale import ElasticTrainer, distributed, resources
     from meshscale.integrations import ray as meshscale_ray
-    from tests.helpers import make_model, make_optimizer
+    from tests.helpers import make_model, make_optimizer, prefer_more_devices
 
     out = Path(config["out"])
     attempt = distributed.broadcast(os.getpid())  # process 0's pid names this attempt

@@ -24,6 +24,7 @@ mesh by itself (that is `ElasticTrainer.init`'s job on every restart).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -155,6 +156,7 @@ def train_function(loop: Loop, *, checkpoint_dir: str | os.PathLike,
     """
     directory = os.fspath(checkpoint_dir)
 
+    @functools.wraps(loop)  # Ray names the run's workers' function after the user's loop
     def run(config: dict) -> None:
         join_jax()
         check_shared_storage(directory)
