@@ -100,7 +100,10 @@ def check_shared_storage(path: str | os.PathLike) -> None:
     token = distributed.broadcast(uuid.uuid4().hex if distributed.is_main() else None)
     marker = directory / f".meshscale-shared-{token}"
     if distributed.is_main() and failure is None:
-        marker.write_text("written by process 0 to check that every process sees it\n")
+        try:
+            marker.write_text("written by process 0 to check that every process sees it\n")
+        except OSError as e:  # said on every process below, never a hang of the others
+            failure = f"process 0 cannot write to it ({e})"
     # the broadcast is a barrier: process 0 wrote the marker before anyone reads it
     distributed.broadcast(None)
     if failure is None and not marker.exists():
@@ -110,7 +113,7 @@ def check_shared_storage(path: str | os.PathLike) -> None:
         marker.unlink()
     if failure is not None:
         raise StorageNotShared(
-            f"checkpoint_dir {os.fspath(path)!r} is not shared by every worker: {failure}. "
+            f"checkpoint_dir {os.fspath(path)!r} is not shared by every worker ({failure}). "
             f"Point checkpoint_dir at storage every node mounts at the same path (NFS, "
             f"Lustre, a bucket through gcsfuse or a gs:// path)")
 
