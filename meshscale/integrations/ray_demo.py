@@ -158,8 +158,8 @@ def run(cfg: RayDemoConfig) -> list[dict]:
             watch.seen.add(watch.attempt)
             end = schedule[index + 1][0] if index + 1 < len(schedule) else cfg.steps
             (run_dir / "allow").write_text(str(end))
-            watch.until(lambda x, e=end: x.get("step") == e and x["attempt"] == watch.attempt,
-                        f"step {end}")
+            watch.until(lambda x, e=end: x["event"] == "step" and x["step"] == e and
+                        x["attempt"] == watch.attempt, f"step {end}")
         fit.join(cfg.timeout)
         if "error" in outcome:
             raise outcome["error"]
