@@ -172,11 +172,11 @@ def run(cfg: RayDemoConfig) -> list[dict]:
     rows = watch.summary()
     table = Table(title="attempts (each a Ray worker group)")
     for column in ("attempt", "workers", "devices", "resumed from", "mesh", "steps trained",
-                   "last loss"):
+                   "of which again", "last loss"):
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[k]) for k in ("attempt", "workers", "devices", "resumed_from",
-                                              "mesh", "steps", "loss")))
+                                              "mesh", "steps", "again", "loss")))
     console.print(table)
     console.print(f"checkpoints: {run_dir / 'checkpoints'}; progress: "
                   f"{run_dir / 'progress.jsonl'}")
@@ -247,6 +247,14 @@ class _Watcher:
             self.console.print(f"  step {line['step']}: loss {line['loss']:.3f}, mesh "
                                f"{line['mesh']}, {line['samples_per_second']:.0f} samples/s")
 
+    def _trained_again(self, rows: list[dict], began: dict) -> str:
+        """The steps this attempt trains again: those since the checkpoint it resumed."""
+        if not rows or rows[-1]["steps"] == "-" or began["event"] != "resume":
+            return "-"
+        last = int(rows[-1]["steps"].split("-")[1])
+        return f"{began['checkpoint_step'] + 1}-{last}" if last > began["checkpoint_step"] \
+            else "-"
+
     def summary(self) -> list[dict]:
         self._read_new()
         rows = []
@@ -259,5 +267,6 @@ class _Watcher:
                          "resumed_from": began.get("checkpoint_step", "-"),
                          "mesh": steps[-1]["mesh"] if steps else "-",
                          "steps": f"{steps[0]['step']}-{steps[-1]['step']}" if steps else "-",
+                         "again": self._trained_again(rows, began),
                          "loss": f"{steps[-1]['loss']:.3f}" if steps else "-"})
         return rows
