@@ -64,4 +64,3 @@ def assert_trees_equal(actual, expected) -> None:
         a, e = np.asarray(a), np.asarray(e)
         assert a.dtype == e.dtype, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
-
