@@ -343,8 +343,52 @@ def run_launch(args: argparse.Namespace) -> int:
     return status if status >= 0 else 128 - status  # killed by signal N: 128 + N
 
 
+# -- ray-demo ----------------------------------------------------------------------------
+def add_ray_demo(subparsers) -> None:
+    from meshscale.integrations.ray_demo import DEFAULT_SCHEDULE, RayDemoConfig
+
+    d = RayDemoConfig()
+    p = subparsers.add_parser(
+        "ray-demo", help="an elastic Ray Train job on a local cluster whose nodes come and go",
+        description="Start a local Ray cluster, run an ElasticTrainer loop as Ray Train's "
+                    "elastic JaxTrainer (meshscale.integrations.ray), add and remove a node "
+                    "as --schedule says, and print every restart, search and decision. "
+                    "Needs the ray extra: pip install 'meshscale[ray]'.")
+    p.add_argument("--steps", type=_positive, default=d.steps)
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help=f"WORKERS@STEP,... (default {DEFAULT_SCHEDULE})")
+    p.add_argument("--devices-per-worker", type=_positive, default=d.devices_per_worker,
+                   help="simulated CPU devices per Ray worker")
+    p.add_argument("--p-min", type=_positive, default=d.p_min)
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--run-dir", default=d.run_dir)
+    p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
+    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(run=run_ray_demo)
+
+
+def run_ray_demo(args: argparse.Namespace) -> int:
+    from meshscale.integrations import ray_demo
+
+    try:
+        ray_demo.parse_schedule(args.schedule)
+    except ValueError as e:
+        print(f"meshscale ray-demo: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        ray_demo.run(ray_demo.RayDemoConfig(
+            steps=args.steps, schedule=args.schedule, devices_per_worker=args.devices_per_worker,
+            p_min=args.p_min, model=args.model, run_dir=args.run_dir, seed=args.seed,
+            global_batch=args.batch, checkpoint_every=args.checkpoint_every))
+    except (FileExistsError, ImportError) as e:
+        print(f"meshscale ray-demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_search, add_demo, add_report, add_launch]
+COMMANDS: list[Callable] = [add_search, add_demo, add_report, add_launch, add_ray_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
