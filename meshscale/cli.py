@@ -239,24 +239,28 @@ def add_demo(subparsers) -> None:
         description="An ordinary ElasticTrainer run on simulated CPU devices, driven by a "
                     "device file the demo rewrites on --schedule; writes RUN_DIR/report.json "
                     "and RUN_DIR/report.png.")
-    p.add_argument("--steps", type=_positive, default=d.steps)
-    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
-                   help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
+    _add_run_options(p, d, schedule_help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
     p.add_argument("--devices", type=_positive, default=d.devices,
                    help="simulated CPU devices in the pool (default 8)")
-    p.add_argument("--p-min", type=_positive, default=d.p_min)
     p.add_argument("--model", choices=("gpt-tiny", "llama-tiny", "mlp"), default=d.model)
     p.add_argument("--state-sharding", choices=("replicate", "zero1", "fsdp"),
                    default=d.state_sharding, help="where parameters and optimizer state live")
-    p.add_argument("--run-dir", default=d.run_dir)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
     p.add_argument("--check-every", type=_positive, default=d.check_every,
                    help="poll the device file every this many steps")
-    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR's last checkpoint instead of starting over")
     p.set_defaults(run=run_demo)
+
+
+def _add_run_options(p: argparse.ArgumentParser, d, *, schedule_help: str) -> None:
+    """The options `demo` and `ray-demo` share, with defaults from their config `d`."""
+    p.add_argument("--steps", type=_positive, default=d.steps)
+    p.add_argument("--schedule", default=d.schedule, help=schedule_help)
+    p.add_argument("--p-min", type=_positive, default=d.p_min)
+    p.add_argument("--run-dir", default=d.run_dir)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
+    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
 
 
 def _positive(text: str) -> int:
@@ -354,17 +358,10 @@ def add_ray_demo(subparsers) -> None:
                     "elastic JaxTrainer (meshscale.integrations.ray), add and remove a node "
                     "as --schedule says, and print every restart, search and decision. "
                     "Needs the ray extra: pip install 'meshscale[ray]'.")
-    p.add_argument("--steps", type=_positive, default=d.steps)
-    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
-                   help=f"WORKERS@STEP,... (default {DEFAULT_SCHEDULE})")
+    _add_run_options(p, d, schedule_help=f"WORKERS@STEP,... (default {DEFAULT_SCHEDULE})")
     p.add_argument("--devices-per-worker", type=_positive, default=d.devices_per_worker,
                    help="simulated CPU devices per Ray worker")
-    p.add_argument("--p-min", type=_positive, default=d.p_min)
     p.add_argument("--model", choices=MODELS, default=d.model)
-    p.add_argument("--run-dir", default=d.run_dir)
-    p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
-    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(run=run_ray_demo)
 
 
