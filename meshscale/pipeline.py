@@ -137,8 +137,10 @@ def pipeline_loss(
 
     def stages(blocks: Params, h0: jax.Array, side, keys) -> jax.Array:
         # Everything the loop reads is made varying over both axes *before* the loop: the
-        # transpose of that cast is a psum, which must run on every device, never inside a
-        # branch of the stage conds below (a collective inside a cond deadlocks).
+        # transpose of that cast is a psum over pipe, which must run on every device, never
+        # inside a branch of the stage conds below (a collective whose devices take
+        # different branches deadlocks). The FSDP gathers inside `run_stage` are over
+        # data only: those devices share a stage and tick, so they take the same branch.
         blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
         stage = lax.axis_index(PIPE)
         split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
