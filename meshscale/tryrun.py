@@ -104,11 +104,11 @@ def failure_status(error: BaseException) -> str:
 
 def _compile(trainer: Trainer, shape: MeshShape, devices) -> tuple[jax.stages.Compiled, str]:
     key = trainer.step_key(shape, devices)
-    seen = len(trainer.cache.events)
+    seen = trainer.cache.recorded
     compiled = trainer.compile_step(shape, devices)
     # A background compile that finished while we waited is recorded with its own origin.
     if any(e.key == key and e.outcome == "miss" and e.origin == "on-demand"
-           for e in trainer.cache.events[seen:]):
+           for e in trainer.cache.events_since(seen)):
         return compiled, "on-demand"
     return compiled, "background" if trainer.cache.origin(key) == "background" else "hit"
 
