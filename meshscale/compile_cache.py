@@ -27,6 +27,8 @@ from typing import Any
 import jax
 from jax.experimental.compilation_cache import compilation_cache as cc
 
+from meshscale.paths import run_path
+
 log = logging.getLogger(__name__)
 
 
@@ -145,8 +147,9 @@ def enable_persistent_cache(directory: str | os.PathLike) -> str:
     Safe to call after JAX has compiled something: the cache is re-initialised.
     """
     global _listening
-    path = os.path.abspath(os.fspath(directory))
-    os.makedirs(path, exist_ok=True)
+    where = run_path(directory)
+    where.mkdir(parents=True, exist_ok=True)
+    path = os.fspath(where)
     if not _listening:
         jax.monitoring.register_event_listener(_count_persistent)
         _listening = True

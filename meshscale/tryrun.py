@@ -157,17 +157,24 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
     failure = distributed.failed_anywhere(failure)  # never step while a peer does not
     if failure:
         return TryRunResult.not_run(candidate, failure, **measured)
-    if not fits(measured["bytes_per_device"], memory_budget):
-        return TryRunResult.not_run(
-            candidate, over_budget_reason(measured["bytes_per_device"], memory_budget),
-            **measured)
+    over = None if fits(measured["bytes_per_device"], memory_budget) else \
+        over_budget_reason(measured["bytes_per_device"], memory_budget)
+    if over := distributed.failed_anywhere(over):  # over on any process: skipped on all
+        return TryRunResult.not_run(candidate, over, **measured)
     total = warmup + steps
     times = []
     try:
         run_state = copy_state(trainer, state, shape, devices)
+        batch_sh = trainer.batch_sharding(shape, devices)  # kept, as ElasticTrainer.step does
+    except Exception as e:
+        failure = failure_status(e)
+    if failure := distributed.failed_anywhere(failure):  # placed everywhere, or nowhere
+        return TryRunResult.not_run(candidate, failure, **measured)
+    try:
         for i in range(total):
             tick = time.perf_counter()  # a step as training runs it: feed the batch, step
-            batch = trainer.put_batch(batches[i % len(batches)], shape, devices)
+            batch = trainer.put_batch(batches[i % len(batches)], shape, devices,
+                                      shardings=batch_sh)
             run_state, metrics = compiled(run_state, batch)
             jax.block_until_ready((run_state, metrics))
             if i >= warmup:
