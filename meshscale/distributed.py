@@ -4,8 +4,9 @@ JAX's multi-controller runtime runs the collectives and Orbax writes the checkpo
 this module only starts the runtime (`initialize`) and keeps the processes in step:
 `broadcast` sends process 0's value to every process (one decision, one device list),
 `slowest` reduces timings so the slowest process counts, `failed_anywhere` makes a
-failure on one process a failure on all (with the failing process's own words). Each is a collective: every process must call
-it in the same order. With one process each is a no-op returning its argument.
+failure on one process a failure on all (in the failing process's words). Each is a
+collective: every process must call it in the same order. With one process each is a
+no-op returning its argument.
 
 Never: let processes pick different meshes, or build a runtime of its own.
 """

@@ -140,7 +140,7 @@ def job(out: Path, run: Path) -> None:
     elastic_losses, saved = [], None
     for i in range(TRAIN_STEPS):
         state, metrics = elastic.step(state, batches[i])
-        elastic_losses.append(metrics["loss"])
+        elastic_losses.append(float(metrics["loss"]))
         if int(state.step) == SAVED_STEP:
             saved = gather(state)  # as checkpointed, before the next step donates it
             granted["count"] = 6
@@ -178,7 +178,7 @@ def resume(out: Path, run: Path) -> None:
     losses = []
     for i in range(first, TRAIN_STEPS):
         state, metrics = elastic.step(state, batches[i])
-        losses.append(metrics["loss"])
+        losses.append(float(metrics["loss"]))
     write(out, "resume", {"first_step": first, "losses": losses, "mesh": str(elastic.shape),
                           "processes": jax.process_count(), "devices": jax.device_count()},
           restored)

@@ -98,8 +98,16 @@ def test_device_changes_keep_every_loss_with_real_try_runs(tmp_path):
     assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
     changes = events(trainer, "devices_changed")
     assert [e["after"] for e in changes] == [8, 6, 3, 8]
+    # Which mesh a timed try-run picks is up to the clock; what holds whatever it picks:
+    # every mesh on 6 devices (2x3, 4x1) needs more than 3, so the change to 3 forces a
+    # switch, and every mesh run after a change fits the devices granted.
     forced = [e for e in events(trainer, "switch") if e["reason"].startswith("forced")]
-    assert forced and forced[0]["num_devices"] <= 3
+    assert any(e["step"] == 15 and e["num_devices"] <= 3 for e in forced)
+    for change in changes:
+        after = trainer.history[trainer.history.index(change):]
+        switch = next((e for e in after if e["event"] == "switch"), None)
+        if switch is not None and switch["step"] == change["step"]:
+            assert switch["num_devices"] <= change["after"]
     for change in changes:  # the checkpoint is written before the search, every time
         after = trainer.history[trainer.history.index(change):]
         kinds = [e["event"] for e in after]
