@@ -350,7 +350,7 @@ class Checkpointer:
         """Before the first save: refuse (on every process alike) a directory whose newest
         readable metadata belongs to another model, optimizer or batch."""
         problem = None
-        latest = self.latest_step()
+        latest = self.latest_step(committed=False)  # as listed when the manager started
         if latest is not None:
             try:
                 self._check(self._read_metadata(latest))

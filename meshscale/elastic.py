@@ -288,9 +288,12 @@ class ElasticTrainer:
 
     # -- timing windows and step records ---------------------------------------------
     def _open_window(self) -> None:
+        """Start timing the next steps. The window counts for the baseline (is clean) only
+        past the warm-up of a new mesh and with no checkpoint write beside it."""
         activity = self.precompiler.activity if self.precompiler else 0
+        clean = self._since_switch >= _WARMUP_STEPS and not self.checkpointer.saving
         self._window = _Window(time.perf_counter(), str(self.shape), self.shape.num_devices,
-                               clean=self._since_switch >= _WARMUP_STEPS, activity=activity)
+                               clean=clean, activity=activity)
 
     def _close_window(self) -> None:
         """Block on the window's last step, time it, and record its steps with their
@@ -300,7 +303,8 @@ class ElasticTrainer:
             return
         losses = jax.device_get([loss for _, loss in window.losses])  # waits for the last
         seconds = (time.perf_counter() - window.start) / len(losses)
-        quiet = self.precompiler is None or self.precompiler.quiet_since(window.activity)
+        quiet = (self.precompiler is None or self.precompiler.quiet_since(window.activity)) \
+            and not self.checkpointer.saving  # no compile, no checkpoint write beside it
         if window.clean and quiet and len(losses) >= self.timing_window:
             self._recent.append(seconds)
         sps = self.trainer.global_batch / seconds if seconds > 0 else math.inf
@@ -401,7 +405,10 @@ class ElasticTrainer:
         enough = distributed.broadcast(len(self._recent) >= _BASELINE_WINDOWS)
         if not enough:
             return None
-        seconds = float(distributed.slowest(statistics.median(self._recent)))
+        mine = statistics.median(self._recent) if self._recent else math.nan
+        seconds = float(distributed.slowest(mine))
+        if not math.isfinite(seconds):  # a process without a clean window: none
+            return None
         return Baseline(self.trainer.global_batch / seconds, self.shape.num_devices, self.shape,
                         source="steps")
 

@@ -262,3 +262,99 @@ def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(
     state, losses = run(resumed, schedule, 10, first=5, state=state)
     np.testing.assert_allclose(losses, fixed_mesh_run(10)[0][5:], rtol=1e-5)
     assert resumed.shape.num_devices <= 6 and os.path.isdir(tmp_path / "run" / "state")
+
+
+def test_steps_never_wait_on_the_device_and_losses_are_fetched_per_window(tmp_path):
+    """No implicit device-to-host transfer inside `step` (float(loss), int(state.step)
+    would raise here); the losses arrive with their window and equal a fixed mesh's."""
+    schedule = Schedule({0: 4})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=100,
+                      timing_window=4, search_options={"measure": prefer_more_devices})
+    state = trainer.init(BATCHES[0])
+    losses = []
+    with jax.transfer_guard_device_to_host("disallow"):
+        for i in range(10):
+            state, metrics = trainer.step(state, BATCHES[i])
+            assert isinstance(metrics["loss"], jax.Array) and metrics["step"] == i + 1
+            losses.append(metrics["loss"])
+        assert [r.step for r in trainer._records] == list(range(1, 9))  # two windows closed
+    np.testing.assert_allclose(losses, fixed_mesh_run(10)[0], rtol=1e-5)
+    records = trainer.steps  # reading them records the open window too
+    assert [r.step for r in records] == list(range(1, 11))
+    np.testing.assert_allclose([r.loss for r in records], fixed_mesh_run(10)[0], rtol=1e-5)
+    assert all(r.seconds > 0 and r.samples_per_second > 0 for r in records)
+    trainer.close()
+
+
+def test_baseline_comes_from_clean_timing_windows_only(tmp_path):
+    schedule = Schedule({0: 4})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=100,
+                      timing_window=3, checkpoint_every=8,
+                      search_options={"measure": prefer_more_devices})
+    state = trainer.init(BATCHES[0])
+    for i in range(6):  # window 1 holds the warm-up steps: not counted; window 2 is
+        state, _ = trainer.step(state, BATCHES[i])
+    assert trainer.baseline() is None and len(trainer._recent) == 1
+    for i in range(6, 9):  # window 3 holds the periodic save at step 8: not counted
+        state, _ = trainer.step(state, BATCHES[i])
+    assert len(trainer._recent) == 1
+    trainer.checkpointer.wait()  # no write beside the next window
+    for i in range(9, 12):
+        state, _ = trainer.step(state, BATCHES[i])
+    baseline = trainer.baseline()
+    assert baseline.source == "steps" and baseline.shape == trainer.shape
+    assert baseline.samples_per_second == pytest.approx(
+        BATCH / np.median(list(trainer._recent)))
+    trainer.close()
+
+
+def test_periodic_checkpoints_overlap_training_and_close_waits_for_them(tmp_path, monkeypatch):
+    from meshscale.checkpoint import Checkpointer
+
+    waits = []
+    original = Checkpointer.wait
+    monkeypatch.setattr(Checkpointer, "wait", lambda self: waits.append(1) or original(self))
+    schedule = Schedule({0: 4, 8: 8})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=5,
+                      checkpoint_every=2, search_options={"measure": prefer_more_devices})
+    state = trainer.init(BATCHES[0])
+    waits.clear()
+    for i in range(9):  # saves at 2, 4, 6, 8 (and before the search at 10): no wait yet
+        state, _ = trainer.step(state, BATCHES[i])
+    assert waits == [] and [e["checkpoint_step"] for e in events(trainer, "checkpoint")] \
+        == [2, 4, 6, 8]
+    schedule.step = 9
+    state, _ = trainer.step(state, BATCHES[9])  # step 10: devices changed, search
+    assert waits, "the checkpoint before a search must be on disk before the search"
+    search_at = trainer.history.index(events(trainer, "search")[-1])
+    assert [e["event"] for e in trainer.history[:search_at]].count("checkpoint") == 5
+    waits.clear()
+    state, _ = trainer.step(state, BATCHES[10])
+    state, _ = trainer.step(state, BATCHES[11])  # periodic save at 12, in the background
+    assert waits == []
+    with trainer:  # close(): the last save is on disk
+        pass
+    assert waits
+    restored = Checkpointer(tmp_path / "run" / "state", trainer.trainer).restore(
+        trainer.shape, devices=trainer.devices)
+    assert int(restored.step) == 12
+    assert_trees_close(jax.device_get(restored.params), jax.device_get(state.params), 0.0)
+
+
+def test_history_is_bounded_and_totals_count_the_whole_run(tmp_path):
+    from meshscale.report import run_data, summary
+
+    schedule = Schedule({0: 4, 6: 8})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=5, timing_window=2,
+                      history_limit=4, checkpoint_every=3,
+                      search_options={"measure": prefer_more_devices})
+    run(trainer, schedule, 13)
+    assert len(trainer.history) == 4 and len(trainer.steps) == 4
+    assert [r.step for r in trainer.steps] == [10, 11, 12, 13]
+    totals = trainer.totals
+    assert totals.steps == 13 and totals.switches == 2 and totals.searches == 2
+    assert totals.checkpoints == 5  # 3, 6, 9, 12 and before the search at 10
+    assert sum(totals.steps_per_mesh.values()) == 13 and len(totals.steps_per_mesh) == 2
+    per_mesh = summary(run_data(trainer))["per_mesh"]
+    assert {m: v["steps"] for m, v in per_mesh.items()} == totals.steps_per_mesh
+    trainer.close()
