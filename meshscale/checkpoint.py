@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -65,6 +66,7 @@ STATE_ITEM = "state"
 META_ITEM = "meshscale"
 # Orbax writes this file into a step directory just before it commits the step.
 COMMIT_MARKER = "commit_success.txt"
+META_FILE = "metadata"  # the file `ocp.JsonCheckpointHandler` writes in its item directory
 
 Devices = Sequence[jax.Device] | None
 
@@ -308,8 +310,10 @@ class Checkpointer:
         return int(step)
 
     def _read_metadata(self, step: int) -> dict:
-        return dict(self._manager.restore(step, args=ocp.args.Composite(
-            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+        """This process's read of the JSON metadata of `step`, straight from its file:
+        `CheckpointManager.restore` synchronises the processes, and a local check must
+        not enter a collective before the processes agreed to."""
+        return dict(json.loads((self.directory / str(step) / META_ITEM / META_FILE).read_text()))
 
     def _restore_step(self, step: int, abstract: TrainState) -> tuple[TrainState | None,
                                                                        str | None]:
