@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCRIPTS = ["pipeline.py", "search.py", "reshard.py", "switch.py"]
+SCRIPTS = ["pipeline.py", "elastic_step.py", "search.py", "reshard.py", "switch.py"]
 
 
 def main() -> int:
