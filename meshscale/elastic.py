@@ -326,6 +326,12 @@ class ElasticTrainer:
         self._close_window()
 
     @property
+    def last_record(self) -> StepRecord | None:
+        """The newest step record already fetched (no wait: the steps of the open timing
+        window are not in it yet). For progress displays."""
+        return self._records[-1] if self._records else None
+
+    @property
     def history(self) -> list[Event]:
         """The newest `history_limit` events, oldest first."""
         return list(self._history)
