@@ -122,6 +122,8 @@ def add_search(subparsers) -> None:
                    help="JAX's persistent compilation cache goes to RUN_DIR/jax_cache")
     p.add_argument("--json", dest="json_path", default=None, help="also write the result here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state-sharding", choices=("replicate", "zero1", "fsdp"), default="fsdp",
+                   help="where parameters and optimizer state live besides their stage")
     p.set_defaults(run=run_search)
 
 
@@ -140,7 +142,8 @@ def run_search(args: argparse.Namespace) -> int:
         if args.p_min != "auto":
             require_devices(len(devices), args.p_min)  # before the slow part
         model, batch_fn = build_model(args.model, args.seed)
-        trainer = Trainer(model, optax.adam(1e-3), global_batch=args.batch)
+        trainer = Trainer(model, optax.adam(1e-3), global_batch=args.batch,
+                          state_sharding=args.state_sharding)
         batches = [batch_fn(args.batch, i) for i in range(args.warmup + args.steps)]
         budget = memory_budget(devices, args.device_memory)
         cache_dir = os.path.join(args.run_dir, "jax_cache") if args.run_dir else None

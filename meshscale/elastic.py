@@ -43,7 +43,7 @@ import jax
 import optax
 from flax import nnx
 
-from meshscale import distributed
+from meshscale import distributed, memory
 from meshscale import resources as resources_lib
 from meshscale.checkpoint import Checkpointer
 from meshscale.compile_cache import CompileCache, enable_persistent_cache
@@ -54,6 +54,7 @@ from meshscale.paths import run_path
 from meshscale.precompile import Precompiler, likely_next_counts, resolve_mode
 from meshscale.search import Baseline, Decision, search
 from meshscale.train import Trainer, TrainState
+from meshscale.tryrun import LiveState
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ class ElasticTrainer:
     """Train a reshardable model on whatever devices `resources` grants, on the best mesh.
 
     Args:
-      model, optimizer, global_batch: as for `meshscale.Trainer`.
+      model, optimizer, global_batch, example_batch, remat, state_sharding: as for
+        `meshscale.Trainer` (`model` may be a constructor).
       checkpoint_dir: Orbax checkpoints (and, by default, JAX's compilation cache) go here.
       p_min: the fewest pipeline stages the model fits in.
       resources: a `meshscale.resources` source, a device list or a count.
@@ -134,7 +136,8 @@ class ElasticTrainer:
                  threshold: float = 0.05, check_every: int = 50,
                  total_steps: int | None = None, switch_via: str = "checkpoint",
                  checkpoint_every: int | None = None, max_to_keep: int = 3,
-                 example_batch: Batch | None = None, remat: bool = False,
+                 example_batch: Batch | None = None, remat: str | bool = "stage",
+                 state_sharding: str = "fsdp",
                  compile_cache: CompileCache | None = None, persistent_cache: bool = True,
                  baseline_window: int = 20, on_event: Callable[[Event], None] | None = None,
                  search_options: dict | None = None,
@@ -148,7 +151,8 @@ class ElasticTrainer:
             if not isinstance(value, int) or value < 1:
                 raise InvalidMeshShape(f"{name} must be a positive int, got {value!r}")
         self.trainer = Trainer(model, optimizer, global_batch=global_batch,
-                               example_batch=example_batch, remat=remat, cache=compile_cache)
+                               example_batch=example_batch, remat=remat,
+                               state_sharding=state_sharding, cache=compile_cache)
         if not isinstance(p_min, int) or p_min < 1:
             raise InvalidMeshShape(f"p_min must be a positive int, got {p_min!r}")
         if p_min > self.trainer.num_layers:
@@ -220,7 +224,9 @@ class ElasticTrainer:
             self._step = 0
             self._emit("start", num_devices=len(devices))
         self.shape, self.devices = staging, devices[: staging.num_devices]
-        decision = self._search(state, [example_batch], devices, baseline=None, current=None)
+        step = self._step if latest is not None else None
+        state, decision = self._search(state, [example_batch], devices, baseline=None,
+                                       current=None, step=step)
         best = decision.best
         if best is None:
             raise InsufficientDevices(f"no mesh could run on {len(devices)} devices: "
@@ -384,9 +390,9 @@ class ElasticTrainer:
         current_ok = set(device_ids(self.devices)) <= set(device_ids(devices))
         baseline = self.baseline() if current_ok else None
         remaining = (self.total_steps - self._step) if self.total_steps else None
-        decision = self._search(state, [batch], devices, baseline=baseline,
-                                current=self.shape if current_ok else None,
-                                remaining_steps=remaining)
+        state, decision = self._search(state, [batch], devices, baseline=baseline,
+                                       current=self.shape if current_ok else None,
+                                       remaining_steps=remaining, step=self._step)
         forced = not current_ok
         if decision.best is not None and (decision.switch or forced) \
                 and (decision.best.shape, device_ids(devices[: decision.best.shape.num_devices])) \
@@ -435,18 +441,27 @@ class ElasticTrainer:
         self._emit("checkpoint", checkpoint_step=step, reason=reason,
                    seconds=time.perf_counter() - start)
 
-    def _search(self, state, batches, devices, *, baseline, current,
-                remaining_steps=None) -> Decision:
+    def _search(self, state, batches, devices, *, baseline, current, step: int | None,
+                remaining_steps=None) -> tuple[TrainState, Decision]:
+        """Search; the state comes back as it went in, unless a try-run needed its memory:
+        then it is read back (checkpoint `step`, or fresh when None) onto the mesh it was on."""
         start = time.perf_counter()
+        live = LiveState(state, restore=lambda shape, devs: (
+            self.trainer.init_state(shape, devs) if step is None
+            else self.checkpointer.restore(shape, step=step, devices=devs)))
         quiet = self.precompiler.paused() if self.precompiler else contextlib.nullcontext()
         with quiet:  # try-runs are timed on cores the compiler does not share
-            decision = search(self.trainer, state, batches, devices, p_min=self.p_min,
+            decision = search(self.trainer, live, batches, devices, p_min=self.p_min,
                               baseline=baseline, threshold=self.threshold, current=current,
                               remaining_steps=remaining_steps,
                               switch_cost=self._last_switch_cost, **self.search_options)
         self._emit("search", num_devices=len(devices), decision=decision,
                    seconds=time.perf_counter() - start)
-        return decision
+        if live.released:
+            state = live.restore(self.shape, self.devices)
+            self._emit("restore", reason="the live state was released for a try-run",
+                       checkpoint_step=step)
+        return state, decision
 
     def _switch(self, state: TrainState, shape: MeshShape, devices, *,
                 reason: str) -> TrainState:
@@ -464,10 +479,12 @@ class ElasticTrainer:
         else:  # through the checkpoint: exactly this step, never an older one behind it
             if not on_disk:  # across processes, the only way to move the state
                 self._save(state, reason="before switch")
+            if not self._fits_beside(state, shape, devices):
+                jax.tree.map(lambda x: x.delete(), state)  # on disk: make room first
             try:
                 state = self.checkpointer.restore(shape, step=step, devices=devices)
             except IncompatibleCheckpoint as e:
-                if not distributed.can_place():
+                if not distributed.can_place() or state_deleted(state):
                     raise
                 log.warning("switch: %s; moving the state in memory instead", e)
                 state = self.trainer.place(state, shape, devices)
@@ -484,6 +501,13 @@ class ElasticTrainer:
                    num_devices=shape.num_devices, reason=reason, seconds=cost)
         self._plan_precompile()
         return state
+
+    def _fits_beside(self, state: TrainState, shape: MeshShape, devices) -> bool:
+        """Whether `shape`'s state fits on its devices beside the live `state` (True when
+        no memory budget is known)."""
+        budget = memory.memory_budget(devices, self.search_options.get("memory_budget"))
+        live = LiveState(state).bytes_on(devices[: shape.num_devices])
+        return memory.fits(live + self.trainer.state_bytes_per_device(shape), budget)
 
     def _plan_precompile(self) -> None:
         """Queue the likely next meshes for background compiling (once per situation)."""
@@ -511,3 +535,7 @@ class ElasticTrainer:
 
         if distributed.is_main():
             print_history(self)
+
+
+def state_deleted(state: TrainState) -> bool:
+    return any(x.is_deleted() for x in jax.tree.leaves(state))

@@ -82,40 +82,70 @@ class LayerStack(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class FunctionalModel:
-    """A model split at the functional boundary: graph definition + parameter template."""
+    """A model split at the functional boundary: graph definitions + abstract templates.
+
+    Holds no arrays (the templates are `jax.ShapeDtypeStruct`s), so it costs nothing to
+    keep for a model of any size; parameters travel separately as plain dicts.
+    """
 
     graphdef: Any
     template: nnx.State
     num_layers: int
+    blocks_graphdef: Any
+    blocks_template: nnx.State
 
     @classmethod
     def of(cls, model: nnx.Module) -> tuple[FunctionalModel, Params]:
-        """Check the contract and split `model` into (functional model, params dict)."""
+        """Check the contract and split `model` (concrete or abstract) into
+        (functional model, params dict); the dict holds whatever the model holds."""
         check_contract(model)
         graphdef, state = nnx.split(model, nnx.Param)
-        return cls(graphdef, state, int(model.num_layers)), nnx.to_pure_dict(state)
+        blocks_graphdef, blocks_state = nnx.split(model.blocks, nnx.Param)
+        fmodel = cls(graphdef, _abstract(state), int(model.num_layers), blocks_graphdef,
+                     _abstract(blocks_state))
+        return fmodel, nnx.to_pure_dict(state)
 
     def merge(self, params: Params) -> Any:
         """The module with `params` (any leading layer count in ``params["blocks"]``)."""
-        state = jax.tree.map(lambda x: x, self.template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
+        return nnx.merge(self.graphdef, _filled(self.template, params))
+
+    def merge_layer(self, layer_params: Params) -> nnx.Module:
+        """One layer of the stack, from ``params["blocks"]`` sliced at one layer index."""
+        return nnx.merge(self.blocks_graphdef, _filled(self.blocks_template, layer_params))
 
     def loss(self, params: Params, batch: Batch) -> jax.Array:
         """The reference loss: plain forward, no mesh."""
         return self.merge(params).loss(batch)
+
+    def abstract_params(self) -> Params:
+        """The parameter dict's shapes and dtypes (`jax.ShapeDtypeStruct` leaves)."""
+        return nnx.to_pure_dict(self.template)
 
     def fingerprint(self) -> str:
         """A short hash of the parameter tree's names, shapes and dtypes.
 
         Two models with the same fingerprint can load each other's checkpoints.
         """
-        leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.template))[0]
+        leaves = jax.tree_util.tree_flatten_with_path(self.abstract_params())[0]
         text = ";".join(
-            f"{jax.tree_util.keystr(path)}:{tuple(jnp.shape(x))}:{jnp.result_type(x)}"
+            f"{jax.tree_util.keystr(path)}:{tuple(x.shape)}:{jnp.dtype(x.dtype)}"
             for path, x in leaves
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _abstract(state: nnx.State) -> nnx.State:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(_shape(x), jnp.result_type(x.dtype)), state)
+
+
+def _filled(template: nnx.State, params: Params) -> nnx.State:
+    state = jax.tree.map(lambda x: x, template)
+    nnx.replace_by_pure_dict(state, params)
+    return state
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(jnp.shape(x))
 
 
 def check_contract(model: Any) -> None:
@@ -139,7 +169,7 @@ def check_contract(model: Any) -> None:
         raise ContractError(
             f"{name} holds non-Param state {extra[:3]}: keep only nnx.Param in the model")
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(blocks, nnx.Param))[0]:
-        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != layers:
+        if len(_shape(leaf)) < 1 or _shape(leaf)[0] != layers:
             raise ContractError(
-                f"{name}.blocks leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}, "
+                f"{name}.blocks leaf {jax.tree_util.keystr(path)} has shape {_shape(leaf)}, "
                 f"expected a leading layer axis of {layers}: build blocks with stack_layers")

@@ -1,14 +1,23 @@
 """The pipelined loss over the ("pipe", "data") mesh: GPipe with `shard_map` + `ppermute`.
 
-Each replica (a column of the mesh along ``data``) gets ``B / data`` examples, cut into
-``microbatches``; stage ``s`` holds layers ``[s L/p, (s+1) L/p)``. At tick ``t`` of
-``M + p - 1`` ticks, stage 0 embeds microbatch ``t``, every stage runs its layers on what
-it holds and hands the result to the next stage (``ppermute``), and the last stage turns
-microbatch ``t - p + 1`` into its loss (Huang et al. 2019, "GPipe"; bubble share
-``(p - 1) / (M + p - 1)``). ``embed`` runs only on stage 0 and ``head_loss`` only on the
-last stage (``lax.cond`` on the stage index), so neither is computed redundantly;
-stages skip their layers on bubble ticks. The backward pass is JAX autodiff through
-the whole loop; the result equals the one-device reference loss.
+Three parts, so that activations shrink with the mesh:
+
+1. ``embed`` runs outside the pipeline, batch-split over every device (`rows_spec`);
+2. only the hidden state ``h`` crosses the pipeline: each replica (a column of the mesh
+   along ``data``) cuts its ``B / data`` rows into ``microbatches``; stage ``s`` holds
+   layers ``[s L/p, (s+1) L/p)``; at tick ``t`` of ``M + p - 1`` stage 0 takes
+   microbatch ``t``, every active stage runs its layers and hands the result to the next
+   stage (``ppermute``); bubble ticks skip the layers (Huang et al. 2019, "GPipe"; bubble
+   share ``(p - 1) / (M + p - 1)``). The last stage's outputs are scattered back over
+   the column's devices;
+3. ``head_loss`` runs outside the pipeline too, batch-split like ``embed``: the logits
+   (often the largest activation of an LM) exist once per row, on one device.
+
+This is MaxText's arrangement (embedding and head outside the stage loop). Layers are
+rematerialised per `Remat` policy. With ``"fsdp"`` state sharding a stage gathers its
+layers' parameters over ``data`` once per step (their gradients are reduce-scattered
+by the transpose). The backward pass is JAX autodiff through the loop; the result equals
+the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
 
 Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
 """
@@ -16,25 +25,39 @@ Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
-from jax.sharding import Mesh
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import sharding
+from meshscale.errors import InvalidMeshShape
 from meshscale.mesh import AXES, DATA, PIPE, MeshShape
 from meshscale.model import Batch, FunctionalModel, Params
 
+Remat = Literal["none", "layer", "stage"]
+REMATS: tuple[str, ...] = get_args(Remat)
 
-def param_specs(params: Params) -> Params:
-    """Block leaves split over ``pipe`` on their layer axis; everything else replicated."""
-    def specs(key, sub):
-        spec = P(PIPE) if key == "blocks" else P()
-        return jax.tree.map(lambda _: spec, sub)
 
-    return {key: specs(key, sub) for key, sub in params.items()}
+LAYER_INPUT = "meshscale_layer_input"
+_POLICIES = {
+    "stage": None,  # keep only what enters the stage
+    "layer": jax.checkpoint_policies.save_only_these_names(LAYER_INPUT),
+    "none": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def check_remat(remat: str | bool) -> Remat:
+    """`remat` as a policy name; ``True``/``False`` mean ``"stage"``/``"none"``."""
+    if remat is True or remat is False:
+        return "stage" if remat else "none"
+    if remat not in REMATS:
+        raise InvalidMeshShape(f"remat must be one of {', '.join(REMATS)}, got {remat!r}")
+    return remat  # type: ignore[return-value]
 
 
 def _varying(x: jax.Array) -> jax.Array:
@@ -46,62 +69,75 @@ def _varying(x: jax.Array) -> jax.Array:
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
+def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
+    """This stage's whole leaf from its ``data`` shards (FSDP); as is when not split."""
+    dim = sharding.data_dim(spec)
+    return x if dim is None else lax.all_gather(x, DATA, axis=dim, tiled=True)
+
+
 def pipeline_loss(
-    fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, remat: bool = False
+    fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
+    state_sharding: sharding.StateSharding = "replicate", remat: Remat = "stage",
 ) -> Callable[[Params, Batch], jax.Array]:
-    """``(params, batch) -> mean loss`` computed pipelined on `mesh`; differentiable."""
+    """``(params, batch) -> loss`` computed pipelined on `mesh`; differentiable."""
     p, m = shape.pipe, shape.microbatches
     ticks = m + p - 1
     forward = [(i, i + 1) for i in range(p - 1)]
+    rows = sharding.rows_spec(shape, global_batch)
+    rows_over_pipe = rows != P(DATA)
 
-    def local_loss(params: Params, batch: Batch) -> jax.Array:
+    def run_stage(blocks: Params, h: jax.Array) -> jax.Array:
+        def one_layer(h, layer_params):
+            h = checkpoint_name(h, LAYER_INPUT)
+            return fmodel.merge_layer(layer_params)(h), None
+
+        return lax.scan(one_layer, h, blocks)[0]
+
+    def stage_or_pass(blocks: Params, x: jax.Array, active: jax.Array) -> jax.Array:
+        return lax.cond(active, run_stage, lambda _, h: h, blocks, x)
+
+    # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
+    # parameters, which the scan hoists out; a cond differentiated as is keeps its
+    # branches' residuals per tick, the stage's parameters included (measured).
+    stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
+
+    def stages(blocks: Params, h0: jax.Array, specs: Params) -> jax.Array:
         # Everything the loop reads is made varying over both axes *before* the loop: the
         # transpose of that cast is a psum, which must run on every device, never inside a
         # branch of the stage conds below (a collective inside a cond deadlocks).
-        params, batch = jax.tree.map(_varying, (params, batch))
+        blocks = jax.tree.map(_gather_over_data, blocks, specs)
+        blocks, h0 = jax.tree.map(_varying, (blocks, h0))
         stage = lax.axis_index(PIPE)
-        model = fmodel.merge(params)  # model.blocks holds this stage's L/p layers
-        block_def, block_state = nnx.split(model.blocks)
-        micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+        micro = h0.reshape(m, h0.shape[0] // m, *h0.shape[1:])
 
-        def microbatch(i):
-            return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), micro)
-
-        def run_stage(h):
-            def one_layer(h, layer_state):
-                return nnx.merge(block_def, layer_state)(h), None
-
-            return lax.scan(one_layer, h, block_state)[0]
-
-        if remat:
-            run_stage = jax.checkpoint(run_stage)
-        h_spec = jax.eval_shape(model.embed, microbatch(0))
-        no_loss = _varying(jnp.zeros((), jnp.float32))
-
-        def tick(carry, t):
-            received, total = carry
-            first_in = (stage == 0) & (t < m)
-            x = lax.cond(first_in, lambda: model.embed(microbatch(jnp.minimum(t, m - 1))),
-                         lambda: received)
+        def tick(received, t):
+            fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, m - 1), keepdims=False)
+            x = jnp.where((stage == 0) & (t < m), fresh, received)
             active = (t >= stage) & (t < stage + m)
-            y = lax.cond(active, run_stage, lambda h: h, x)
-            out = t - (p - 1)
-            last_out = (stage == p - 1) & (out >= 0)
-            loss = lax.cond(
-                last_out,
-                lambda: model.head_loss(y, microbatch(jnp.maximum(out, 0))).astype(jnp.float32),
-                lambda: no_loss)
+            y = stage_or_pass(blocks, x, active)
             sent = lax.ppermute(y, PIPE, forward) if p > 1 else y
-            return (sent, total + loss), None
+            return sent, y
 
-        start = (_varying(jnp.zeros(h_spec.shape, h_spec.dtype)), no_loss)
-        (_, total), _ = lax.scan(tick, start, jnp.arange(ticks))
-        return lax.psum(total, AXES) / (m * shape.data)
+        _, outs = lax.scan(tick, jnp.zeros_like(micro[0]), jnp.arange(ticks))
+        out = outs[p - 1:].reshape(h0.shape)  # the last stage's outputs, microbatch order
+        out = jnp.where(stage == p - 1, out, jnp.zeros_like(out))
+        if rows_over_pipe:  # each stage keeps its share of the column's rows
+            return lax.psum_scatter(out, PIPE, scatter_dimension=0, tiled=True)
+        return lax.psum(out, PIPE)
 
     def loss_fn(params: Params, batch: Batch) -> jax.Array:
-        batch_specs = jax.tree.map(lambda _: P(DATA), batch)
-        sharded = jax.shard_map(local_loss, mesh=mesh, in_specs=(param_specs(params), batch_specs),
-                                out_specs=P())
-        return sharded(params, batch)
+        def constrain(tree):
+            return jax.tree.map(
+                lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
+
+        batch = constrain(batch)
+        model = fmodel.merge(params)
+        h0 = constrain(model.embed(batch))
+        specs = sharding.tree_specs(params, mesh_shape=shape, num_layers=fmodel.num_layers,
+                                    split_over_data=state_sharding == "fsdp")["blocks"]
+        body = jax.shard_map(lambda b, h: stages(b, h, specs), mesh=mesh,
+                             in_specs=(specs, P(DATA)), out_specs=rows)
+        h = body(params["blocks"], h0)
+        return model.head_loss(h, batch).astype(jnp.float32)
 
     return loss_fn

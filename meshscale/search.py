@@ -35,7 +35,7 @@ from meshscale.mesh import MeshShape
 from meshscale.model import Batch
 from meshscale.space import Candidate, MicrobatchChoice, candidates
 from meshscale.train import Trainer, TrainState
-from meshscale.tryrun import TryRunResult, failure_status, try_run
+from meshscale.tryrun import LiveState, TryRunResult, failure_status, try_run
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def decide(baseline: Baseline | None, results: Sequence[TryRunResult], *,
     return make(improvement, True, f"switch: {gain} (threshold {threshold:.1%})")
 
 
-def search(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
+def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Batch],
            devices: Sequence[jax.Device], *, p_min: int | str,
            baseline: Baseline | None = None, threshold: float = 0.05,
            current: MeshShape | None = None, max_pipe: int | None = None,
@@ -224,7 +224,9 @@ def search(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
     Args:
       trainer: the model, optimizer and global batch (and the shared compile cache: a
         repeated search over the same devices compiles nothing).
-      state: the live train state; never modified (each try-run trains a copy).
+      state: the live train state; never modified (each try-run trains a copy). Pass a
+        `LiveState` with a ``restore`` to let a candidate that fits only without the
+        live state release it (the caller restores it after the decision).
       batches: host batches for the try-runs, used cyclically.
       devices: the devices available now.
       p_min: fewest pipeline stages, or ``"auto"``: the smallest pipe width whose compiled

@@ -9,7 +9,7 @@ math does not depend on the mesh: only where it runs does.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,11 +20,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import sharding
 from meshscale.compile_cache import CompileCache
-from meshscale.errors import InsufficientDevices, InvalidMeshShape
-from meshscale.mesh import DATA, PIPE, MeshShape, device_ids, make_mesh
+from meshscale.errors import ContractError, InsufficientDevices, InvalidMeshShape
+from meshscale.mesh import MeshShape, device_ids, make_mesh
 from meshscale.model import Batch, FunctionalModel, Params
-from meshscale.pipeline import pipeline_loss
+from meshscale.pipeline import Remat, check_remat, pipeline_loss
 from meshscale.placement import move_tree
 
 Devices = Sequence[jax.Device] | None
@@ -40,33 +41,51 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def _is_block_leaf(path, leaf, num_layers: int) -> bool:
-    in_blocks = any(getattr(k, "key", None) == "blocks" for k in path)
-    return in_blocks and np.ndim(leaf) >= 1 and np.shape(leaf)[0] == num_layers
-
-
 class Trainer:
     """One model + optimizer + global batch, trainable on any valid mesh shape.
 
     Args:
-      model: a Flax NNX module following `meshscale.model`'s contract. Its parameters as
-        constructed are the starting point on every mesh.
+      model: a Flax NNX module following `meshscale.model`'s contract, or a constructor
+        (a callable taking no arguments and returning one). A concrete module's
+        parameters as constructed are the starting point on every mesh; a constructor is
+        run under `jax.jit` straight onto each mesh, so no device or host ever holds the
+        whole model (the values equal the eagerly constructed model's). An abstract
+        module (`nnx.eval_shape`) compiles and restores checkpoints but cannot start
+        from scratch.
       optimizer: an optax `GradientTransformation`.
       global_batch: examples per step, fixed across meshes.
       example_batch: one batch (or its `jax.ShapeDtypeStruct`s) fixing the batch structure;
         defaults to `model.example_batch(global_batch)`.
-      remat: rematerialise each stage's activations in the backward pass.
+      state_sharding: where parameters and optimizer state live besides their stage
+        (`meshscale.sharding`): ``"replicate"`` (copied over ``data``), ``"zero1"``
+        (optimizer state split over ``data``) or ``"fsdp"`` (parameters split over
+        ``data`` too, gathered per stage for compute). Embedding and head are split over
+        ``pipe`` in every mode.
+      remat: what each stage keeps for the backward pass (`meshscale.pipeline.Remat`):
+        ``"stage"`` (only each tick's stage input; layers recomputed), ``"layer"`` (each
+        layer's input) or ``"none"``.
       donate: let the compiled step reuse the input state's buffers (the state passed to a
         step must not be used again).
       cache: where compiled steps are kept (shared with try-runs).
     """
 
-    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
-                 global_batch: int, example_batch: Batch | None = None, remat: bool = False,
+    def __init__(self, model: nnx.Module | Callable[[], nnx.Module],
+                 optimizer: optax.GradientTransformation, *, global_batch: int,
+                 example_batch: Batch | None = None,
+                 state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "stage",
                  donate: bool = True, cache: CompileCache | None = None):
+        self._constructor = None
+        if not isinstance(model, nnx.Module):
+            if not callable(model):
+                raise ContractError(f"{type(model).__name__} is not a flax.nnx.Module nor a "
+                                    "constructor returning one: subclass meshscale.LayerStack")
+            self._constructor = model
+            model = nnx.eval_shape(model)
         self.fmodel, params = FunctionalModel.of(model)
         self.num_layers = self.fmodel.num_layers
-        self.initial_params = jax.device_get(params)
+        concrete = all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+        # The as-constructed parameters (device arrays, not a host copy), or None.
+        self.initial_params = params if concrete and self._constructor is None else None
         self.optimizer = optimizer
         if not isinstance(global_batch, int) or global_batch < 1:
             raise InvalidMeshShape(f"global_batch must be a positive int, got {global_batch!r}")
@@ -75,7 +94,7 @@ class Trainer:
             if not hasattr(model, "example_batch"):
                 raise InvalidMeshShape(
                     "pass example_batch= to Trainer (the model has no example_batch method)")
-            example_batch = model.example_batch(global_batch)
+            example_batch = jax.eval_shape(lambda: model.example_batch(global_batch))
         self.batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                        example_batch)
         for leaf in jax.tree.leaves(self.batch_spec):
@@ -83,7 +102,8 @@ class Trainer:
                 raise InvalidMeshShape(
                     f"every batch leaf needs leading axis global_batch={global_batch}, "
                     f"got shape {leaf.shape}")
-        self.remat = remat
+        self.state_sharding = sharding.check_state_sharding(state_sharding)
+        self.remat = check_remat(remat)
         self.donate = donate
         self.cache = cache if cache is not None else CompileCache()
         self.fingerprint = self.fmodel.fingerprint()
@@ -113,31 +133,64 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """Shapes and dtypes of the train state (no shardings, nothing allocated)."""
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                              self.initial_params)
+        params = self.fmodel.abstract_params()
         return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                           jax.eval_shape(self.optimizer.init, params))
 
-    def shardings(self, shape: MeshShape, devices: Devices = None) -> TrainState:
-        """The `NamedSharding` of every train-state leaf on `shape`'s mesh.
+    def specs(self, shape: MeshShape) -> TrainState:
+        """The `PartitionSpec` of every train-state leaf on `shape` (`meshscale.sharding`)."""
+        abstract = self.abstract_state()
+        params, opt_state = sharding.state_specs(
+            abstract.params, abstract.opt_state, mesh_shape=shape, num_layers=self.num_layers,
+            mode=self.state_sharding)
+        return TrainState(P(), params, opt_state)
 
-        Leaves under ``blocks`` (parameters and their optimizer moments) are split over
-        ``pipe`` along the layer axis; everything else is replicated.
-        """
+    def shardings(self, shape: MeshShape, devices: Devices = None) -> TrainState:
+        """The `NamedSharding` of every train-state leaf on `shape`'s mesh."""
         mesh = self.mesh(shape, devices)
-        return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: NamedSharding(
-                mesh, P(PIPE) if _is_block_leaf(path, leaf, self.num_layers) else P()),
-            self.abstract_state())
+        return jax.tree.map(lambda spec: NamedSharding(mesh, spec), self.specs(shape),
+                            is_leaf=lambda x: isinstance(x, P))
+
+    def state_bytes_per_device(self, shape: MeshShape) -> int:
+        """Bytes of the train state on the most loaded device of `shape`'s mesh."""
+        abstract, specs = self.abstract_state(), self.specs(shape)
+        sizes = {"pipe": shape.pipe, "data": shape.data}
+
+        def local(x, spec):
+            n = int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+            for entry in spec:
+                for name in (entry if isinstance(entry, tuple) else (entry,)):
+                    n //= sizes.get(name, 1)
+            return n
+
+        return sum(jax.tree.leaves(jax.tree.map(
+            local, abstract, specs, is_leaf=lambda x: isinstance(x, P))))
 
     def batch_sharding(self, shape: MeshShape, devices: Devices = None) -> Any:
-        mesh = self.mesh(shape, devices)
-        return jax.tree.map(lambda _: NamedSharding(mesh, P(DATA)), self.batch_spec)
+        rows = NamedSharding(self.mesh(shape, devices),
+                             sharding.rows_spec(shape, self.global_batch))
+        return jax.tree.map(lambda _: rows, self.batch_spec)
 
     def init_state(self, shape: MeshShape, devices: Devices = None) -> TrainState:
-        """A fresh state on `shape`'s mesh, from the model's parameters as constructed."""
+        """A fresh state on `shape`'s mesh, from the model's parameters as constructed.
+
+        From a constructor the parameters are created directly in their shards.
+        """
         shardings = self.shardings(shape, devices)
-        params = _from_host(self.initial_params, shardings.params)
+        if self._constructor is not None:
+            make = lambda: nnx.to_pure_dict(nnx.state(self._constructor(), nnx.Param))
+            params = jax.jit(make, out_shardings=shardings.params)()
+        elif self.initial_params is not None and jax.process_count() == 1:
+            # Copied, not placed: a donated step must never delete the model's own arrays.
+            params = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                             out_shardings=shardings.params)(self.initial_params)
+        elif self.initial_params is not None:
+            params = _from_host(self.initial_params, shardings.params)
+        else:
+            raise ContractError(
+                "this Trainer was built from an abstract model, which has no initial values: "
+                "pass the model's constructor (e.g. lambda: Model(cfg, rngs=nnx.Rngs(0))) "
+                "or restore a checkpoint")
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
         step = _from_host(np.zeros((), np.int32), shardings.step)
         return TrainState(step, params, opt_state)
@@ -171,15 +224,17 @@ class Trainer:
         Every row with one process; with several, a process that loads only its share
         passes ``batch[local_rows(...)]`` to `put_batch`. Empty when no device is local.
         """
-        sharding = jax.tree.leaves(self.batch_sharding(shape, devices))[0]
+        rows_sharding = jax.tree.leaves(self.batch_sharding(shape, devices))[0]
         rows = [i[0].indices(self.global_batch)[:2] for i in
-                sharding.addressable_devices_indices_map((self.global_batch,)).values()]
+                rows_sharding.addressable_devices_indices_map((self.global_batch,)).values()]
         return slice(min(r[0] for r in rows), max(r[1] for r in rows)) if rows else slice(0, 0)
 
     # -- computation ------------------------------------------------------------------
     def loss_fn(self, shape: MeshShape, devices: Devices = None):
         """The pipelined ``(params, batch) -> loss`` on `shape`'s mesh (differentiable)."""
-        return pipeline_loss(self.fmodel, shape, self.mesh(shape, devices), remat=self.remat)
+        return pipeline_loss(self.fmodel, shape, self.mesh(shape, devices),
+                             global_batch=self.global_batch, state_sharding=self.state_sharding,
+                             remat=self.remat)
 
     def _train_step(self, shape: MeshShape, devices: Devices):
         loss_fn = self.loss_fn(shape, devices)
@@ -198,7 +253,8 @@ class Trainer:
         # The graphdef (the forward) and the optimizer object itself, not its id(): equal
         # parameter shapes or a recycled id can never select another program.
         return ("train_step", shape, device_ids(devs[: shape.num_devices]), self.fingerprint,
-                self.fmodel.graphdef, self.optimizer, spec, self.remat, self.donate)
+                self.fmodel.graphdef, self.optimizer, spec, self.state_sharding, self.remat,
+                self.donate)
 
     def lower_step(self, shape: MeshShape, devices: Devices = None) -> jax.stages.Lowered:
         state_sh = self.shardings(shape, devices)

@@ -15,7 +15,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,47 @@ class TryRunResult:
                    num_devices=candidate.shape.num_devices, **measured)
 
 
-def copy_state(trainer: Trainer, state: TrainState, shape: MeshShape,
+class LiveState:
+    """The live train state as a try-run sees it: copied from, and released if need be.
+
+    A try-run normally trains a copy beside the live state, so both must fit on the
+    devices they share. When a candidate fits alone but not beside the live state, and the
+    owner said how to get the state back (`restore`, e.g. from the checkpoint written
+    before the search), the live state is released: its buffers are deleted and later
+    try-runs time a fresh state of the same shapes. The owner then calls `restore` for
+    the mesh it decides on. Without `restore` such a candidate is skipped.
+    """
+
+    def __init__(self, state: TrainState, *,
+                 restore: Callable[[MeshShape, Sequence[jax.Device]], TrainState] | None = None):
+        self.state: TrainState | None = state
+        self.restore = restore
+
+    @property
+    def released(self) -> bool:
+        return self.state is None
+
+    def bytes_on(self, devices: Sequence[jax.Device]) -> int:
+        """The most bytes the live state holds on any one of `devices` (0 once released)."""
+        if self.state is None:
+            return 0
+        ids = {d.id for d in devices}
+        per_device: dict[int, int] = {}
+        for leaf in jax.tree.leaves(self.state):
+            for shard in leaf.addressable_shards:
+                if shard.device.id in ids:
+                    per_device[shard.device.id] = per_device.get(shard.device.id, 0) + \
+                        shard.data.nbytes
+        return max(per_device.values(), default=0)
+
+    def release(self) -> None:
+        log.warning("releasing the live state to make room for a try-run; it is restored "
+                    "after the decision")
+        jax.tree.map(lambda x: x.delete(), self.state)
+        self.state = None
+
+
+def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
                devices: Sequence[jax.Device]) -> TrainState:
     """A copy of `state` on `shape`'s mesh that shares no buffer with `state`.
 
@@ -88,8 +128,9 @@ def copy_state(trainer: Trainer, state: TrainState, shape: MeshShape,
     With several processes the state is not moved in memory (`distributed.can_place`):
     the try-run trains a fresh state of the same shapes and shardings
     (`Trainer.init_state`); a step's time does not depend on the values it computes with.
+    So does a released live state (`LiveState`).
     """
-    if not distributed.can_place():
+    if state is None or not distributed.can_place():
         return trainer.init_state(shape, devices)
     shardings = trainer.shardings(shape, devices)
     return jax.tree.map(lambda x, s: jnp.copy(jax.device_put(x, s)), state, shardings)
@@ -113,7 +154,7 @@ def _compile(trainer: Trainer, shape: MeshShape, devices) -> tuple[jax.stages.Co
     return compiled, "background" if trainer.cache.origin(key) == "background" else "hit"
 
 
-def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
+def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Batch],
             candidate: Candidate, devices: Sequence[jax.Device], *, warmup: int = 2,
             steps: int = 5, memory_budget: int | None = None) -> TryRunResult:
     """Compile, memory-check and time `candidate` on a copy of the live `state`.
@@ -121,7 +162,8 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
     Args:
       trainer: the `Trainer` (its compile cache is shared, so a repeated try-run of the
         same shape on the same devices does not compile again).
-      state: the live train state, on any mesh; never modified or donated.
+      state: the live train state, on any mesh; never modified or donated. A `LiveState`
+        may be released to make room (see there).
       batches: host (or device) global batches, used cyclically; each timed step puts its
         batch on the mesh, as a training step does, so try-runs compare with a baseline
         measured from ordinary steps.
@@ -129,8 +171,10 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
       devices: the devices available; the mesh uses the first ``pipe * data``.
       warmup: untimed steps after compiling (first-run allocation, autotuning).
       steps: timed steps (each waited for); their median is the step time.
-      memory_budget: bytes per device; a candidate needing more is skipped unrun.
+      memory_budget: bytes per device; a candidate needing more, counting the live
+        state on the same devices, is skipped unrun (or the live state released).
     """
+    live = state if isinstance(state, LiveState) else LiveState(state)
     shape = candidate.shape
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -157,14 +201,21 @@ def try_run(trainer: Trainer, state: TrainState, batches: Sequence[Batch],
     failure = distributed.failed_anywhere(failure)  # never step while a peer does not
     if failure:
         return TryRunResult.not_run(candidate, failure, **measured)
-    over = None if fits(measured["bytes_per_device"], memory_budget) else \
-        over_budget_reason(measured["bytes_per_device"], memory_budget)
+    need = measured["bytes_per_device"]
+    over = None if fits(need, memory_budget) else over_budget_reason(need, memory_budget)
     if over := distributed.failed_anywhere(over):  # over on any process: skipped on all
         return TryRunResult.not_run(candidate, over, **measured)
+    beside = live.bytes_on(devices[: shape.num_devices])
+    crowded = None if fits(need + beside, memory_budget) else \
+        over_budget_reason(need + beside, memory_budget) + " with the live state beside it"
+    if crowded := distributed.failed_anywhere(crowded):  # released everywhere, or nowhere
+        if live.restore is None:
+            return TryRunResult.not_run(candidate, crowded, **measured)
+        live.release()
     total = warmup + steps
     times = []
     try:
-        run_state = copy_state(trainer, state, shape, devices)
+        run_state = copy_state(trainer, live.state, shape, devices)
         batch_sh = trainer.batch_sharding(shape, devices)  # kept, as ElasticTrainer.step does
     except Exception as e:
         failure = failure_status(e)

@@ -25,6 +25,8 @@ from meshscale import (
     resources,
 )
 from meshscale.elastic import ElasticTrainer
+from meshscale.memory import bytes_per_device
+from meshscale.space import candidates
 from meshscale.tryrun import TryRunResult
 from models.mlp import MLPConfig, ResidualMLP
 from tests.helpers import DEEP_TOL, assert_trees_close, make_model
@@ -128,6 +130,23 @@ def test_switching_at_every_change_keeps_every_loss_when_devices_are_not_a_multi
     six = next(e for e in searches if e["num_devices"] == 6)
     assert all(r.shape.data <= 1 for r in six["decision"].results)  # data axis never grew
     assert len(events(trainer, "switch")) >= 4  # start + a switch at most changes
+
+
+def test_try_runs_that_fit_only_without_the_live_state_release_and_restore_it(tmp_path):
+    """A budget every candidate fits alone but none beside the live state: the live state
+    is released after the pre-search checkpoint and read back; no loss changes."""
+    schedule = Schedule({0: 2, 4: 4})
+    trainer = elastic(tmp_path, resources.Callback(schedule),
+                      search_options={"warmup": 0, "steps": 1})
+    found = [c.shape for n in (2, 4) for c in candidates(n, p_min=2, num_layers=8,
+                                                          global_batch=BATCH)]
+    needs = [bytes_per_device(trainer.trainer.compile_step(s)) for s in found]
+    trainer.search_options["memory_budget"] = max(needs) + 1
+    state, losses = run(trainer, schedule, 10)
+    expected, params = fixed_mesh_run(10)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
+    assert len(events(trainer, "restore")) == 2  # at start-up and at the change
 
 
 def test_a_try_run_that_raises_does_not_disturb_training(tmp_path):

@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from meshscale import MeshShape, Trainer
+from meshscale import InvalidMeshShape, MeshShape, Trainer
 from meshscale.model import FunctionalModel
+from meshscale.sharding import STATE_SHARDINGS
 from tests.helpers import (
     DEEP_TOL,
     GLOBAL_BATCH,
@@ -26,19 +27,24 @@ TOL = {"mlp": SIMPLE_TOL, "gpt": DEEP_TOL}
 # the MLP and on 2x4 for the GPT (the same pipeline code, a compile about three times
 # slower on CPU). The three-step test below covers every shape again, end to end.
 SWEEP = {"mlp": [(1, 1), (2, 4), (8, 1)], "gpt": [(2, 4)]}
+# State sharding changes the pipeline only through "fsdp" (stages gather their layers
+# over data); "replicate" and "zero1" share one loss, so "replicate" stands for both there
+# and the three-step tests (where the optimizer state's placement matters) run all three.
 CASES = [
-    (name, MeshShape(p, d, m))
+    (name, MeshShape(p, d, m), mode)
     for name in MODELS
     for p, d in SHAPES
     for m in (1, 2, 4)
+    for mode in ("fsdp", "replicate")
     if GLOBAL_BATCH % (d * m) == 0 and (m == 2 or (p, d) in SWEEP[name])
+    and (mode == "fsdp" or (name == "mlp" and m == 2))
 ]
 
 
 @functools.cache
-def setup(name):
+def setup(name, mode="fsdp"):
     model = make_model(name)
-    trainer = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH)
+    trainer = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH, state_sharding=mode)
     fmodel, params = FunctionalModel.of(model)
     batch = jax.device_get(model.example_batch(GLOBAL_BATCH, seed=1))
     return trainer, fmodel, params, batch
@@ -65,22 +71,25 @@ def reference(name, steps=3):
     return float(loss), jax.device_get(grads), jax.device_get(trained), losses
 
 
-@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{s}" for n, s in CASES])
-def test_loss_and_gradients_match_one_device_reference(name, shape):
-    trainer, _, params, batch = setup(name)
+@pytest.mark.parametrize("name,shape,mode", CASES, ids=[f"{n}-{s}-{m}" for n, s, m in CASES])
+def test_loss_and_gradients_match_one_device_reference(name, shape, mode):
+    trainer, _, params, batch = setup(name, mode)
     ref_loss, ref_grads, _, _ = reference(name)
     loss, grads = jax.jit(jax.value_and_grad(trainer.loss_fn(shape)))(params, batch)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=TOL[name])
     assert_trees_close(jax.device_get(grads), ref_grads, TOL[name], f"{name} {shape} grad")
 
 
-STEP_CASES = [(name, MeshShape(p, d, 2)) for name in MODELS for p, d in SHAPES
-              if name == "mlp" or (p, d) in [(1, 8), (8, 1)]]
+STEP_CASES = [(name, MeshShape(p, d, 2), mode) for name in MODELS for p, d in SHAPES
+              for mode in STATE_SHARDINGS
+              if (name == "mlp" and (mode == "fsdp" or d > 1))
+              or ((p, d), mode) in [((1, 8), "fsdp"), ((8, 1), "fsdp"), ((2, 4), "zero1")]]
 
 
-@pytest.mark.parametrize("name,shape", STEP_CASES, ids=[f"{n}-{s}" for n, s in STEP_CASES])
-def test_three_compiled_steps_match_three_reference_steps(name, shape):
-    trainer, _, _, batch = setup(name)
+@pytest.mark.parametrize("name,shape,mode", STEP_CASES,
+                         ids=[f"{n}-{s}-{m}" for n, s, m in STEP_CASES])
+def test_three_compiled_steps_match_three_reference_steps(name, shape, mode):
+    trainer, _, _, batch = setup(name, mode)
     _, _, ref_params, ref_losses = reference(name)
     state = trainer.init_state(shape)
     step = trainer.compile_step(shape)
@@ -93,23 +102,21 @@ def test_three_compiled_steps_match_three_reference_steps(name, shape):
     assert_trees_close(jax.device_get(state.params), ref_params, TOL[name], f"{name} {shape}")
 
 
-def test_stage_blocks_are_split_over_pipe_and_the_rest_replicated():
-    trainer, *_ = setup("mlp")
-    state = trainer.init_state(MeshShape(4, 2))
-    kernel = state.params["blocks"]["up"]["kernel"]
-    assert kernel.sharding.spec[0] == "pipe"
-    assert {s.data.shape[0] for s in kernel.addressable_shards} == {trainer.num_layers // 4}
-    assert state.params["inp"]["kernel"].sharding.is_fully_replicated
-    adam_mu = state.opt_state[0].mu["blocks"]["up"]["kernel"]
-    assert adam_mu.sharding.spec[0] == "pipe"
-
-
-def test_remat_gives_the_same_gradients():
-    model = make_model("mlp")
-    plain = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH)
-    remat = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH, remat=True)
-    _, _, params, batch = setup("mlp")
+@pytest.mark.parametrize("remat", ["none", "layer"])
+def test_every_remat_policy_gives_the_same_gradients(remat):
+    _, _, params, batch = setup("gpt")
     shape = MeshShape(2, 2, 2)
-    expected = jax.jit(jax.value_and_grad(plain.loss_fn(shape)))(params, batch)
-    actual = jax.jit(jax.value_and_grad(remat.loss_fn(shape)))(params, batch)
-    assert_trees_close(jax.device_get(actual), jax.device_get(expected), SIMPLE_TOL, "remat")
+    default = Trainer(make_model("gpt"), make_optimizer(), global_batch=GLOBAL_BATCH)
+    other = Trainer(make_model("gpt"), make_optimizer(), global_batch=GLOBAL_BATCH, remat=remat)
+    assert default.remat == "stage"
+    expected = jax.jit(jax.value_and_grad(default.loss_fn(shape)))(params, batch)
+    actual = jax.jit(jax.value_and_grad(other.loss_fn(shape)))(params, batch)
+    assert_trees_close(jax.device_get(actual), jax.device_get(expected), TOL["gpt"], remat)
+
+
+def test_bad_remat_and_state_sharding_are_refused():
+    with pytest.raises(InvalidMeshShape, match="remat must be one of none, layer, stage"):
+        Trainer(make_model("mlp"), make_optimizer(), global_batch=GLOBAL_BATCH, remat="all")
+    with pytest.raises(InvalidMeshShape, match="state_sharding must be one of replicate"):
+        Trainer(make_model("mlp"), make_optimizer(), global_batch=GLOBAL_BATCH,
+                state_sharding="zero3")

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from meshscale import Candidate, InsufficientDevices, MeshShape, Trainer, search, try_run
-from meshscale.memory import auto_p_min
+from meshscale.memory import auto_p_min, bytes_per_device
+from meshscale.tryrun import LiveState
 from models.gpt import GPT, GPTConfig
 from models.mlp import MLPConfig, ResidualMLP
 
@@ -145,3 +146,26 @@ def test_gpt_search_runs_every_candidate_and_second_search_compiles_nothing(devi
     assert all(r.status.startswith("skipped: would need") for r in tight.results)
     assert tight.best is None and not tight.switch and trainer.cache.compiles == compiles
     assert_unchanged(state, before)
+
+
+def test_candidate_fitting_only_without_the_live_state_releases_it(mlp, devices):
+    trainer, batches, _ = mlp
+    state = trainer.init_state(LIVE, devices[:4])  # its own: this test releases it
+    need = trainer.compile_step(LIVE, devices[:4])
+    live_bytes = LiveState(state).bytes_on(devices[:4])
+    assert live_bytes == trainer.state_bytes_per_device(LIVE)
+    budget = bytes_per_device(need) + live_bytes // 2  # fits alone, not beside
+    before = snapshot(state)
+    kept = try_run(trainer, state, batches, Candidate(LIVE, "current"), devices[:4],
+                   warmup=0, steps=1, memory_budget=budget)
+    assert kept.status.endswith("with the live state beside it"), kept.status
+    assert_unchanged(state, before)
+    restored = []
+    live = LiveState(state, restore=lambda shape, devs: restored.append(shape))
+    result = try_run(trainer, live, batches, Candidate(LIVE, "current"), devices[:4],
+                     warmup=0, steps=1, memory_budget=budget)
+    assert result.ok, result.status
+    assert live.released and all(x.is_deleted() for x in jax.tree.leaves(state))
+    elsewhere = try_run(trainer, live, batches, Candidate(MeshShape(2, 2, 2), "current"),
+                        devices[4:], warmup=0, steps=1, memory_budget=budget)
+    assert elsewhere.ok and restored == []  # the owner restores, after its decision

@@ -1,0 +1,192 @@
+"""Per-device memory on every mesh, read from XLA (`compiled.memory_analysis()`).
+
+1. GPT tiny with a 16k vocabulary on 8 simulated devices: arguments + temporaries per
+   device for every 8-device mesh and state-sharding mode, over (the one-device plain
+   `jax.jit` program's bytes / 8), next to the analytic state bytes per device. Targets:
+   best mesh <= 1.5, the 8x1 pipeline <= 2.0, fully sharded state <= 1.1x its even share.
+2. Llama-3-8B shapes on 8 devices and 70B shapes on 64 devices, built abstractly from a
+   constructor and compiled only (nothing allocated): GB per device for each mode, the
+   `p_min` for an 80 GB device (smallest pipe width whose `p x (n/p)` step fits), and
+   this process's peak host RSS (target for 70B: < 4 GB).
+
+Each device count runs in its own process (XLA fixes it at import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from benchmarks.common import table
+
+MODES = ("replicate", "zero1", "fsdp")
+GB, MiB = 1e9, 2**20
+
+
+def _need(compiled) -> int:
+    stats = compiled.memory_analysis()
+    return stats.argument_size_in_bytes + stats.temp_size_in_bytes
+
+
+def gpt_table() -> str:
+    import jax
+    import optax
+    from flax import nnx
+
+    from meshscale import MeshShape, Trainer
+    from meshscale.model import FunctionalModel
+    from meshscale.space import default_microbatches
+    from models.gpt import GPT, GPTConfig
+
+    cfg = dataclasses.replace(GPTConfig.preset("tiny"), vocab=16384)
+    batch = 32
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    optimizer = optax.adam(1e-3)
+    fmodel, params = FunctionalModel.of(model)
+    example = model.example_batch(batch)
+
+    def plain_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(fmodel.loss)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    one = _need(jax.jit(plain_step, donate_argnums=(0, 1)).lower(
+        params, optimizer.init(params), example).compile())
+    share = one / 8
+    rows, best = [], {}
+    for mode in MODES:
+        trainer = Trainer(model, optimizer, global_batch=batch, state_sharding=mode)
+        total_state = trainer.state_bytes_per_device(MeshShape(1, 1))
+        for pipe in (1, 2, 4, 8):
+            shape = MeshShape(pipe, 8 // pipe, default_microbatches(pipe, batch))
+            need = _need(trainer.compile_step(shape))
+            state = trainer.state_bytes_per_device(shape)
+            best[mode] = min(best.get(mode, need), need)
+            rows.append([mode, str(shape), round(need / MiB, 1), round(need / share, 2),
+                         round(state / MiB, 2), round(state / (total_state / 8), 2)])
+    out = [f"GPT tiny, vocab 16384, global batch 32, Adam, float32; one device (plain "
+           f"`jax.jit`): {one / MiB:.1f} MiB, so one-device / 8 = {share / MiB:.1f} MiB.", "",
+           table(["state sharding", "mesh", "MiB / device (args + temp)",
+                  "/ (one device / 8)", "state MiB / device", "state / even share"], rows)]
+    out += ["", "Best 8-device mesh per mode, over one device / 8: " + ", ".join(
+        f"{m} {best[m] / share:.2f}" for m in MODES)]
+    out += ["", step_times(model, optimizer, batch, example)]
+    return "\n".join(out)
+
+
+def step_times(model, optimizer, batch, example, rounds: int = 9) -> str:
+    """Step time per mode on 2x4, timed interleaved (3 steps a mode, alternating rounds)."""
+    import statistics
+
+    import jax
+
+    from meshscale import MeshShape, Trainer
+
+    shape = MeshShape(2, 4, 4)
+    runs = {}
+    for mode in MODES:
+        trainer = Trainer(model, optimizer, global_batch=batch, state_sharding=mode)
+        step = trainer.compile_step(shape)
+        runs[mode] = [trainer, step, trainer.init_state(shape), trainer.put_batch(example, shape)]
+    times = {mode: [] for mode in MODES}
+    for r in range(rounds + 1):
+        for mode, run in runs.items():
+            trainer, step, state, placed = run
+            start = time.perf_counter()
+            for _ in range(3):
+                state, metrics = step(state, placed)
+            jax.block_until_ready(metrics)
+            run[2] = state
+            if r:  # round 0 warms up
+                times[mode].append((time.perf_counter() - start) / 3)
+    base = statistics.median(times["replicate"])
+    rows = [[mode, round(statistics.median(t) * 1e3, 1), round(statistics.median(t) / base, 2),
+             round(min(t) / base, 2), round(max(t) / base, 2)] for mode, t in times.items()]
+    return "\n".join([f"Step time on {shape}, {rounds} interleaved rounds of 3 steps:", "",
+                      table(["state sharding", "median ms", "/ replicate", "min", "max"],
+                            rows)])
+
+
+def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
+                seq_len: int) -> str:
+    import jax
+    import optax
+    from flax import nnx
+
+    from meshscale import MeshShape, Trainer
+    from models.llama import Llama, LlamaConfig
+
+    cfg = dataclasses.replace(LlamaConfig.preset(preset), seq_len=seq_len)
+    example = {"tokens": jax.ShapeDtypeStruct((batch, seq_len + 1), "int32")}
+    rows, pmin = [], {}
+    for mode in MODES:
+        trainer = Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-4),
+                          global_batch=batch, example_batch=example, state_sharding=mode)
+        for text in meshes:
+            shape = MeshShape.parse(text)
+            start = time.perf_counter()
+            need = _need(trainer.compile_step(shape))
+            rows.append([mode, text, round(need / GB, 1),
+                         round(trainer.state_bytes_per_device(shape) / GB, 1),
+                         round(time.perf_counter() - start, 1)])
+            if need <= 80 * GB and mode not in pmin:
+                pmin[mode] = shape.pipe
+    params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state().params))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    head = (f"Llama-3-{preset.upper()} shapes ({params / 1e9:.1f} B parameters), float32 "
+            f"weights + Adam, global batch {batch} x {seq_len} tokens, {devices} simulated "
+            f"devices, compiled from a constructor (nothing allocated).")
+    return "\n".join([head, "", table(
+        ["state sharding", "mesh", "GB / device (args + temp)", "state GB / device",
+         "compile s"], rows), "",
+        "p_min for an 80 GB device (smallest pipe width of the meshes above that fits): " +
+        ", ".join(f"{m} {pmin.get(m, 'none')}" for m in MODES),
+        f"Peak host RSS of this process: {rss:.2f} GiB."])
+
+
+def _child(part: str) -> None:
+    from benchmarks.common import simulate_devices
+
+    spec = json.loads(part)
+    simulate_devices(spec["devices"])
+    if spec["what"] == "gpt":
+        print(gpt_table())
+    else:
+        print(llama_table(spec["preset"], spec["devices"], spec["meshes"], spec["batch"],
+                          spec["seq_len"]))
+
+
+PARTS = [
+    {"what": "gpt", "devices": 8},
+    {"what": "llama", "preset": "8b", "devices": 8, "batch": 16, "seq_len": 2048,
+     "meshes": ["1x8/m2", "2x4/m4", "4x2/m8", "8x1/m16"]},
+    {"what": "llama", "preset": "70b", "devices": 64, "batch": 64, "seq_len": 2048,
+     "meshes": ["8x8/m8", "16x4/m16", "20x2/m32", "40x1/m64"]},
+]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.part:
+        _child(args.part)
+        return
+    for part in PARTS:
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--part",
+                               json.dumps(part)], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(proc.returncode)
+        print(proc.stdout.strip(), "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
