@@ -139,9 +139,13 @@ class Precompiler:
         with self._gate:
             yield
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 600.0) -> None:
+        """Stop: drop the queued compiles and wait (up to `timeout` s) for the one running,
+        so no compile outlives the trainer that asked for it."""
         self._stop = True
         self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -150,6 +154,8 @@ class Precompiler:
             pass
         while not self._stop:
             job = self._queue.get()
+            if self._stop:
+                break
             if job is None:
                 if self._queue.empty():
                     self._idle.set()
