@@ -36,9 +36,9 @@ SEARCH = {"max_pipe": 2, "microbatches": [2], "warmup": 1, "steps": 1}
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)  # as the other benchmarks
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
 
     cfg = GPTConfig.preset("tiny")

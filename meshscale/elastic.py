@@ -182,6 +182,7 @@ class ElasticTrainer:
         self._last_sps = math.nan  # samples/s of the last closed timing window
         self._step = 0  # the step counter on the host: reading state.step would sync
         self._stepped = False  # events before the first step carry no step number
+        self._closed = False
         self._batch_sharding = None
         self._step_fn = None
         self._recent = collections.deque(maxlen=baseline_window)  # clean windows' step s
@@ -360,7 +361,10 @@ class ElasticTrainer:
     def close(self) -> None:
         """Finish: record the steps in flight, wait for the checkpoint writes, stop the
         precompiler. Call before the process exits (or use the trainer as a context
-        manager), or the newest checkpoint may be lost."""
+        manager), or the newest checkpoint may be lost. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.wait()
         self.checkpointer.close()
         if self.precompiler is not None:

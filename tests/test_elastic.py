@@ -37,11 +37,23 @@ CACHE = CompileCache(maxsize=64)
 BATCHES = [make_model("mlp").example_batch(BATCH, seed=i) for i in range(30)]
 
 
+OPEN: list[ElasticTrainer] = []  # closed after each test: no write outlives its test
+
+
+@pytest.fixture(autouse=True)
+def close_trainers():
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 def elastic(tmp_path, source, *, p_min=2, model=None, **options):
     options.setdefault("check_every", 5)
-    return ElasticTrainer(model or make_model("mlp"), OPTIMIZER, global_batch=BATCH,
-                          checkpoint_dir=tmp_path / "run", p_min=p_min, resources=source,
-                          compile_cache=CACHE, persistent_cache=False, **options)
+    trainer = ElasticTrainer(model or make_model("mlp"), OPTIMIZER, global_batch=BATCH,
+                             checkpoint_dir=tmp_path / "run", p_min=p_min, resources=source,
+                             compile_cache=CACHE, persistent_cache=False, **options)
+    OPEN.append(trainer)
+    return trainer
 
 
 class Schedule:
