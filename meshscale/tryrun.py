@@ -25,6 +25,7 @@ from meshscale.errors import MeshscaleError
 from meshscale.memory import bytes_per_device, fits, over_budget_reason
 from meshscale.mesh import MeshShape
 from meshscale.model import Batch
+from meshscale.placement import move
 from meshscale.space import Candidate
 from meshscale.train import Trainer, TrainState
 
@@ -133,7 +134,10 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
     if state is None or not distributed.can_place():
         return trainer.init_state(shape, devices)
     shardings = trainer.shardings(shape, devices)
-    return jax.tree.map(lambda x, s: jnp.copy(jax.device_put(x, s)), state, shardings)
+    # `placement.move` (per-device copies), not `jax.device_put`: between meshes of other
+    # device orders device_put reshards with collectives, and several of those in flight
+    # at once deadlocked XLA's CPU rendezvous (seen under load: all-to-all on 2 devices).
+    return jax.tree.map(lambda x, s: jnp.copy(move(x, s)), state, shardings)
 
 
 def failure_status(error: BaseException) -> str:
@@ -215,7 +219,9 @@ def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[B
     total = warmup + steps
     times = []
     try:
-        run_state = copy_state(trainer, live.state, shape, devices)
+        # Ready before the first step: on CPU a step's collectives in flight beside the
+        # copy's resharding collectives can deadlock XLA's rendezvous (seen under load).
+        run_state = jax.block_until_ready(copy_state(trainer, live.state, shape, devices))
         batch_sh = trainer.batch_sharding(shape, devices)  # kept, as ElasticTrainer.step does
     except Exception as e:
         failure = failure_status(e)
