@@ -17,7 +17,7 @@ demo: venv
 	$(VENV)/bin/meshscale demo
 
 lint: venv
-	$(VENV)/bin/ruff check meshscale models tests benchmarks
+	$(VENV)/bin/ruff check meshscale models tests benchmarks examples
 
 test: venv lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15

@@ -167,7 +167,7 @@ PARTS = [
     {"what": "llama", "preset": "8b", "devices": 8, "batch": 16, "seq_len": 2048,
      "meshes": ["1x8/m2", "2x4/m4", "4x2/m8", "8x1/m16"]},
     {"what": "llama", "preset": "70b", "devices": 64, "batch": 64, "seq_len": 2048,
-     "meshes": ["8x8/m8", "16x4/m16", "20x2/m32", "40x1/m64"]},
+     "meshes": ["2x32/m2", "4x16/m4", "8x8/m8", "16x4/m16"]},
 ]
 
 

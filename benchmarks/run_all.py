@@ -10,14 +10,22 @@ import datetime
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCRIPTS = ["pipeline.py", "elastic_step.py", "search.py", "reshard.py", "switch.py"]
+SCRIPTS = ["pipeline.py", "memory.py", "elastic_step.py", "search.py", "reshard.py", "switch.py"]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run every script, or only those named (``run_all memory.py``): then only their
+    sections of RESULTS.md are replaced, each dated, and the others kept as they were."""
+    only = list(sys.argv[1:] if argv is None else argv)
+    unknown = [name for name in only if name not in SCRIPTS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}: choose from {SCRIPTS}", file=sys.stderr)
+        return 2
     root = HERE.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
     versions = subprocess.run(
@@ -34,8 +42,9 @@ def main() -> int:
         "run are the figures to read, not absolute speed. Regenerate with `make bench`; "
         "what each figure means: README.md, \"Performance figures\".",
     ]
+    sections = _sections((HERE / "RESULTS.md").read_text()) if only else {}
     failed = 0
-    for name in SCRIPTS:
+    for name in only or SCRIPTS:
         path = HERE / name
         if not path.exists():
             continue
@@ -46,10 +55,20 @@ def main() -> int:
         doc = (proc.stdout if proc.returncode == 0
                else f"FAILED (exit {proc.returncode}):\n\n```\n{proc.stderr[-3000:]}\n```")
         failed += proc.returncode != 0
-        parts += ["", f"## `benchmarks/{name}`", "", doc.strip()]
+        sections[name] = (f"Measured {datetime.date.today().isoformat()}.\n\n" if only
+                          else "") + doc.strip()
+    for name in SCRIPTS:
+        if name in sections:
+            parts += ["", f"## `benchmarks/{name}`", "", sections[name].strip()]
     (HERE / "RESULTS.md").write_text("\n".join(parts) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 1 if failed else 0
+
+
+def _sections(text: str) -> dict[str, str]:
+    """RESULTS.md's sections by script name."""
+    found = re.split(r"^## `benchmarks/(\S+)`\n", text, flags=re.M)
+    return {name: body for name, body in zip(found[1::2], found[2::2], strict=True)}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from meshscale.errors import (
     InvalidMeshShape,
     MeshscaleError,
     ResourceError,
+    StorageNotShared,
 )
 from meshscale.mesh import MeshShape, make_mesh
 from meshscale.model import LayerStack, ReshardableModel, run_layers, stack_layers
@@ -38,6 +39,7 @@ __all__ = [
     "MeshscaleError",
     "ReshardableModel",
     "ResourceError",
+    "StorageNotShared",
     "TrainState",
     "Trainer",
     "enable_persistent_cache",

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-MODELS = ("gpt-tiny", "gpt-small", "mlp")  # models.registry.NAMES, without importing jax
+MODELS = ("gpt-tiny", "gpt-small", "llama-tiny", "mlp")  # models.registry.NAMES, no jax import
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -65,6 +65,13 @@ def take_devices(count: int | None):
 
 
 # -- models ------------------------------------------------------------------------------
+def _model(text: str) -> str:
+    if text in MODELS or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"--model takes one of {', '.join(MODELS)} or package.module:factory, got {text!r}")
+
+
 def build_model(name: str, seed: int):
     """(model, batch_fn) for a model name; ``batch_fn(batch_size, i)`` is host batch i."""
     from models import registry
@@ -98,7 +105,8 @@ def add_search(subparsers) -> None:
         "search", help="try-run every candidate mesh and say which trains fastest",
         description="Try-run every candidate mesh for a model on N devices (simulated CPU "
                     "devices by default) and decide whether switching to the best pays.")
-    p.add_argument("--model", choices=MODELS, default="gpt-tiny")
+    p.add_argument("--model", type=_model, default="gpt-tiny",
+                   help=f"{', '.join(MODELS)}, or package.module:factory (your own model)")
     p.add_argument("--devices", type=int, default=8, help="devices to use (default 8)")
     p.add_argument("--platform", choices=("cpu", "auto"), default="cpu",
                    help="cpu: simulate --devices CPU devices; auto: JAX's own devices")
@@ -231,22 +239,28 @@ def add_demo(subparsers) -> None:
         description="An ordinary ElasticTrainer run on simulated CPU devices, driven by a "
                     "device file the demo rewrites on --schedule; writes RUN_DIR/report.json "
                     "and RUN_DIR/report.png.")
-    p.add_argument("--steps", type=_positive, default=d.steps)
-    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
-                   help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
+    _add_run_options(p, d, schedule_help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
     p.add_argument("--devices", type=_positive, default=d.devices,
                    help="simulated CPU devices in the pool (default 8)")
-    p.add_argument("--p-min", type=_positive, default=d.p_min)
-    p.add_argument("--model", choices=("gpt-tiny", "mlp"), default=d.model)
-    p.add_argument("--run-dir", default=d.run_dir)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
+    p.add_argument("--model", choices=("gpt-tiny", "llama-tiny", "mlp"), default=d.model)
+    p.add_argument("--state-sharding", choices=("replicate", "zero1", "fsdp"),
+                   default=d.state_sharding, help="where parameters and optimizer state live")
     p.add_argument("--check-every", type=_positive, default=d.check_every,
                    help="poll the device file every this many steps")
-    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR's last checkpoint instead of starting over")
     p.set_defaults(run=run_demo)
+
+
+def _add_run_options(p: argparse.ArgumentParser, d, *, schedule_help: str) -> None:
+    """The options `demo` and `ray-demo` share, with defaults from their config `d`."""
+    p.add_argument("--steps", type=_positive, default=d.steps)
+    p.add_argument("--schedule", default=d.schedule, help=schedule_help)
+    p.add_argument("--p-min", type=_positive, default=d.p_min)
+    p.add_argument("--run-dir", default=d.run_dir)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
+    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
 
 
 def _positive(text: str) -> int:
@@ -275,7 +289,8 @@ def run_demo(args: argparse.Namespace) -> int:
                                 p_min=args.p_min, model=args.model, run_dir=args.run_dir,
                                 seed=args.seed, resume=args.resume, global_batch=args.batch,
                                 check_every=args.check_every,
-                                checkpoint_every=args.checkpoint_every))
+                                checkpoint_every=args.checkpoint_every,
+                                state_sharding=args.state_sharding))
         except FileExistsError as e:
             print(f"meshscale demo: error: {e}", file=sys.stderr)
             return 2
@@ -332,8 +347,45 @@ def run_launch(args: argparse.Namespace) -> int:
     return status if status >= 0 else 128 - status  # killed by signal N: 128 + N
 
 
+# -- ray-demo ----------------------------------------------------------------------------
+def add_ray_demo(subparsers) -> None:
+    from meshscale.integrations.ray_demo import DEFAULT_SCHEDULE, RayDemoConfig
+
+    d = RayDemoConfig()
+    p = subparsers.add_parser(
+        "ray-demo", help="an elastic Ray Train job on a local cluster whose nodes come and go",
+        description="Start a local Ray cluster, run an ElasticTrainer loop as Ray Train's "
+                    "elastic JaxTrainer (meshscale.integrations.ray), add and remove a node "
+                    "as --schedule says, and print every restart, search and decision. "
+                    "Needs the ray extra: pip install 'meshscale[ray]'.")
+    _add_run_options(p, d, schedule_help=f"WORKERS@STEP,... (default {DEFAULT_SCHEDULE})")
+    p.add_argument("--devices-per-worker", type=_positive, default=d.devices_per_worker,
+                   help="simulated CPU devices per Ray worker")
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.set_defaults(run=run_ray_demo)
+
+
+def run_ray_demo(args: argparse.Namespace) -> int:
+    from meshscale.integrations import ray_demo
+
+    try:
+        ray_demo.parse_schedule(args.schedule)
+    except ValueError as e:
+        print(f"meshscale ray-demo: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        ray_demo.run(ray_demo.RayDemoConfig(
+            steps=args.steps, schedule=args.schedule, devices_per_worker=args.devices_per_worker,
+            p_min=args.p_min, model=args.model, run_dir=args.run_dir, seed=args.seed,
+            global_batch=args.batch, checkpoint_every=args.checkpoint_every))
+    except (FileExistsError, ImportError) as e:
+        print(f"meshscale ray-demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_search, add_demo, add_report, add_launch]
+COMMANDS: list[Callable] = [add_search, add_demo, add_report, add_launch, add_ray_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,7 +136,7 @@ class ElasticTrainer:
                  threshold: float = 0.05, check_every: int = 50,
                  total_steps: int | None = None, switch_via: str = "checkpoint",
                  checkpoint_every: int | None = None, max_to_keep: int = 3,
-                 example_batch: Batch | None = None, remat: str | bool = "stage",
+                 example_batch: Batch | None = None, remat: str | bool = "layer",
                  state_sharding: str = "fsdp",
                  compile_cache: CompileCache | None = None, persistent_cache: bool = True,
                  baseline_window: int = 20, on_event: Callable[[Event], None] | None = None,
@@ -212,6 +212,8 @@ class ElasticTrainer:
 
         Refuses to start (`InsufficientDevices`) with fewer devices than `p_min`.
         """
+        if not self.trainer.knows_batch:
+            self.trainer.set_example_batch(example_batch)
         devices = self._poll()
         self._require(devices)
         staging = self._staging_shape(devices)

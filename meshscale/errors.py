@@ -26,3 +26,7 @@ class IncompatibleCheckpoint(MeshscaleError):
 
 class ResourceError(MeshscaleError):
     """A resource source that cannot say how many devices are available."""
+
+
+class StorageNotShared(MeshscaleError):
+    """A checkpoint directory that some process of a multi-process job cannot see."""

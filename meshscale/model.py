@@ -2,12 +2,15 @@
 
 A reshardable model is three pieces around one stack of identical layers:
 
-- ``embed(batch) -> h``: the input end (runs once per microbatch, on the first stage);
+- ``embed(batch) -> h``: the input end;
 - ``blocks``: ``num_layers`` copies of one block, built with `stack_layers` so that every
   state leaf has a leading layer axis; one layer maps ``h -> h``. The layer axis is what
   the ``pipe`` mesh axis splits into consecutive stages;
-- ``head_loss(h, batch) -> scalar``: the output end and the *mean* loss over the
-  examples in ``batch`` (runs once per microbatch, on the last stage);
+- ``head_loss(h, batch)``: the output end; the mean loss over ``batch``, or a pair
+  ``(loss_sum, weight)`` whose ratio is the loss (e.g. summed token cross-entropy and the
+  count of real tokens); it always sees the whole batch, so either is exact;
+- ``layer_inputs(batch)`` (optional): per-example side inputs every layer receives as
+  ``layer(h, side)`` (positions, segment ids, masks), leading axis the example axis;
 - ``loss(batch)``: the plain, unpipelined forward; the reference math every mesh must
   reproduce. `LayerStack` provides it.
 
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from meshscale import rng as rng_lib
 from meshscale.errors import ContractError
 
 Batch = Any  # a pytree of arrays whose leading axis is the example axis
@@ -45,39 +49,115 @@ class ReshardableModel(Protocol):
     def loss(self, batch: Batch) -> jax.Array: ...
 
 
-def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
-                 rngs: nnx.Rngs) -> nnx.Module:
-    """`num_layers` independently initialised copies of `make_layer(rngs)`, stacked.
+class LayerPattern(nnx.Module):
+    """One period of a stack whose layers come in `kinds` kinds, repeating in order
+    (local/global attention, dense/MoE): the unit `stack_layers` stacks and the
+    pipeline splits, so every stage holds whole periods and runs them in layer order."""
 
-    Every state leaf gets a leading axis of size `num_layers` (`nnx.vmap` over split rngs).
+    def __init__(self, make_layer: Callable[[nnx.Rngs, int], nnx.Module], kinds: int,
+                 rngs: nnx.Rngs):
+        self.kinds = kinds
+        for kind in range(kinds):
+            setattr(self, f"kind{kind}", make_layer(rngs, kind))
+
+    def __call__(self, h: jax.Array, *side: Any, rng: jax.Array | None = None) -> jax.Array:
+        for kind in range(self.kinds):
+            keys = None if rng is None else jax.vmap(jax.random.fold_in, (0, None))(rng, kind)
+            h = call_layer(getattr(self, f"kind{kind}"), h, side[0] if side else None, keys)
+        return h
+
+
+def stack_layers(make_layer: Callable[..., nnx.Module], num_layers: int, rngs: nnx.Rngs, *,
+                 kinds: int = 1) -> nnx.Module:
+    """`num_layers` independently initialised layers, stacked.
+
+    Every state leaf gets a leading axis (`nnx.vmap` over split rngs). With ``kinds=1``
+    the layers are copies of ``make_layer(rngs)``; with ``kinds=k`` layer ``i`` is
+    ``make_layer(rngs, i % k)``, built as ``num_layers / k`` stacked `LayerPattern`s, so
+    the leading axis (what ``pipe`` splits) counts periods of ``k`` layers.
     """
+    if not isinstance(kinds, int) or kinds < 1 or num_layers % kinds:
+        raise ContractError(f"stack_layers: kinds={kinds!r} must be a positive int dividing "
+                            f"num_layers={num_layers}: the kinds repeat in whole periods")
+    make = make_layer if kinds == 1 else (lambda r: LayerPattern(make_layer, kinds, r))
 
-    @nnx.split_rngs(splits=num_layers)
+    @nnx.split_rngs(splits=num_layers // kinds)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> nnx.Module:
-        return make_layer(rngs)
+        return make(rngs)
 
     return create(rngs)
 
 
-def run_layers(blocks: nnx.Module, h: jax.Array, *, remat: bool = False) -> jax.Array:
-    """Apply the stacked layers of `blocks` to `h` in order (a `lax.scan` over layers)."""
-    graphdef, state = nnx.split(blocks)
+def stack_length(model: Any) -> int:
+    """How many stacked units ``blocks`` holds: layers, or periods of a `LayerPattern`."""
+    return model.num_layers // getattr(model.blocks, "kinds", 1)
 
-    def one_layer(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h), None
+
+def call_layer(layer: nnx.Module, h: jax.Array, side: Any, rng: Any = None) -> jax.Array:
+    """One layer applied as the contract says: ``layer(h)``, or ``layer(h, side)`` for a
+    model with `layer_inputs`; with ``rng=keys`` (one key per example) when the trainer
+    has an ``rng_seed`` (`meshscale.rng`)."""
+    extra = {} if rng is None else {"rng": rng}
+    return layer(h, **extra) if side is None else layer(h, side, **extra)
+
+
+def run_layers(blocks: nnx.Module, h: jax.Array, side: Any = None, *, rng_data: Any = None,
+               remat: bool = False) -> jax.Array:
+    """Apply the stacked layers of `blocks` to `h` in order (a `lax.scan` over layers).
+
+    `rng_data`: per-example key data (`meshscale.rng.example_keys`); layer ``i`` gets
+    ``layer_keys(rng_data, i)``.
+    """
+    graphdef, state = nnx.split(blocks)
+    count = jax.tree.leaves(state)[0].shape[0]
+
+    def one_layer(h, xs):
+        layer_state, index = xs
+        layer = nnx.merge(graphdef, layer_state)
+        return call_layer(layer, h, side, rng_lib.layer_keys(rng_data, index)), None
 
     if remat:
         one_layer = jax.checkpoint(one_layer)
-    h, _ = jax.lax.scan(one_layer, h, state)
+    h, _ = jax.lax.scan(one_layer, h, (state, jnp.arange(count)))
     return h
 
 
-class LayerStack(nnx.Module):
-    """Base class giving `loss` from `embed`, `blocks` and `head_loss`."""
+def layer_inputs(model: Any, batch: Batch) -> Any:
+    """What every layer receives besides ``h`` (``model.layer_inputs(batch)``), or None."""
+    hook = getattr(model, "layer_inputs", None)
+    return None if hook is None else hook(batch)
 
-    def loss(self, batch: Batch) -> jax.Array:
-        return self.head_loss(run_layers(self.blocks, self.embed(batch)), batch)
+
+def cast_floats(params: Params, dtype: Any) -> Params:
+    """`params` with floating leaves cast to `dtype` (the compute dtype); None: as is."""
+    if dtype is None:
+        return params
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def mean_loss(out: Any) -> jax.Array:
+    """`head_loss`'s result as the training loss, in float32: a mean as it is, a
+    ``(loss_sum, weight)`` pair as ``loss_sum / weight`` (e.g. a token-weighted mean)."""
+    if isinstance(out, tuple | list):
+        if len(out) != 2:
+            raise ContractError(f"head_loss returned {len(out)} values: return the mean loss, "
+                                "or a (loss_sum, weight) pair")
+        total, weight = out
+        return jnp.asarray(total, jnp.float32) / jnp.asarray(weight, jnp.float32)
+    return jnp.asarray(out, jnp.float32)
+
+
+class LayerStack(nnx.Module):
+    """Base class giving `loss` from `embed`, `blocks`, `head_loss` (and `layer_inputs`)."""
+
+    def loss(self, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        """The plain forward's loss; `rng` (a step's key) turns on layer randomness."""
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        h = run_layers(self.blocks, self.embed(batch), layer_inputs(self, batch),
+                       rng_data=rng_lib.example_keys(rng, rows))
+        return mean_loss(self.head_loss(h, batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +170,7 @@ class FunctionalModel:
 
     graphdef: Any
     template: nnx.State
-    num_layers: int
+    num_layers: int  # stacked units: layers, or periods of a LayerPattern
     blocks_graphdef: Any
     blocks_template: nnx.State
 
@@ -101,7 +181,7 @@ class FunctionalModel:
         check_contract(model)
         graphdef, state = nnx.split(model, nnx.Param)
         blocks_graphdef, blocks_state = nnx.split(model.blocks, nnx.Param)
-        fmodel = cls(graphdef, _abstract(state), int(model.num_layers), blocks_graphdef,
+        fmodel = cls(graphdef, _abstract(state), stack_length(model), blocks_graphdef,
                      _abstract(blocks_state))
         return fmodel, nnx.to_pure_dict(state)
 
@@ -113,9 +193,59 @@ class FunctionalModel:
         """One layer of the stack, from ``params["blocks"]`` sliced at one layer index."""
         return nnx.merge(self.blocks_graphdef, _filled(self.blocks_template, layer_params))
 
-    def loss(self, params: Params, batch: Batch) -> jax.Array:
-        """The reference loss: plain forward, no mesh."""
-        return self.merge(params).loss(batch)
+    def loss(self, params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        """The reference loss: plain forward, no mesh (`rng`: a step's key, or None)."""
+        return self.merge(params).loss(batch) if rng is None else \
+            self.merge(params).loss(batch, rng)
+
+    def check_forward(self, batch_spec: Batch, name: str, *, rng: bool = False) -> None:
+        """Trace embed, one layer and the head abstractly on `batch_spec` (nothing runs):
+        signature, shape and dtype mistakes raise a `ContractError` before any compile."""
+        params = self.abstract_params()
+        rows = jax.tree.leaves(batch_spec)[0].shape[0]
+        sowed: list[str] = []
+
+        def stage(what, fn, *args):
+            try:
+                return fn(*args)
+            except ContractError:
+                raise
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise ContractError(f"{name}: {what} failed ({type(e).__name__}: {first}): "
+                                    f"{_CONTRACT_FIXES[what]}") from e
+
+        def forward(params, batch):
+            model = self.merge(params)
+            h = stage("embed(batch)", model.embed, batch)
+            side = stage("layer_inputs(batch)", layer_inputs, model, batch)
+            for leaf in jax.tree.leaves((h, side)):
+                if not jnp.ndim(leaf) or jnp.shape(leaf)[0] != rows:
+                    raise ContractError(
+                        f"{name}: embed / layer_inputs gave shape {jnp.shape(leaf)}: their "
+                        f"outputs need the example axis ({rows}) first")
+            layer = self.merge_layer(jax.tree.map(lambda x: x[0], params["blocks"]))
+            keys = rng_lib.layer_keys(rng_lib.example_keys(jax.random.key(0), rows), 0) \
+                if rng else None
+            out = stage("one layer", call_layer, layer, h, side, keys)
+            if jnp.shape(out) != jnp.shape(h) or jnp.result_type(out) != jnp.result_type(h):
+                raise ContractError(
+                    f"{name}: one layer maps h {jnp.shape(h)} {jnp.result_type(h)} to "
+                    f"{jnp.shape(out)} {jnp.result_type(out)}: a layer must keep h's shape "
+                    "and dtype")
+            sowed.extend(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+                nnx.state(layer, nnx.Intermediate))[0])
+            loss = stage("head_loss(h, batch)", lambda: mean_loss(model.head_loss(out, batch)))
+            if jnp.ndim(loss):
+                raise ContractError(f"{name}.head_loss returned shape {jnp.shape(loss)}: return "
+                                    "a scalar mean, or a (loss_sum, weight) pair of scalars")
+            return loss
+
+        jax.eval_shape(forward, params, batch_spec)
+        if sowed:
+            raise ContractError(
+                f"{name}: a layer records {sowed[:3]} with sow(), which a compiled pipeline "
+                "drops: remove the sow calls (return what you need through head_loss)")
 
     def abstract_params(self) -> Params:
         """The parameter dict's shapes and dtypes (`jax.ShapeDtypeStruct` leaves)."""
@@ -134,6 +264,17 @@ class FunctionalModel:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_CONTRACT_FIXES = {
+    "embed(batch)": "embed takes the batch and returns the hidden state h",
+    "layer_inputs(batch)": "layer_inputs takes the batch and returns per-example arrays",
+    "one layer": "a layer is called as layer(h), or layer(h, side) where side = "
+                 "model.layer_inputs(batch), plus rng=keys when the trainer has an "
+                 "rng_seed; make __call__ take exactly that",
+    "head_loss(h, batch)": "head_loss takes (h, batch) and returns the mean loss or a "
+                           "(loss_sum, weight) pair",
+}
+
+
 def _abstract(state: nnx.State) -> nnx.State:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(_shape(x), jnp.result_type(x.dtype)), state)
 
@@ -146,6 +287,9 @@ def _filled(template: nnx.State, params: Params) -> nnx.State:
 
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(jnp.shape(x))
+
+
+_SHARDING_METADATA = ("out_sharding", "sharding", "sharding_names")
 
 
 def check_contract(model: Any) -> None:
@@ -168,8 +312,22 @@ def check_contract(model: Any) -> None:
     if extra:
         raise ContractError(
             f"{name} holds non-Param state {extra[:3]}: keep only nnx.Param in the model")
+    annotated = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_flatten_with_path(
+        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+        if isinstance(v, nnx.Variable) and any(
+            v.get_metadata().get(k) for k in _SHARDING_METADATA)]
+    if annotated:
+        raise ContractError(
+            f"{name} carries sharding annotations on {annotated[:3]}: meshscale decides where "
+            "every leaf lives (Trainer(state_sharding=...)); build the model without "
+            "nnx.with_partitioning / out_sharding")
+    kinds = getattr(blocks, "kinds", 1)
+    if layers % kinds:
+        raise ContractError(f"{name}.num_layers={layers} is not a whole number of periods of "
+                            f"{kinds} layer kinds: make it a multiple of {kinds}")
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(blocks, nnx.Param))[0]:
-        if len(_shape(leaf)) < 1 or _shape(leaf)[0] != layers:
+        if len(_shape(leaf)) < 1 or _shape(leaf)[0] != layers // kinds:
             raise ContractError(
                 f"{name}.blocks leaf {jax.tree_util.keystr(path)} has shape {_shape(leaf)}, "
-                f"expected a leading layer axis of {layers}: build blocks with stack_layers")
+                f"expected a leading layer axis of {layers // kinds}: build blocks with "
+                "stack_layers")

@@ -14,9 +14,11 @@ Three parts, so that activations shrink with the mesh:
    (often the largest activation of an LM) exist once per row, on one device.
 
 This is MaxText's arrangement (embedding and head outside the stage loop). Layers are
-rematerialised per `Remat` policy. With ``"fsdp"`` state sharding a stage gathers its
-layers' parameters over ``data`` once per step (their gradients are reduce-scattered
-by the transpose). The backward pass is JAX autodiff through the loop; the result equals
+rematerialised per `Remat` policy. With ``"fsdp"`` state sharding each layer's
+parameters are gathered over ``data`` just before the layer runs, inside the
+rematerialised part (so again in the backward pass), and their gradients are
+reduce-scattered by the transpose: a device never holds more than one whole layer.
+The backward pass is JAX autodiff through the loop; the result equals
 the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
 
 Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
@@ -25,7 +27,7 @@ Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -34,27 +36,38 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import rng as rng_lib
 from meshscale import sharding
 from meshscale.errors import InvalidMeshShape
 from meshscale.mesh import AXES, DATA, PIPE, MeshShape
-from meshscale.model import Batch, FunctionalModel, Params
+from meshscale.model import (
+    Batch,
+    FunctionalModel,
+    Params,
+    call_layer,
+    cast_floats,
+    layer_inputs,
+    mean_loss,
+)
 
 Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
 
 
+# What a tick keeps from its forward pass for the backward pass: its stage input
+# ("stage"), every layer's input ("layer", which recomputes one layer at a time), or all.
 LAYER_INPUT = "meshscale_layer_input"
 _POLICIES = {
-    "stage": None,  # keep only what enters the stage
+    "stage": None,
     "layer": jax.checkpoint_policies.save_only_these_names(LAYER_INPUT),
     "none": jax.checkpoint_policies.everything_saveable,
 }
 
 
 def check_remat(remat: str | bool) -> Remat:
-    """`remat` as a policy name; ``True``/``False`` mean ``"stage"``/``"none"``."""
+    """`remat` as a policy name; ``True``/``False`` mean ``"layer"``/``"none"``."""
     if remat is True or remat is False:
-        return "stage" if remat else "none"
+        return "layer" if remat else "none"
     if remat not in REMATS:
         raise InvalidMeshShape(f"remat must be one of {', '.join(REMATS)}, got {remat!r}")
     return remat  # type: ignore[return-value]
@@ -70,51 +83,76 @@ def _varying(x: jax.Array) -> jax.Array:
 
 
 def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
-    """This stage's whole leaf from its ``data`` shards (FSDP); as is when not split."""
+    """One layer's whole leaf from its ``data`` shards (FSDP); as is when not split.
+
+    `spec` is the stacked leaf's spec; `x` is one layer of it (no layer axis)."""
     dim = sharding.data_dim(spec)
-    return x if dim is None else lax.all_gather(x, DATA, axis=dim, tiled=True)
+    return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
 
 
 def pipeline_loss(
     fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
-    state_sharding: sharding.StateSharding = "replicate", remat: Remat = "stage",
+    state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
+    compute_dtype: Any = None,
 ) -> Callable[[Params, Batch], jax.Array]:
-    """``(params, batch) -> loss`` computed pipelined on `mesh`; differentiable."""
+    """``(params, batch, rng=None) -> loss`` computed pipelined on `mesh`; differentiable.
+
+    `rng` is a step's key (`meshscale.rng`); layers then get per-example keys that do
+    not depend on the mesh."""
     p, m = shape.pipe, shape.microbatches
     ticks = m + p - 1
     forward = [(i, i + 1) for i in range(p - 1)]
     rows = sharding.rows_spec(shape, global_batch)
+    per_stage = fmodel.num_layers // p
+    specs = sharding.tree_specs(fmodel.abstract_params(), mesh_shape=shape,
+                                num_layers=fmodel.num_layers,
+                                split_over_data=state_sharding == "fsdp")["blocks"]
     rows_over_pipe = rows != P(DATA)
 
-    def run_stage(blocks: Params, h: jax.Array) -> jax.Array:
-        def one_layer(h, layer_params):
-            h = checkpoint_name(h, LAYER_INPUT)
-            return fmodel.merge_layer(layer_params)(h), None
+    def run_stage(blocks: Params, h: jax.Array, side, keys) -> jax.Array:
+        first = lax.axis_index(PIPE) * per_stage  # this stage's first layer in the stack
 
-        return lax.scan(one_layer, h, blocks)[0]
+        def apply(h, layer_params, index):
+            # FSDP: gathered layer by layer, inside the rematerialised part, so a stage never
+            # holds more than one layer's whole parameters (and their gradient).
+            layer_params = jax.tree.map(_gather_over_data, layer_params, specs)
+            rng = rng_lib.layer_keys(keys, first + index)
+            return call_layer(fmodel.merge_layer(layer_params), h, side, rng)
 
-    def stage_or_pass(blocks: Params, x: jax.Array, active: jax.Array) -> jax.Array:
-        return lax.cond(active, run_stage, lambda _, h: h, blocks, x)
+        if remat == "layer":  # the backward pass recomputes one layer at a time
+            apply = jax.checkpoint(apply)
+
+        def one_layer(h, xs):
+            return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
+
+        return lax.scan(one_layer, h, (blocks, jnp.arange(per_stage)))[0]
+
+    def stage_or_pass(blocks: Params, x: jax.Array, side, keys, active: jax.Array):
+        return lax.cond(active, run_stage, lambda _, h, *__: h, blocks, x, side, keys)
 
     # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
     # parameters, which the scan hoists out; a cond differentiated as is keeps its
     # branches' residuals per tick, the stage's parameters included (measured).
     stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
 
-    def stages(blocks: Params, h0: jax.Array, specs: Params) -> jax.Array:
+    def stages(blocks: Params, h0: jax.Array, side, keys) -> jax.Array:
         # Everything the loop reads is made varying over both axes *before* the loop: the
-        # transpose of that cast is a psum, which must run on every device, never inside a
-        # branch of the stage conds below (a collective inside a cond deadlocks).
-        blocks = jax.tree.map(_gather_over_data, blocks, specs)
-        blocks, h0 = jax.tree.map(_varying, (blocks, h0))
+        # transpose of that cast is a psum over pipe, which must run on every device, never
+        # inside a branch of the stage conds below (a collective whose devices take
+        # different branches deadlocks). The FSDP gathers inside `run_stage` are over
+        # data only: those devices share a stage and tick, so they take the same branch.
+        blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
         stage = lax.axis_index(PIPE)
-        micro = h0.reshape(m, h0.shape[0] // m, *h0.shape[1:])
+        split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
+        pick = lambda tree, i: jax.tree.map(
+            lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+        micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
 
         def tick(received, t):
-            fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, m - 1), keepdims=False)
-            x = jnp.where((stage == 0) & (t < m), fresh, received)
+            x = jnp.where((stage == 0) & (t < m), pick(micro, jnp.minimum(t, m - 1)), received)
             active = (t >= stage) & (t < stage + m)
-            y = stage_or_pass(blocks, x, active)
+            mine = jnp.clip(t - stage, 0, m - 1)  # the microbatch this stage holds
+            y = stage_or_pass(blocks, x, pick(side, mine), pick(keys, mine), active)
             sent = lax.ppermute(y, PIPE, forward) if p > 1 else y
             return sent, y
 
@@ -125,19 +163,21 @@ def pipeline_loss(
             return lax.psum_scatter(out, PIPE, scatter_dimension=0, tiled=True)
         return lax.psum(out, PIPE)
 
-    def loss_fn(params: Params, batch: Batch) -> jax.Array:
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         def constrain(tree):
             return jax.tree.map(
                 lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
 
         batch = constrain(batch)
+        params = cast_floats(params, compute_dtype)  # float32 master weights stay outside
         model = fmodel.merge(params)
         h0 = constrain(model.embed(batch))
-        specs = sharding.tree_specs(params, mesh_shape=shape, num_layers=fmodel.num_layers,
-                                    split_over_data=state_sharding == "fsdp")["blocks"]
-        body = jax.shard_map(lambda b, h: stages(b, h, specs), mesh=mesh,
-                             in_specs=(specs, P(DATA)), out_specs=rows)
-        h = body(params["blocks"], h0)
-        return model.head_loss(h, batch).astype(jnp.float32)
+        side = constrain(layer_inputs(model, batch))
+        keys = constrain(rng_lib.example_keys(rng, global_batch))
+        per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
+        body = jax.shard_map(stages, mesh=mesh,
+                             in_specs=(specs, P(DATA), *per_example), out_specs=rows)
+        h = body(params["blocks"], h0, side, keys)
+        return mean_loss(model.head_loss(h, batch))
 
     return loss_fn

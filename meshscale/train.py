@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import rng as rng_lib
 from meshscale import sharding
 from meshscale.compile_cache import CompileCache
 from meshscale.errors import ContractError, InsufficientDevices, InvalidMeshShape
@@ -61,9 +62,18 @@ class Trainer:
         (optimizer state split over ``data``) or ``"fsdp"`` (parameters split over
         ``data`` too, gathered per stage for compute). Embedding and head are split over
         ``pipe`` in every mode.
-      remat: what each stage keeps for the backward pass (`meshscale.pipeline.Remat`):
-        ``"stage"`` (only each tick's stage input; layers recomputed), ``"layer"`` (each
-        layer's input) or ``"none"``.
+      remat: what each tick keeps for the backward pass (`meshscale.pipeline.Remat`):
+        ``"layer"`` (default: each layer's input; the backward recomputes one layer at a
+        time), ``"stage"`` (only the stage's input; the backward holds a whole stage's
+        activations at once) or ``"none"`` (everything).
+      compute_dtype: mixed precision: the forward and backward passes run with the
+        floating parameters cast to this dtype (e.g. ``jnp.bfloat16``), while the
+        parameters, their gradients and the optimizer state stay in their own dtype
+        (float32 master weights) and the loss and its reduction are float32. None: no
+        cast. The one-device reference is the same cast (`meshscale.model.cast_floats`).
+      rng_seed: turn on randomness in layers (dropout): every layer gets ``rng=`` keys,
+        one per example, derived from (seed, step, example, layer) (`meshscale.rng`), so
+        a step draws the same on every mesh. None: layers get no keys.
       donate: let the compiled step reuse the input state's buffers (the state passed to a
         step must not be used again).
       cache: where compiled steps are kept (shared with try-runs).
@@ -72,8 +82,9 @@ class Trainer:
     def __init__(self, model: nnx.Module | Callable[[], nnx.Module],
                  optimizer: optax.GradientTransformation, *, global_batch: int,
                  example_batch: Batch | None = None,
-                 state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "stage",
-                 donate: bool = True, cache: CompileCache | None = None):
+                 state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "layer",
+                 compute_dtype: Any = None, rng_seed: int | None = None, donate: bool = True,
+                 cache: CompileCache | None = None):
         self._constructor = None
         if not isinstance(model, nnx.Module):
             if not callable(model):
@@ -90,23 +101,49 @@ class Trainer:
         if not isinstance(global_batch, int) or global_batch < 1:
             raise InvalidMeshShape(f"global_batch must be a positive int, got {global_batch!r}")
         self.global_batch = global_batch
-        if example_batch is None:
-            if not hasattr(model, "example_batch"):
-                raise InvalidMeshShape(
-                    "pass example_batch= to Trainer (the model has no example_batch method)")
-            example_batch = jax.eval_shape(lambda: model.example_batch(global_batch))
-        self.batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       example_batch)
-        for leaf in jax.tree.leaves(self.batch_spec):
-            if not leaf.shape or leaf.shape[0] != global_batch:
-                raise InvalidMeshShape(
-                    f"every batch leaf needs leading axis global_batch={global_batch}, "
-                    f"got shape {leaf.shape}")
         self.state_sharding = sharding.check_state_sharding(state_sharding)
         self.remat = check_remat(remat)
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+        if self.compute_dtype is not None and not jnp.issubdtype(self.compute_dtype,
+                                                                 jnp.floating):
+            raise InvalidMeshShape(f"compute_dtype must be a float dtype, got {compute_dtype}")
+        if rng_seed is not None and not isinstance(rng_seed, int):
+            raise InvalidMeshShape(f"rng_seed must be an int or None, got {rng_seed!r}")
+        self.rng_seed = rng_seed
+        self._name = type(model).__name__
+        self._batch_spec = None
+        if example_batch is None and hasattr(model, "example_batch"):
+            example_batch = jax.eval_shape(lambda: model.example_batch(global_batch))
+        if example_batch is not None:
+            self.set_example_batch(example_batch)
         self.donate = donate
         self.cache = cache if cache is not None else CompileCache()
         self.fingerprint = self.fmodel.fingerprint()
+
+    @property
+    def batch_spec(self) -> Batch:
+        """The batch's `jax.ShapeDtypeStruct`s (from `example_batch`)."""
+        if self._batch_spec is None:
+            raise ContractError(
+                "the batch structure is not known yet: pass example_batch= to Trainer, give "
+                "the model an example_batch(n) method, or call ElasticTrainer.init(batch)")
+        return self._batch_spec
+
+    @property
+    def knows_batch(self) -> bool:
+        return self._batch_spec is not None
+
+    def set_example_batch(self, example_batch: Batch) -> None:
+        """Fix the batch structure from one batch (arrays or `ShapeDtypeStruct`s) and check
+        the model's forward on it abstractly (`FunctionalModel.check_forward`)."""
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), example_batch)
+        for leaf in jax.tree.leaves(spec):
+            if not leaf.shape or leaf.shape[0] != self.global_batch:
+                raise ContractError(
+                    f"every batch leaf needs leading axis global_batch={self.global_batch}, "
+                    f"got shape {leaf.shape}")
+        self.fmodel.check_forward(spec, self._name, rng=self.rng_seed is not None)
+        self._batch_spec = spec
 
     # -- validity ---------------------------------------------------------------------
     def check(self, shape: MeshShape, devices: Devices = None) -> None:
@@ -234,13 +271,14 @@ class Trainer:
         """The pipelined ``(params, batch) -> loss`` on `shape`'s mesh (differentiable)."""
         return pipeline_loss(self.fmodel, shape, self.mesh(shape, devices),
                              global_batch=self.global_batch, state_sharding=self.state_sharding,
-                             remat=self.remat)
+                             remat=self.remat, compute_dtype=self.compute_dtype)
 
     def _train_step(self, shape: MeshShape, devices: Devices):
         loss_fn = self.loss_fn(shape, devices)
 
         def train_step(state: TrainState, batch: Batch):
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+            rng = rng_lib.step_key(self.rng_seed, state.step)
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             return TrainState(state.step + 1, params, opt_state), {"loss": loss}
@@ -254,7 +292,7 @@ class Trainer:
         # parameter shapes or a recycled id can never select another program.
         return ("train_step", shape, device_ids(devs[: shape.num_devices]), self.fingerprint,
                 self.fmodel.graphdef, self.optimizer, spec, self.state_sharding, self.remat,
-                self.donate)
+                str(self.compute_dtype), self.rng_seed, self.donate)
 
     def lower_step(self, shape: MeshShape, devices: Devices = None) -> jax.stages.Lowered:
         state_sh = self.shardings(shape, devices)

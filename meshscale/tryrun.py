@@ -118,13 +118,13 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
                devices: Sequence[jax.Device]) -> TrainState:
     """A copy of `state` on `shape`'s mesh that shares no buffer with `state`.
 
-    The compiled step donates its input, and placement alone (`Trainer.place`, i.e.
-    `jax.device_put`) keeps the source's buffers wherever a shard already sits on the
+    The compiled step donates its input, and placement alone (`meshscale.placement.move`,
+    as `jax.device_put`) keeps the source's buffers wherever a shard already sits on the
     right device: the very same array when the sharding matches, and shared per-device
-    buffers across overlapping meshes even with ``may_alias=False`` (checked on jax 0.10,
-    CPU). Donating such a placement deletes the live state; `jnp.copy` (a computation,
-    so new buffers) after placing makes the copy real. Leaf by leaf, so at most one
-    leaf's placement exists beside the copy.
+    buffers across overlapping meshes (`device_put` too, even with ``may_alias=False``,
+    checked on jax 0.10, CPU). Donating such a placement deletes the live state;
+    `jnp.copy` (a computation, so new buffers) after placing makes the copy real. Leaf by
+    leaf, so at most one leaf's placement exists beside the copy.
 
     With several processes the state is not moved in memory (`distributed.can_place`):
     the try-run trains a fresh state of the same shapes and shardings

@@ -30,6 +30,19 @@ def make_optimizer():
     return optax.adam(1e-2, eps=1e-6)
 
 
+def prefer_more_devices(candidate, global_batch: int = 24):
+    """An injected try-run measurement (no timing decides a test): more devices, then
+    more data replicas, is faster."""
+    from meshscale.tryrun import TryRunResult
+
+    shape = candidate.shape
+    speed = 1e9 * (shape.num_devices + 0.1 * shape.data)
+    return TryRunResult(shape, candidate.kind, "ok", step_seconds=global_batch / speed,
+                        step_spread=0.0, samples_per_second=speed,
+                        samples_per_second_per_device=speed / shape.num_devices,
+                        num_devices=shape.num_devices)
+
+
 def assert_trees_close(actual, expected, tol: float, what: str = "") -> None:
     """Every leaf within `tol` of the reference, relative to the reference's scale."""
     flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
@@ -51,3 +64,9 @@ def assert_trees_equal(actual, expected) -> None:
         a, e = np.asarray(a), np.asarray(e)
         assert a.dtype == e.dtype, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
+
+
+def cli_factory():
+    """A user's own model for `meshscale search --model tests.helpers:cli_factory`."""
+    model = make_model("mlp")
+    return model, jax.device_get(model.example_batch(8))

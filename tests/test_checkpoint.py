@@ -103,6 +103,23 @@ def test_restore_from_2x4_onto_4x2_and_1x1_is_bit_identical_on_target_shardings(
         assert ckpt.last_fallback is None
 
 
+def test_a_checkpoint_restores_onto_every_state_sharding_mode(tmp_path):
+    """Saved with replicated state on 2x4; read back split over data (ZeRO-1, FSDP) on
+    other meshes, and vice versa: the files are plain layer-major Orbax trees."""
+    modes = {m: Trainer(ResidualMLP(SMALL, rngs=nnx.Rngs(0)), optax.adam(1e-3),
+                        global_batch=8, state_sharding=m) for m in ("replicate", "zero1", "fsdp")}
+    for saver, shape in (("replicate", MeshShape(2, 4)), ("fsdp", MeshShape(1, 8))):
+        state = random_state(modes[saver], shape, seed=3)
+        with Checkpointer(tmp_path / saver, modes[saver]) as ckpt:
+            assert ckpt.save(state, shape=shape)
+        for trainer in modes.values():
+            with Checkpointer(tmp_path / saver, trainer) as ckpt:
+                for target in (MeshShape(4, 2), MeshShape(2, 4)):
+                    restored = ckpt.restore(target)
+                    assert_same_values(restored, state)
+                    assert_on_shardings(restored, trainer.shardings(target))
+
+
 def test_every_pair_of_mesh_shapes_restores_bit_identically(trainer, tmp_path):
     states = {}
     with Checkpointer(tmp_path, trainer, max_to_keep=len(SHAPES)) as ckpt:

@@ -65,3 +65,12 @@ def test_device_environment_is_restored_after_the_command():
         assert f"{DEVICE_COUNT_FLAG}=3" in flags
         assert sum(f.startswith(DEVICE_COUNT_FLAG) for f in flags) == 1
     assert os.environ.get("XLA_FLAGS") == before
+
+
+def test_search_runs_a_users_own_model_from_module_and_factory():
+    proc = meshscale_cli("search", "--model", "tests.helpers:cli_factory", "--devices", "2",
+                         "--p-min", "2", "--batch", "8", "--warmup", "0", "--steps", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2x1/m" in proc.stdout and "tests.helpers:cli_factory" in proc.stdout
+    bad = meshscale_cli("search", "--model", "no_such_module:make", "--devices", "2")
+    assert bad.returncode != 0 and "cannot load model 'no_such_module:make'" in bad.stderr

@@ -27,9 +27,8 @@ from meshscale import (
 from meshscale.elastic import ElasticTrainer
 from meshscale.memory import bytes_per_device
 from meshscale.space import candidates
-from meshscale.tryrun import TryRunResult
 from models.mlp import MLPConfig, ResidualMLP
-from tests.helpers import DEEP_TOL, assert_trees_close, make_model
+from tests.helpers import DEEP_TOL, assert_trees_close, make_model, prefer_more_devices
 
 BATCH = 24
 OPTIMIZER = optax.adam(1e-2)  # one object: compiled steps are shared between the tests
@@ -85,16 +84,6 @@ def run(trainer, schedule, steps, first=0, state=None):
         state, metrics = trainer.step(state, BATCHES[i])
         losses.append(metrics["loss"])
     return state, losses
-
-
-def prefer_more_devices(candidate):
-    """An injected measurement: more devices, then more data replicas, is faster."""
-    shape = candidate.shape
-    speed = 1e9 * (shape.num_devices + 0.1 * shape.data)
-    return TryRunResult(shape, candidate.kind, "ok", step_seconds=BATCH / speed,
-                        step_spread=0.0, samples_per_second=speed,
-                        samples_per_second_per_device=speed / shape.num_devices,
-                        num_devices=shape.num_devices)
 
 
 def events(trainer, kind):

@@ -141,7 +141,7 @@ def test_bad_mesh_shapes_are_refused():
 
 def test_batch_with_wrong_leading_axis_is_refused():
     model = make_model("mlp")
-    with pytest.raises(InvalidMeshShape, match="leading axis global_batch=16"):
+    with pytest.raises(ContractError, match="leading axis global_batch=16"):
         Trainer(model, make_optimizer(), global_batch=16,
                 example_batch=model.example_batch(GLOBAL_BATCH))
 

@@ -1,0 +1,96 @@
+"""The training loop of tests/test_ray.py, run by every Ray Train worker of every attempt.
+
+It is an ordinary meshscale loop (it would run the same as a plain process): an
+`ElasticTrainer` in ``config["checkpoint_dir"]`` sized by ``jax.device_count()``. For the
+test it also
+- waits before each step until the test allows it (``OUT/allow``: the last step that may
+  train), so that nodes are added, removed and workers killed at known steps;
+- appends what happened to ``OUT/progress.jsonl`` (process 0: events and losses) and
+  writes each worker's pid to ``OUT/pids/<attempt>-<rank>``.
+Batches are a pure function of the step index, so a step trained twice gives one loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+from ray.train import UserCallback
+
+IMPORTED = time.time()  # in a worker: when Ray handed it this attempt's function
+BATCH = 24
+P_MIN = 2
+CHECKPOINT_EVERY = 3
+SEARCH = {"microbatches": [2], "warmup": 1, "steps": 1}
+
+
+@functools.cache
+def host_batch(i: int) -> dict:
+    """Batch i (seed i), as host arrays."""
+    import numpy as np
+
+    from tests.helpers import make_model
+
+    return {k: np.asarray(v) for k, v in make_model("mlp").example_batch(BATCH, seed=i).items()}
+
+
+def allowed(out: Path) -> int:
+    try:
+        return int((out / "allow").read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def loop(config: dict) -> None:
+    import jax
+
+    from meshscale import ElasticTrainer, distributed, resources
+    from meshscale.integrations import ray as meshscale_ray
+    from tests.helpers import make_model, make_optimizer, prefer_more_devices
+
+    out = Path(config["out"])
+    attempt = distributed.broadcast(os.getpid())  # process 0's pid names this attempt
+    (out / "pids").mkdir(exist_ok=True)
+    (out / "pids" / f"{attempt}-{jax.process_index()}").write_text(str(os.getpid()))
+
+    def record(**line):
+        if distributed.is_main():
+            with open(out / "progress.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), "attempt": attempt,
+                                    "workers": jax.process_count(),
+                                    "devices": jax.device_count(), **line}) + "\n")
+
+    def on_event(event):
+        if event["event"] in ("resume", "start", "checkpoint", "switch"):
+            record(event=event["event"], **{k: event.get(k) for k in (
+                "checkpoint_step", "after", "num_devices", "reason") if k in event})
+
+    record(event="joined", imported=IMPORTED)
+    elastic = ElasticTrainer(
+        make_model("mlp"), make_optimizer(), global_batch=BATCH,
+        checkpoint_dir=config["checkpoint_dir"], p_min=config.get("p_min", P_MIN),
+        resources=resources.Static(jax.device_count()), checkpoint_every=CHECKPOINT_EVERY,
+        check_every=1000, precompile="off", on_event=on_event,
+        search_options={**SEARCH, "measure": prefer_more_devices})
+    state = elastic.init(host_batch(0))
+    for i in range(int(state.step), config["steps"]):
+        while allowed(out) <= i:
+            time.sleep(0.05)
+        state, metrics = elastic.step(state, host_batch(i))
+        sent = meshscale_ray.report(elastic, metrics, step=i + 1)
+        record(event="step", step=i + 1, loss=sent["loss"], mesh=sent["mesh"])
+
+
+class ReportedMetrics(UserCallback):
+    """A Ray Train callback (it runs in Ray's controller) that appends process 0's
+    `ray.train.report` metrics to a file, for the test to read."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics[0]) + "\n")
