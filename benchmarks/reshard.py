@@ -147,7 +147,7 @@ def main(argv=None) -> None:
                  "ckpt restore s", "raw write+fsync s", "raw read s", "ckpt/raw (<=2)"], rows))
     for r in results:
         print(f"\n{r['logical'] / 1e6:.0f} MB state: the 4x2 copy holds "
-              f"{r['physical'] / 1e6:.0f} MB on devices (blocks replicated over data=2); "
+              f"{r['physical'] / 1e6:.0f} MB on devices (copies over data counted); "
               f"place / copy of those bytes = "
               f"{r['place'] / (r['copy'] * r['physical'] / r['logical']):.2f}")
     print("\nReads follow writes, so the restore and the raw read both come from the page "
