@@ -28,6 +28,38 @@ def median_seconds(run: Callable[[], object], *, warmup: int = 2, repeats: int =
     return statistics.median(times)
 
 
+def interleaved(runs: dict[str, Callable[[], object]], *, rounds: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Wall seconds of every run, round by round, the runs taking turns.
+
+    Each `run()` must block until its work is done. Within a round the runs go in turn,
+    in reverse order every other round (A B, B A, ...), so a drift of the machine's load
+    (the other jobs on shared cores, turbo, caches) falls on every side alike: a ratio
+    is only worth printing when both sides were timed this way, in one run.
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        order = list(runs.items())
+        for name, run in order if r % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+    """Round-by-round ratios of two interleaved timings: median, min and max."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def ratio_text(r: dict[str, float]) -> str:
+    return f"{r['median']:.3f} (min {r['min']:.3f}, max {r['max']:.3f})"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table (readable in a terminal, pasted as is into RESULTS.md)."""
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -11,7 +11,9 @@ CPU devices, from a 2x4 mesh to a 4x2 mesh:
 
 Run: ``python -m benchmarks.reshard [--sizes-mb 100 1000] [--repeats 3]``.
 Reads come right after writes, so both the checkpoint restore and the raw-file read are
-served from the page cache; neither measures the disk's read speed.
+served from the page cache; neither measures the disk's read speed. Both ratios are of
+interleaved rounds (place, copy, place, ...; save + restore, raw write + read, ...):
+the median of the round ratios, with min and max.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shutil
 import tempfile
 import time
 
-from benchmarks.common import median_seconds, simulate_devices, table
+from benchmarks.common import interleaved, ratio, ratio_text, simulate_devices, table
 
 simulate_devices(8)
 
@@ -85,14 +87,13 @@ def measure(megabytes: float, repeats: int, workdir: str) -> dict:
     def place():
         jax.block_until_ready(trainer.place(state, TARGET))
 
-    t_place = median_seconds(place, warmup=1, repeats=repeats)
     placed = trainer.place(state, TARGET)
     physical = device_bytes(placed)
     del placed
 
     src = np.random.default_rng(0).integers(0, 255, logical, dtype=np.uint8)
     # Into a new buffer each time, as `place` fills new device buffers (page faults count).
-    t_copy = median_seconds(lambda: src.copy(), warmup=1, repeats=repeats)
+    moves = interleaved({"place": place, "copy": lambda: src.copy()}, rounds=repeats)
 
     directory = os.path.join(workdir, f"ckpt-{megabytes:g}mb")
     saves, restores, writes, reads = [], [], [], []
@@ -113,8 +114,11 @@ def measure(megabytes: float, repeats: int, workdir: str) -> dict:
                 reads.append(r)
     shutil.rmtree(directory)
     med = lambda xs: float(np.median(xs))
-    return dict(cfg=cfg, logical=logical, physical=physical, place=t_place, copy=t_copy,
-                save=med(saves), restore=med(restores), write=med(writes), read=med(reads))
+    return dict(cfg=cfg, logical=logical, physical=physical, place=med(moves["place"]),
+                copy=med(moves["copy"]), place_ratio=ratio(moves["place"], moves["copy"]),
+                save=med(saves), restore=med(restores), write=med(writes), read=med(reads),
+                ckpt_ratio=ratio([a + b for a, b in zip(saves, restores, strict=True)],
+                                 [a + b for a, b in zip(writes, reads, strict=True)]))
 
 
 def main(argv=None) -> None:
@@ -136,15 +140,14 @@ def main(argv=None) -> None:
           f"{os.path.dirname(workdir)}; median of {args.repeats}\n")
     rows = []
     for r in results:
-        ckpt, raw = r["save"] + r["restore"], r["write"] + r["read"]
         rows.append([f"{r['logical'] / 1e6:.0f} MB (hidden {r['cfg'].hidden})",
-                     r["place"], r["copy"], r["place"] / r["copy"],
-                     r["save"], r["restore"], r["write"], r["read"], ckpt / raw])
+                     r["place"], r["copy"], ratio_text(r["place_ratio"]),
+                     r["save"], r["restore"], r["write"], r["read"], ratio_text(r["ckpt_ratio"])])
     print(table(["state", "place s", "np copy s", "place/copy (<=3)", "ckpt save s",
                  "ckpt restore s", "raw write+fsync s", "raw read s", "ckpt/raw (<=2)"], rows))
     for r in results:
         print(f"\n{r['logical'] / 1e6:.0f} MB state: the 4x2 copy holds "
-              f"{r['physical'] / 1e6:.0f} MB on devices (blocks replicated over data=2); "
+              f"{r['physical'] / 1e6:.0f} MB on devices (copies over data counted); "
               f"place / copy of those bytes = "
               f"{r['place'] / (r['copy'] * r['physical'] / r['logical']):.2f}")
     print("\nReads follow writes, so the restore and the raw read both come from the page "

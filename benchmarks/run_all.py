@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCRIPTS = ["pipeline.py", "memory.py", "search.py", "reshard.py", "switch.py"]
+SCRIPTS = ["pipeline.py", "memory.py", "elastic_step.py", "search.py", "reshard.py", "switch.py"]
 
 
 def main(argv: list[str] | None = None) -> int:

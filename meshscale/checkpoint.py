@@ -12,6 +12,17 @@ skipped for the previous good one, with a warning and a record in `last_fallback
 kept for inspection until training saves that step number again, which first moves it
 aside to ``DIR/<step>.damaged`` (Orbax lists only integer-named steps).
 
+Saves are asynchronous: `save` returns once the state is copied off the devices and
+Orbax writes it in the background, so periodic checkpoints overlap training. What must
+be on disk is waited for where it is read: every restore and metadata read, `wait()`,
+`close()`, and the next save (Orbax finishes one save before it starts another).
+
+With several processes, every local view of the directory that decides what the
+processes do next is agreed (`meshscale.distributed`): the step list is process 0's, a
+step is readable only if it is readable on every process (commit marker, metadata,
+arrays), so a step damaged for one process only (an NFS cache, say) is skipped by all
+and every process restores the same step, never a split job or a hang.
+
 On-disk layout (Orbax `CheckpointManager`, atomic by temporary directory + rename)::
 
     DIR/<step>/state/      Orbax pytree of {"step", "params", "opt_state"} (plain dicts)
@@ -30,9 +41,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,8 +53,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import distributed
 from meshscale.errors import IncompatibleCheckpoint
 from meshscale.mesh import DATA, PIPE, MeshShape
+from meshscale.paths import run_path
 from meshscale.train import Trainer, TrainState
 
 log = logging.getLogger(__name__)
@@ -52,6 +66,7 @@ STATE_ITEM = "state"
 META_ITEM = "meshscale"
 # Orbax writes this file into a step directory just before it commits the step.
 COMMIT_MARKER = "commit_success.txt"
+META_FILE = "metadata"  # the file `ocp.JsonCheckpointHandler` writes in its item directory
 
 Devices = Sequence[jax.Device] | None
 
@@ -120,16 +135,18 @@ class Checkpointer:
     """Save and restore one `Trainer`'s state in `directory`, onto any mesh.
 
     Args:
-      directory: where the steps live (created if missing).
+      directory: where the steps live (created if missing); a local path or a URL such
+        as ``gs://bucket/run/state`` (kept as given, `meshscale.paths.run_path`).
       trainer: fixes the model, optimizer and global batch a checkpoint must match.
       max_to_keep: keep the newest K steps; older ones are deleted after each save.
       async_save: write in the background (`save` returns once the state is copied off
-        the devices); `wait()`, and every read, blocks until the write is done.
+        the devices); `wait()`, the next save, and every read block until the write is
+        done.
     """
 
-    def __init__(self, directory: str | Path, trainer: Trainer, *, max_to_keep: int = 3,
-                 async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, trainer: Trainer, *,
+                 max_to_keep: int = 3, async_save: bool = True):
+        self.directory = run_path(directory)
         self.trainer = trainer
         self.last_fallback: Fallback | None = None
         self._damaged: set[int] = set()  # steps a restore found unreadable
@@ -153,14 +170,7 @@ class Checkpointer:
         """
         step = int(state.step) if step is None else int(step)
         if not self._directory_checked:
-            latest = self.latest_step()
-            if latest is not None:
-                try:
-                    meta = self.metadata(latest)
-                except Exception:  # a damaged step says nothing about the model
-                    meta = None
-                if meta is not None:
-                    self._check(meta)
+            self._check_directory()
             self._directory_checked = True
         if step in self.all_steps():
             if step not in self._damaged:
@@ -187,6 +197,11 @@ class Checkpointer:
         """Block until every started save is on disk (committed or failed)."""
         self._manager.wait_until_finished()
 
+    @property
+    def saving(self) -> bool:
+        """Whether a save started by this process may still be writing."""
+        return self._manager.is_saving_in_progress()
+
     def close(self) -> None:
         self._manager.close()
 
@@ -197,13 +212,23 @@ class Checkpointer:
         self.close()
 
     # -- reading ------------------------------------------------------------------------
-    def all_steps(self) -> list[int]:
-        self.wait()
-        self._manager.reload()
-        return sorted(self._manager.all_steps())
+    def all_steps(self, *, committed: bool = False) -> list[int]:
+        """The saved steps, process 0's list on every process.
 
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
+        By default without waiting: the steps on disk when last read plus those this
+        process has started saving since (some may still be writing). With
+        ``committed=True``, first waits for the writes in flight and re-reads the
+        directory: only steps whose writes have ended (a damaged one still counts, and
+        `restore` skips it).
+        """
+        if committed:
+            self.wait()
+            self._manager.reload()
+        return distributed.broadcast(sorted(self._manager.all_steps()))
+
+    def latest_step(self, *, committed: bool = True) -> int | None:
+        """The newest step on disk (waiting for writes in flight, see `all_steps`)."""
+        steps = self.all_steps(committed=committed)
         return steps[-1] if steps else None
 
     def metadata(self, step: int | None = None) -> dict:
@@ -226,29 +251,24 @@ class Checkpointer:
             self.trainer.abstract_state(), self._target_shardings(target, devices))
         if step is not None:
             step = self._existing_step(step)
-            try:
-                return self._restore_step(step, abstract)
-            except IncompatibleCheckpoint:
-                raise
-            except Exception as e:
+            state, problem = self._restore_step(step, abstract)
+            if problem is not None:
                 self._damaged.add(step)
                 raise IncompatibleCheckpoint(
-                    f"step {step} in {self.directory} is unreadable ({_reason(e)}): restore "
-                    f"another step (available: {self.all_steps()})") from e
-        steps = self.all_steps()
+                    f"step {step} in {self.directory} is unreadable ({problem}): restore "
+                    f"another step (available: {self.all_steps()})")
+            return state
+        steps = self.all_steps(committed=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}: save one first")
         skipped: list[tuple[int, str]] = []
         for candidate in reversed(steps):
-            try:
-                state = self._restore_step(candidate, abstract)
-            except IncompatibleCheckpoint:
-                raise
-            except Exception as e:  # damaged step: fall back to the previous one
-                skipped.append((candidate, _reason(e)))
+            state, problem = self._restore_step(candidate, abstract)
+            if problem is not None:  # damaged step (for some process): the previous one
+                skipped.append((candidate, problem))
                 self._damaged.add(candidate)
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying the "
-                            "previous step", candidate, self.directory, _reason(e))
+                            "previous step", candidate, self.directory, problem)
                 continue
             self.last_fallback = Fallback(candidate, tuple(skipped)) if skipped else None
             if skipped:
@@ -279,7 +299,7 @@ class Checkpointer:
         self._manager.reload()
 
     def _existing_step(self, step: int | None) -> int:
-        steps = self.all_steps()
+        steps = self.all_steps(committed=True)
         if step is None:
             if not steps:
                 raise FileNotFoundError(f"no checkpoint in {self.directory}: save one first")
@@ -290,18 +310,60 @@ class Checkpointer:
         return int(step)
 
     def _read_metadata(self, step: int) -> dict:
-        return dict(self._manager.restore(step, args=ocp.args.Composite(
-            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+        """This process's read of the JSON metadata of `step`, straight from its file:
+        `CheckpointManager.restore` synchronises the processes, and a local check must
+        not enter a collective before the processes agreed to."""
+        return dict(json.loads((self.directory / str(step) / META_ITEM / META_FILE).read_text()))
 
-    def _restore_step(self, step: int, abstract: TrainState) -> TrainState:
-        if not (self.directory / str(step) / COMMIT_MARKER).exists():
-            raise FileNotFoundError(f"step {step} has no {COMMIT_MARKER} (never committed)")
-        self._check(self._read_metadata(step))
+    def _restore_step(self, step: int, abstract: TrainState) -> tuple[TrainState | None,
+                                                                       str | None]:
+        """(state, None), or (None, why step `step` is unreadable on some process).
+
+        Every check is agreed before the next collective read: the commit marker and the
+        metadata first, then the arrays. `IncompatibleCheckpoint` (another model's step)
+        is raised on every process alike.
+        """
+        problem = None
+        try:
+            if not (self.directory / str(step) / COMMIT_MARKER).exists():
+                raise FileNotFoundError(f"step {step} has no {COMMIT_MARKER} (never "
+                                        "committed)")
+            self._check(self._read_metadata(step))
+        except IncompatibleCheckpoint as e:
+            problem = f"{_INCOMPATIBLE}{e}"
+        except Exception as e:
+            problem = _reason(e)
+        if (problem := distributed.failed_anywhere(problem)) is not None:
+            if problem.startswith(_INCOMPATIBLE):
+                raise IncompatibleCheckpoint(problem[len(_INCOMPATIBLE):])
+            return None, problem
         tree = state_to_tree(abstract)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.PyTreeRestore(
-                tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))}))
-        return tree_to_state(restored[STATE_ITEM], abstract)
+        state = None
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.PyTreeRestore(
+                    tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))}))
+            state = tree_to_state(restored[STATE_ITEM], abstract)
+        except Exception as e:
+            problem = _reason(e)
+        if (problem := distributed.failed_anywhere(problem)) is not None:
+            return None, problem
+        return state, None
+
+    def _check_directory(self) -> None:
+        """Before the first save: refuse (on every process alike) a directory whose newest
+        readable metadata belongs to another model, optimizer or batch."""
+        problem = None
+        latest = self.latest_step(committed=False)  # as listed when the manager started
+        if latest is not None:
+            try:
+                self._check(self._read_metadata(latest))
+            except IncompatibleCheckpoint as e:
+                problem = str(e)
+            except Exception:  # a damaged step says nothing about the model
+                pass
+        if (problem := distributed.failed_anywhere(problem)) is not None:
+            raise IncompatibleCheckpoint(problem)
 
     def _check(self, meta: dict) -> None:
         """Raise `IncompatibleCheckpoint`, naming the fix, unless `meta` fits the trainer."""
@@ -359,6 +421,9 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(
         use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(
             (jax.Array, arrays)))
+
+
+_INCOMPATIBLE = "incompatible: "
 
 
 def _reason(e: BaseException) -> str:

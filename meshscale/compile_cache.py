@@ -1,9 +1,14 @@
 """Ahead-of-time compiled executables, kept so a mesh is compiled at most once.
 
-Keyed by (what, mesh shape, device ids, model/optimizer fingerprint, batch spec); bounded
-(least recently used entries are dropped); every lookup is recorded as a hit or a miss,
-and every compile with its seconds and origin ("on-demand" or "background"), so callers
-can prove from the record, not from wall time, that nothing was compiled again.
+Keyed by everything the executable bakes in (`Trainer.step_key`: mesh shape, device ids,
+parameter shapes, the model's graph definition, the optimizer object itself, batch spec,
+remat, donation); the key holds the optimizer and graphdef, so neither can be freed and
+its id reused while the entry lives. Bounded (least recently used entries are dropped);
+every lookup is counted as a hit or a miss, and every compile with its seconds and
+origin ("on-demand" or "background"), so callers can prove from the record, not from
+wall time, that nothing was compiled again. The counters are exact for the cache's whole
+life; the event list keeps the newest `max_events` only (a long job would otherwise grow
+it without end).
 JAX's persistent compilation cache (`enable_persistent_cache`) sits underneath: it
 survives a process restart, this one lives in memory.
 """
@@ -22,6 +27,8 @@ from typing import Any
 import jax
 from jax.experimental.compilation_cache import compilation_cache as cc
 
+from meshscale.paths import run_path
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +43,7 @@ class CompileEvent:
 class CompileCache:
     """An LRU map from key to compiled executable, with a hit/miss record."""
 
-    def __init__(self, maxsize: int = 32):
+    def __init__(self, maxsize: int = 32, *, max_events: int = 1000):
         if maxsize < 1:
             raise ValueError(f"CompileCache maxsize must be >= 1, got {maxsize}")
         self.maxsize = maxsize
@@ -44,7 +51,21 @@ class CompileCache:
         self._origin: dict[Hashable, str] = {}
         self._lock = threading.RLock()
         self._key_locks: dict[Hashable, threading.Lock] = {}
-        self.events: list[CompileEvent] = []
+        self.events: collections.deque[CompileEvent] = collections.deque(maxlen=max_events)
+        self.recorded = 0  # events ever recorded (the deque keeps the newest)
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._compile_seconds = 0.0
+
+    def _record(self, event: CompileEvent) -> None:
+        self.events.append(event)
+        self.recorded += 1
+        self._counts[event.outcome, event.origin] += 1
+        self._compile_seconds += event.seconds
+
+    def events_since(self, recorded: int) -> list[CompileEvent]:
+        """The events recorded after `recorded` was read (those still kept)."""
+        with self._lock:
+            return list(self.events)[max(0, len(self.events) - (self.recorded - recorded)):]
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
@@ -67,25 +88,25 @@ class CompileCache:
             with self._lock:
                 if key in self._entries:
                     self._entries.move_to_end(key)
-                    self.events.append(CompileEvent(key, "hit"))
+                    self._record(CompileEvent(key, "hit"))
                     return self._entries[key]
             start = time.perf_counter()
             value = compile_fn()
             seconds = time.perf_counter() - start
             with self._lock:
-                self.events.append(CompileEvent(key, "miss", seconds, origin))
+                self._record(CompileEvent(key, "miss", seconds, origin))
                 self._entries[key] = value
                 self._origin[key] = origin
                 while len(self._entries) > self.maxsize:
                     old, _ = self._entries.popitem(last=False)
                     self._origin.pop(old, None)
-                    self.events.append(CompileEvent(old, "evict"))
+                    self._record(CompileEvent(old, "evict"))
             log.debug("compiled %s in %.2fs (%s)", key, seconds, origin)
             return value
 
     def count(self, outcome: str, origin: str | None = None) -> int:
-        return sum(1 for e in self.events
-                   if e.outcome == outcome and (origin is None or e.origin == origin))
+        return sum(n for (o, g), n in self._counts.items()
+                   if o == outcome and (origin is None or g == origin))
 
     @property
     def compiles(self) -> int:
@@ -97,7 +118,7 @@ class CompileCache:
             "misses": self.count("miss"),
             "background": self.count("miss", "background"),
             "evictions": self.count("evict"),
-            "compile_seconds": sum(e.seconds for e in self.events if e.outcome == "miss"),
+            "compile_seconds": self._compile_seconds,
             "size": len(self._entries),
         }
 
@@ -126,8 +147,9 @@ def enable_persistent_cache(directory: str | os.PathLike) -> str:
     Safe to call after JAX has compiled something: the cache is re-initialised.
     """
     global _listening
-    path = os.path.abspath(os.fspath(directory))
-    os.makedirs(path, exist_ok=True)
+    where = run_path(directory)
+    where.mkdir(parents=True, exist_ok=True)
+    path = os.fspath(where)
     if not _listening:
         jax.monitoring.register_event_listener(_count_persistent)
         _listening = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -136,11 +137,13 @@ def run(cfg: DemoConfig) -> dict:
             if i > first and count != devices_at(schedule, i - 1):
                 FileSource.write(device_file, count)
             state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
+            last = elastic.last_record  # the newest fetched loss: no wait on this step
             progress.update(task, completed=i + 1, info=(
-                f"loss {metrics['loss']:.3f}  {metrics['samples_per_second']:7.1f} samples/s  "
-                f"mesh {metrics['mesh']}"))
+                f"loss {last.loss if last else math.nan:.3f} (step {last.step if last else '-'})"
+                f"  {metrics['samples_per_second']:7.1f} samples/s  mesh {metrics['mesh']}"))
             if (i + 1) % 20 == 0:
                 save_report()
+    elastic.close()  # the last checkpoint on disk
     out = save_report()
     if cfg.model == "gpt-tiny":
         from models.gpt import sample

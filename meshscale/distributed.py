@@ -4,8 +4,9 @@ JAX's multi-controller runtime runs the collectives and Orbax writes the checkpo
 this module only starts the runtime (`initialize`) and keeps the processes in step:
 `broadcast` sends process 0's value to every process (one decision, one device list),
 `slowest` reduces timings so the slowest process counts, `failed_anywhere` makes a
-failure on one process a failure on all. Each is a collective: every process must call
-it in the same order. With one process each is a no-op returning its argument.
+failure on one process a failure on all (in the failing process's words). Each is a
+collective: every process must call it in the same order. With one process each is a
+no-op returning its argument.
 
 Never: let processes pick different meshes, or build a runtime of its own.
 """
@@ -81,15 +82,17 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def broadcast(value: T) -> T:
-    """Process 0's `value` (any picklable object), on every process."""
+def broadcast(value: T, *, source: int = 0) -> T:
+    """Process `source`'s `value` (any picklable object), on every process."""
     if jax.process_count() == 1:
         return value
-    data = np.frombuffer(pickle.dumps(value), np.uint8) if is_main() else np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.array(data.size, np.int64)))
+    mine = jax.process_index() == source
+    data = np.frombuffer(pickle.dumps(value), np.uint8) if mine else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.array(data.size, np.int64),
+                                                    is_source=mine))
     padded = np.zeros(max(256, 1 << (size - 1).bit_length()), np.uint8)  # few shapes: few
     padded[: data.size] = data                                            # compiles
-    received = multihost_utils.broadcast_one_to_all(padded)
+    received = multihost_utils.broadcast_one_to_all(padded, is_source=mine)
     return pickle.loads(np.asarray(received, np.uint8)[:size].tobytes())
 
 
@@ -105,14 +108,20 @@ def slowest(seconds: Any) -> np.ndarray:
 
 
 def failed_anywhere(failure: str | None) -> str | None:
-    """`failure` (a status text, None when this process succeeded), or, when only other
-    processes failed, a status naming the first of them: the same verdict everywhere."""
+    """The first failing process's `failure` (a status text; None where a process
+    succeeded), the same text on every process, or None when every process succeeded.
+
+    Use it on any local outcome that decides whether a process enters a collective next
+    (a try-run's compile or placement, a checkpoint step's readability): failure anywhere
+    is failure everywhere, so no process waits in a collective its peers skipped.
+    """
     if jax.process_count() == 1:
         return failure
-    flags = multihost_utils.process_allgather(np.array(failure is not None))
-    if failure is None and flags.any():
-        return f"failed: on process {int(np.argmax(flags))}"
-    return failure
+    flags = np.asarray(multihost_utils.process_allgather(np.array(failure is not None)))
+    if not flags.any():
+        return None
+    first = int(np.argmax(flags))
+    return f"{broadcast(failure, source=first)} (on process {first})"
 
 
 def idle_processes(devices: Sequence[jax.Device]) -> list[int]:

@@ -14,14 +14,25 @@ the slowest process, process 0's decision is everyone's, and only process 0 call
 `on_event` and prints reports. A switch always goes through the checkpoint
 (`distributed.can_place`).
 
+The loop never waits on the device per step: `step` dispatches the compiled step and
+returns the loss as a device array (fetch it when you need it); the trainer blocks once
+every `timing_window` steps, which both fetches that window's losses into the records
+and times the window (wall time / steps: honest, since the block drains the queue).
+Periodic checkpoints are written in the background (`Checkpointer`); the trainer waits
+for them only before a search (a switch restores from disk) and in `close()`.
+History is bounded: the newest `history_limit` events and step records are kept, and
+`totals` sums the whole run.
+
 Never: change the live state during a search, or touch devices the source did not grant.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import statistics
 import time
@@ -39,6 +50,7 @@ from meshscale.compile_cache import CompileCache, enable_persistent_cache
 from meshscale.errors import IncompatibleCheckpoint, InsufficientDevices, InvalidMeshShape
 from meshscale.mesh import MeshShape, device_ids
 from meshscale.model import Batch
+from meshscale.paths import run_path
 from meshscale.precompile import Precompiler, likely_next_counts, resolve_mode
 from meshscale.search import Baseline, Decision, search
 from meshscale.train import Trainer, TrainState
@@ -47,16 +59,46 @@ from meshscale.tryrun import LiveState
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+_WARMUP_STEPS = 2  # the first steps on a new mesh (first-run allocation) are not timed
+_BASELINE_WINDOWS = 2  # clean timing windows a baseline from ordinary steps needs
+_COUNTED = {"switch": "switches", "search": "searches", "checkpoint": "checkpoints"}
 
 
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
+    """One training step. `seconds` is its timing window's wall time / steps (nan while
+    its window is open); `loss` is fetched from the device with its window."""
+
     step: int
     loss: float
     seconds: float
     samples_per_second: float
     mesh: str
     num_devices: int
+
+
+@dataclasses.dataclass
+class Totals:
+    """Whole-run counters, kept however short the bounded history is."""
+
+    steps: int = 0
+    switches: int = 0
+    searches: int = 0
+    checkpoints: int = 0
+    seconds_per_mesh: dict[str, float] = dataclasses.field(default_factory=dict)
+    steps_per_mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Window:
+    """The steps dispatched since the last block: (step, device loss) and when it began."""
+
+    start: float
+    mesh: str
+    num_devices: int
+    clean: bool  # counts for the baseline: past warm-up, no save, no background compile
+    activity: int  # the precompiler's activity counter at the start
+    losses: list = dataclasses.field(default_factory=list)
 
 
 class ElasticTrainer:
@@ -82,6 +124,10 @@ class ElasticTrainer:
       precompile_budget: most background compiles per plan.
       search_options: passed to `meshscale.search` (warmup, steps, max_pipe, microbatches,
         eps, memory_budget).
+      timing_window: block on the device once every this many steps (fetching the
+        losses, timing the window); the baseline is the median of recent clean windows.
+      history_limit: keep the newest this many events and step records (`totals` counts
+        everything).
     """
 
     def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
@@ -95,12 +141,15 @@ class ElasticTrainer:
                  compile_cache: CompileCache | None = None, persistent_cache: bool = True,
                  baseline_window: int = 20, on_event: Callable[[Event], None] | None = None,
                  search_options: dict | None = None,
-                 precompile: str | Sequence[int] = "auto", precompile_budget: int = 8):
+                 precompile: str | Sequence[int] = "auto", precompile_budget: int = 8,
+                 timing_window: int = 10, history_limit: int = 10_000):
         if switch_via not in ("checkpoint", "memory"):
             raise InvalidMeshShape(
                 f"switch_via must be 'checkpoint' or 'memory', got {switch_via!r}")
-        if not isinstance(check_every, int) or check_every < 1:
-            raise InvalidMeshShape(f"check_every must be a positive int, got {check_every!r}")
+        for name, value in (("check_every", check_every), ("timing_window", timing_window),
+                            ("history_limit", history_limit)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidMeshShape(f"{name} must be a positive int, got {value!r}")
         self.trainer = Trainer(model, optimizer, global_batch=global_batch,
                                example_batch=example_batch, remat=remat,
                                state_sharding=state_sharding, cache=compile_cache)
@@ -111,10 +160,10 @@ class ElasticTrainer:
                 f"p_min={p_min} is larger than the model's {self.trainer.num_layers} layers: "
                 f"a stage needs at least one layer, lower p_min")
         self.p_min = p_min
-        self.checkpoint_dir = os.fspath(checkpoint_dir)
+        self.checkpoint_dir = run_path(checkpoint_dir)  # local, or gs://... kept as given
         if persistent_cache:
-            enable_persistent_cache(os.path.join(self.checkpoint_dir, "jax_cache"))
-        self.checkpointer = Checkpointer(os.path.join(self.checkpoint_dir, "state"), self.trainer,
+            enable_persistent_cache(self.checkpoint_dir / "jax_cache")
+        self.checkpointer = Checkpointer(self.checkpoint_dir / "state", self.trainer,
                                          max_to_keep=max_to_keep)
         self.resources = (resources if isinstance(resources, resources_lib.ResourceSource)
                           else resources_lib.Static(resources))
@@ -125,10 +174,18 @@ class ElasticTrainer:
         self.shape: MeshShape | None = None
         self.devices: list[jax.Device] = []  # the current mesh's devices
         self._granted: list[jax.Device] = []  # what the source granted at the last poll
-        self.history: list[Event] = []
-        self.steps: list[StepRecord] = []
+        self._history: collections.deque[Event] = collections.deque(maxlen=history_limit)
+        self._records: collections.deque[StepRecord] = collections.deque(maxlen=history_limit)
+        self.totals = Totals()
+        self.timing_window = timing_window
+        self._window: _Window | None = None
+        self._last_sps = math.nan  # samples/s of the last closed timing window
+        self._step = 0  # the step counter on the host: reading state.step would sync
+        self._stepped = False  # events before the first step carry no step number
+        self._closed = False
+        self._batch_sharding = None
         self._step_fn = None
-        self._recent = collections.deque(maxlen=baseline_window)  # step seconds on this mesh
+        self._recent = collections.deque(maxlen=baseline_window)  # clean windows' step s
         self._since_switch = 0
         self._last_switch_cost: float | None = None
         self.precompile_mode = resolve_mode(precompile)
@@ -140,8 +197,10 @@ class ElasticTrainer:
     # -- events -----------------------------------------------------------------------
     def _emit(self, kind: str, **data) -> Event:
         event = {"event": kind, "time": time.time(),
-                 "step": self.steps[-1].step if self.steps else None, **data}
-        self.history.append(event)
+                 "step": self._step if self._stepped else None, **data}
+        self._history.append(event)
+        if kind in _COUNTED:
+            setattr(self.totals, _COUNTED[kind], getattr(self.totals, _COUNTED[kind]) + 1)
         log.info("%s %s", kind, {k: v for k, v in data.items() if k != "decision"})
         if self.on_event is not None and distributed.is_main():
             self.on_event(event)
@@ -161,13 +220,14 @@ class ElasticTrainer:
         latest = self.checkpointer.latest_step()
         if latest is not None:
             state = self.checkpointer.restore(staging, devices=devices)
-            restored = int(state.step)
-            self._emit("resume", checkpoint_step=restored, num_devices=len(devices))
+            self._step = int(state.step)  # once, at start-up
+            self._emit("resume", checkpoint_step=self._step, num_devices=len(devices))
         else:
             state = self.trainer.init_state(staging, devices)
+            self._step = 0
             self._emit("start", num_devices=len(devices))
         self.shape, self.devices = staging, devices[: staging.num_devices]
-        step = int(state.step) if latest is not None else None
+        step = self._step if latest is not None else None
         state, decision = self._search(state, [example_batch], devices, baseline=None,
                                        current=None, step=step)
         best = decision.best
@@ -209,28 +269,114 @@ class ElasticTrainer:
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One training step on the current mesh; every `check_every` steps, adapt.
 
-        The state passed in is consumed (its buffers are donated to the step).
+        The state passed in is consumed (its buffers are donated to the step). Returns the
+        new state and metrics: ``loss`` (a device scalar: reading it waits for this step,
+        so read it only when needed), ``step`` and ``mesh`` (host values), and
+        ``samples_per_second`` of the last closed timing window (nan before the first).
         """
         if self._step_fn is None:
             raise RuntimeError("call ElasticTrainer.init(example_batch) before step()")
-        start = time.perf_counter()
-        placed = self.trainer.put_batch(batch, self.shape, self.devices)
+        if self._window is None:
+            self._open_window()
+        placed = self.trainer.put_batch(batch, self.shape, self.devices,
+                                        shardings=self._batch_sharding)
         state, metrics = self._step_fn(state, placed)
-        loss = float(metrics["loss"])  # waits for the step: the timing is real
-        seconds = time.perf_counter() - start
+        self._step += 1
+        self._stepped = True
         self._since_switch += 1
-        if self._since_switch > 2:  # the first steps on a new mesh are warm-up
-            self._recent.append(seconds)
-        record = StepRecord(int(state.step), loss, seconds, self.trainer.global_batch / seconds,
-                            str(self.shape), self.shape.num_devices)
-        self.steps.append(record)
-        metrics = {"loss": loss, "seconds": seconds, "mesh": str(self.shape),
-                   "samples_per_second": record.samples_per_second}
-        if self.checkpoint_every and record.step % self.checkpoint_every == 0:
+        self._window.losses.append((self._step, metrics["loss"]))
+        if len(self._window.losses) >= self.timing_window:
+            self._close_window()
+        out = {"loss": metrics["loss"], "step": self._step, "mesh": str(self.shape),
+               "samples_per_second": self._last_sps}
+        if self.checkpoint_every and self._step % self.checkpoint_every == 0:
             self._save(state, reason="periodic")
-        if record.step % self.check_every == 0:
+        if self._step % self.check_every == 0:
             state = self.check(state, batch)
-        return state, metrics
+        return state, out
+
+    # -- timing windows and step records ---------------------------------------------
+    def _open_window(self) -> None:
+        """Start timing the next steps. The window counts for the baseline (is clean) only
+        past the warm-up of a new mesh and with no checkpoint write beside it."""
+        activity = self.precompiler.activity if self.precompiler else 0
+        clean = self._since_switch >= _WARMUP_STEPS and not self.checkpointer.saving
+        self._window = _Window(time.perf_counter(), str(self.shape), self.shape.num_devices,
+                               clean=clean, activity=activity)
+
+    def _close_window(self) -> None:
+        """Block on the window's last step, time it, and record its steps with their
+        losses; a clean full window adds its mean step time to the baseline."""
+        window, self._window = self._window, None
+        if window is None or not window.losses:
+            return
+        losses = jax.device_get([loss for _, loss in window.losses])  # waits for the last
+        seconds = (time.perf_counter() - window.start) / len(losses)
+        quiet = (self.precompiler is None or self.precompiler.quiet_since(window.activity)) \
+            and not self.checkpointer.saving  # no compile, no checkpoint write beside it
+        if window.clean and quiet and len(losses) >= self.timing_window:
+            self._recent.append(seconds)
+        sps = self.trainer.global_batch / seconds if seconds > 0 else math.inf
+        self._last_sps = sps
+        for (step, _), loss in zip(window.losses, losses, strict=True):
+            self._records.append(StepRecord(step, float(loss), seconds, sps, window.mesh,
+                                            window.num_devices))
+        t = self.totals
+        t.steps += len(losses)
+        t.seconds_per_mesh[window.mesh] = t.seconds_per_mesh.get(window.mesh, 0.0) \
+            + seconds * len(losses)
+        t.steps_per_mesh[window.mesh] = t.steps_per_mesh.get(window.mesh, 0) + len(losses)
+
+    def _break_window(self) -> None:
+        """End the open window early (a save, search or switch interrupts it): its steps
+        are recorded, but its time does not count for the baseline."""
+        if self._window is not None:
+            self._window.clean = False
+        self._close_window()
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        """The newest step record already fetched (no wait: the steps of the open timing
+        window are not in it yet). For progress displays."""
+        return self._records[-1] if self._records else None
+
+    @property
+    def history(self) -> list[Event]:
+        """The newest `history_limit` events, oldest first."""
+        return list(self._history)
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        """The newest step records (waits for the steps still in flight)."""
+        self._break_window()
+        return list(self._records)
+
+    def flush(self) -> None:
+        """Wait for the steps in flight and record them (their losses fetched)."""
+        self._break_window()
+
+    def wait(self) -> None:
+        """Wait for the steps in flight and for every checkpoint being written."""
+        self.flush()
+        self.checkpointer.wait()
+
+    def close(self) -> None:
+        """Finish: record the steps in flight, wait for the checkpoint writes, stop the
+        precompiler. Call before the process exits (or use the trainer as a context
+        manager), or the newest checkpoint may be lost. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self.wait()
+        self.checkpointer.close()
+        if self.precompiler is not None:
+            self.precompiler.close()
+
+    def __enter__(self) -> ElasticTrainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def check(self, state: TrainState, batch: Batch) -> TrainState:
         """Poll the resource source now; on a change, save, search and maybe switch."""
@@ -238,19 +384,21 @@ class ElasticTrainer:
         if device_ids(devices) == device_ids(self._granted):
             self._plan_precompile()
             return state
+        self._break_window()
         self._emit("devices_changed", before=len(self._granted), after=len(devices),
                    device_ids=list(device_ids(devices)))
         self._save(state, reason="before search")
+        self.checkpointer.wait()  # on disk before anything is tried: a switch restores it
         try:
             self._require(devices)
         finally:
             self._granted = list(devices)
         current_ok = set(device_ids(self.devices)) <= set(device_ids(devices))
         baseline = self.baseline() if current_ok else None
-        remaining = (self.total_steps - int(state.step)) if self.total_steps else None
+        remaining = (self.total_steps - self._step) if self.total_steps else None
         state, decision = self._search(state, [batch], devices, baseline=baseline,
                                        current=self.shape if current_ok else None,
-                                       remaining_steps=remaining, step=int(state.step))
+                                       remaining_steps=remaining, step=self._step)
         forced = not current_ok
         if decision.best is not None and (decision.switch or forced) \
                 and (decision.best.shape, device_ids(devices[: decision.best.shape.num_devices])) \
@@ -265,11 +413,22 @@ class ElasticTrainer:
         return state
 
     def baseline(self) -> Baseline | None:
-        """The current mesh's steady-state samples/s from ordinary steps (None if too few)."""
-        if len(self._recent) < 3:
+        """The current mesh's steady-state samples/s from ordinary steps: the median of the
+        last clean timing windows (past warm-up, no save, no background compile), or None
+        with fewer than 2 (then the search takes the current mesh's own try-run).
+
+        With several processes every one must call this (the slowest counts), and all get
+        the same answer: the window count is agreed too.
+        """
+        enough = distributed.broadcast(len(self._recent) >= _BASELINE_WINDOWS)
+        if not enough:
             return None
-        seconds = float(distributed.slowest(statistics.median(self._recent)))
-        return Baseline(self.trainer.global_batch / seconds, self.shape.num_devices, self.shape)
+        mine = statistics.median(self._recent) if self._recent else math.nan
+        seconds = float(distributed.slowest(mine))
+        if not math.isfinite(seconds):  # a process without a clean window: none
+            return None
+        return Baseline(self.trainer.global_batch / seconds, self.shape.num_devices, self.shape,
+                        source="steps")
 
     def _poll(self) -> list[jax.Device]:
         """The devices granted now; with several processes, process 0's answer."""
@@ -277,11 +436,14 @@ class ElasticTrainer:
 
     # -- pieces -----------------------------------------------------------------------
     def _save(self, state: TrainState, *, reason: str) -> None:
-        step = int(state.step)
+        """Start writing `state` (in the background: training goes on while it is written;
+        `seconds` is the blocking part, copying the state off the devices)."""
+        step = self._step
+        if self._window is not None:
+            self._window.clean = False  # the save's blocking part is in this window
         start = time.perf_counter()
-        if not self.checkpointer.save(state, shape=self.shape):
+        if not self.checkpointer.save(state, shape=self.shape, step=step):
             return  # this step is on disk already (a damaged copy is replaced)
-        self.checkpointer.wait()
         self._emit("checkpoint", checkpoint_step=step, reason=reason,
                    seconds=time.perf_counter() - start)
 
@@ -293,10 +455,12 @@ class ElasticTrainer:
         live = LiveState(state, restore=lambda shape, devs: (
             self.trainer.init_state(shape, devs) if step is None
             else self.checkpointer.restore(shape, step=step, devices=devs)))
-        decision = search(self.trainer, live, batches, devices, p_min=self.p_min,
-                          baseline=baseline, threshold=self.threshold, current=current,
-                          remaining_steps=remaining_steps, switch_cost=self._last_switch_cost,
-                          **self.search_options)
+        quiet = self.precompiler.paused() if self.precompiler else contextlib.nullcontext()
+        with quiet:  # try-runs are timed on cores the compiler does not share
+            decision = search(self.trainer, live, batches, devices, p_min=self.p_min,
+                              baseline=baseline, threshold=self.threshold, current=current,
+                              remaining_steps=remaining_steps,
+                              switch_cost=self._last_switch_cost, **self.search_options)
         self._emit("search", num_devices=len(devices), decision=decision,
                    seconds=time.perf_counter() - start)
         if live.released:
@@ -310,7 +474,8 @@ class ElasticTrainer:
         """Move `state` onto `shape`: restore the checkpoint written before the search."""
         start = time.perf_counter()
         before = self.shape
-        step = int(state.step)
+        step = self._step
+        self._break_window()
         latest = self.checkpointer.latest_step()
         on_disk = self.switch_via != "memory" and latest == step
         if not on_disk and distributed.can_place():
@@ -330,6 +495,7 @@ class ElasticTrainer:
                 log.warning("switch: %s; moving the state in memory instead", e)
                 state = self.trainer.place(state, shape, devices)
         self._step_fn = self.trainer.compile_step(shape, devices)
+        self._batch_sharding = self.trainer.batch_sharding(shape, devices)  # once per mesh
         self.shape, self.devices = shape, list(devices[: shape.num_devices])
         self._granted = list(devices)
         self._recent.clear()

@@ -8,12 +8,16 @@ mesh, a background thread compiles the candidates of the device counts most like
 at the lowest CPU priority, up to a budget. Results land in the trainer's `CompileCache`
 marked "background", so the search and the switch that follow find them there.
 
-Never: fail training. A pre-compile that raises (or would not fit memory) is recorded
-and skipped.
+Never: fail training, or compete with steps that are being timed: while a search
+try-runs candidates the precompiler is paused (`paused`), and `activity` lets the
+trainer drop baseline windows during which it compiled, so try-runs and baseline are
+both measured on quiet cores. A pre-compile that raises is recorded and skipped.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -77,10 +81,13 @@ class Precompiler:
         self.trainer, self.p_min, self.budget, self.nice = trainer, p_min, budget, nice
         opts = search_options or {}
         self.max_pipe, self.microbatches = opts.get("max_pipe"), opts.get("microbatches")
-        self.records: list[PrecompileRecord] = []
+        self.records: collections.deque[PrecompileRecord] = collections.deque(maxlen=1000)
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
+        self._gate = threading.Lock()  # held by each compile, and by `paused` throughout
+        self._compiling = False
+        self.activity = 0  # compiles started or finished so far (see `quiet_since`)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="meshscale-precompile",
                                         daemon=True)
@@ -122,9 +129,23 @@ class Precompiler:
         """Block until every queued compile is done; False on timeout."""
         return self._idle.wait(timeout)
 
-    def close(self) -> None:
+    def quiet_since(self, activity: int) -> bool:
+        """Whether nothing was compiled since `activity` was read, and nothing is now."""
+        return self.activity == activity and not self._compiling
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No compile runs inside the block (one already running finishes first)."""
+        with self._gate:
+            yield
+
+    def close(self, timeout: float | None = 600.0) -> None:
+        """Stop: drop the queued compiles and wait (up to `timeout` s) for the one running,
+        so no compile outlives the trainer that asked for it."""
         self._stop = True
         self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -133,23 +154,32 @@ class Precompiler:
             pass
         while not self._stop:
             job = self._queue.get()
+            if self._stop:
+                break
             if job is None:
                 if self._queue.empty():
                     self._idle.set()
                 continue
             n, shape, devices = job
-            start = time.perf_counter()
-            key = self.trainer.step_key(shape, devices)
-            if key in self.trainer.cache:
-                status = "cached"
-            else:
-                try:
-                    self.trainer.compile_step(shape, devices, origin="background")
-                    status = "compiled"
-                except Exception as e:  # a failed pre-compile never breaks training
-                    status = f"failed: {type(e).__name__}: {str(e)[:200]}"
-                    log.warning("pre-compile of %s on %d devices failed: %s", shape, n, e)
-            self.records.append(PrecompileRecord(n, shape, status, time.perf_counter() - start))
+            with self._gate:
+                self._compile(n, shape, devices)
+
+    def _compile(self, n: int, shape: MeshShape, devices) -> None:
+        start = time.perf_counter()
+        key = self.trainer.step_key(shape, devices)
+        if key in self.trainer.cache:
+            status = "cached"
+        else:
+            self._compiling, self.activity = True, self.activity + 1
+            try:
+                self.trainer.compile_step(shape, devices, origin="background")
+                status = "compiled"
+            except Exception as e:  # a failed pre-compile never breaks training
+                status = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                log.warning("pre-compile of %s on %d devices failed: %s", shape, n, e)
+            finally:
+                self._compiling, self.activity = False, self.activity + 1
+        self.records.append(PrecompileRecord(n, shape, status, time.perf_counter() - start))
 
 
 def resolve_mode(mode: str | Sequence[int]) -> str | list[int]:

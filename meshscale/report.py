@@ -62,9 +62,22 @@ def machine() -> dict:
 
 
 def run_data(elastic, **extra) -> dict:
-    """The JSON form of an `ElasticTrainer` run: every event, every step, the machine."""
-    return to_plain({"machine": machine(), "steps": elastic.steps, "events": elastic.history,
-                     **extra})
+    """The JSON form of an `ElasticTrainer` run: the kept events and steps (the newest
+    `history_limit`), the whole-run totals, the machine."""
+    return to_plain({"machine": machine(), "steps": elastic.steps,
+                     "events": elastic.history, "totals": elastic.totals, **extra})
+
+
+def chosen_after(events: list[dict], index: int) -> str | None:
+    """The mesh the job ran on after the search at `events[index]`: the switch's target
+    when one followed (before the next search), else the mesh it stayed on."""
+    for e in events[index + 1:]:
+        if e["event"] == "switch":
+            return e.get("after")
+        if e["event"] == "search":
+            break
+    decision = events[index]["decision"]
+    return (decision.get("baseline") or {}).get("shape")
 
 
 def write_json(data: dict, path: str) -> None:
@@ -89,15 +102,19 @@ def _num(v: Any, fmt: str = "{:.3g}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def tryrun_table(decision: dict, title: str = "") -> Table:
-    """One row per try-run of a search (a decision in its plain form)."""
+def tryrun_table(decision: dict, title: str = "", chosen: str | None = None) -> Table:
+    """One row per try-run of a search (a decision in its plain form); the row of
+    `chosen` (the mesh run after the decision; default: the best when switching, else the
+    current mesh) in green."""
     table = Table(title=title or None, title_justify="left")
     for col in ("mesh", "kind", "compile s", "step s", "samples/s", "per device", "memory",
                 "status"):
         table.add_column(col, justify="left" if col in ("mesh", "kind", "status") else "right")
-    best = (decision.get("best") or {}).get("shape")
+    if chosen is None:
+        chosen = ((decision.get("best") or {}).get("shape") if decision.get("switch")
+                  else (decision.get("baseline") or {}).get("shape"))
     for r in decision.get("results", []):
-        style = "bold green" if r.get("shape") == best and r.get("status") == "ok" else None
+        style = "bold green" if r.get("shape") == chosen and r.get("status") == "ok" else None
         table.add_row(r.get("shape", "?"), r.get("kind", ""), _num(r.get("compile_seconds"),
                       "{:.2f}"), _num(r.get("step_seconds"), "{:.4f}"),
                       _num(r.get("samples_per_second"), "{:.1f}"),
@@ -142,10 +159,23 @@ def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
 
 
 def summary(data: dict) -> dict:
-    """Per-mesh time, steps and throughput; search and switch overhead; final loss."""
+    """Per-mesh time, steps and throughput; search and switch overhead; final loss.
+
+    Per-mesh figures come from the run's totals when it has them (the step records are
+    only the newest ones), else from the step records.
+    """
     steps = data["steps"]
     per_mesh: dict[str, dict] = defaultdict(lambda: {"steps": 0, "seconds": 0.0, "samples": 0.0})
-    for s in steps:
+    totals = data.get("totals") or {}
+    batch = next((s["samples_per_second"] * s["seconds"] for s in steps
+                  if s.get("seconds") and s.get("samples_per_second")), None)
+    if totals.get("steps_per_mesh") and batch:
+        for mesh, n in totals["steps_per_mesh"].items():
+            per_mesh[mesh].update(steps=n, seconds=totals["seconds_per_mesh"][mesh],
+                                  samples=n * batch)
+    for s in steps if not per_mesh else ():
+        if s.get("seconds") is None:  # still in flight when the record was written
+            continue
         m = per_mesh[s["mesh"]]
         m["steps"] += 1
         m["seconds"] += s["seconds"]
@@ -190,7 +220,8 @@ def print_history(elastic_or_data, console: Console | None = None) -> None:
             continue
         switch = next((x for x in events[i + 1:] if x["event"] in ("switch", "search")), None)
         switch = switch if switch and switch["event"] == "switch" else None
-        console.print(tryrun_table(e["decision"], title=f"search at step {e.get('step')}"))
+        console.print(tryrun_table(e["decision"], title=f"search at step {e.get('step')}",
+                                   chosen=chosen_after(events, i)))
         console.print(decision_words(e, switch))
     console.print(summary_table(data))
 
@@ -204,9 +235,11 @@ def plot(data: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     steps = data["steps"]
-    searches = [e for e in data["events"] if e["event"] == "search"]
+    searches = [(e, chosen_after(data["events"], i)) for i, e in enumerate(data["events"])
+                if e["event"] == "search"]
     switches = [e for e in data["events"] if e["event"] == "switch" and e.get("step")]
     fig, axes = plt.subplots(3, 1, figsize=(10, 11), constrained_layout=True)
+    steps = [s for s in steps if s.get("seconds") is not None]
     xs = [s["step"] for s in steps]
 
     ax = axes[0]
@@ -228,10 +261,10 @@ def plot(data: dict, path: str) -> str:
 
     ax = axes[2]
     x, labels, ticks = 0, [], []
-    for si, e in enumerate(searches):
+    for si, (e, ran) in enumerate(searches):
         for r in e["decision"].get("results", []):
             ok = r.get("status") == "ok"
-            chosen = ok and r.get("shape") == (e["decision"].get("best") or {}).get("shape")
+            chosen = ok and r.get("shape") == ran  # what the job ran on, not the best
             ax.bar(x, r.get("samples_per_second") or 0.0,
                    color="tab:green" if chosen else ("tab:blue" if ok else "lightgrey"))
             labels.append(r.get("shape", "?"))
@@ -242,7 +275,7 @@ def plot(data: dict, path: str) -> str:
         ax.text(x - 0.5, 0, f"{e.get('num_devices')} dev", ha="right", va="bottom", fontsize=8)
         x += 1
     ax.set_xticks(ticks, labels, rotation=60, fontsize=7)
-    ax.set(title="try-runs at each search (green: chosen, grey: skipped/failed)",
+    ax.set(title="try-runs at each search (green: the mesh run next, grey: skipped/failed)",
            ylabel="samples/s")
     fig.savefig(path, dpi=80)
     plt.close(fig)

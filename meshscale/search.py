@@ -30,7 +30,7 @@ import jax
 
 from meshscale import distributed, memory
 from meshscale.compile_cache import enable_persistent_cache
-from meshscale.errors import InvalidMeshShape, MeshscaleError
+from meshscale.errors import InsufficientDevices, InvalidMeshShape, MeshscaleError
 from meshscale.mesh import MeshShape
 from meshscale.model import Batch
 from meshscale.space import Candidate, MicrobatchChoice, candidates
@@ -45,11 +45,17 @@ _ROUNDING = 1e-9  # 105 vs 100 samples/s is "at" a 5% threshold, whatever floats
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """Steady-state throughput of the mesh running now, from ordinary training steps."""
+    """Steady-state throughput of the mesh running now.
+
+    `source` says how it was measured: ``"try-run"`` (the current mesh's own try-run in
+    the same search: the same procedure, at the same moment, as the candidates it is
+    compared with) or ``"steps"`` (timing windows of ordinary training steps).
+    """
 
     samples_per_second: float
     num_devices: int
     shape: MeshShape | None = None
+    source: str = "steps"
 
     @classmethod
     def from_step_times(cls, times: Sequence[float], global_batch: int, shape: MeshShape, *,
@@ -64,6 +70,22 @@ class Baseline:
             raise ValueError(f"no step times left after skipping {skip} of {len(times)}: "
                              "time more steps")
         return cls(global_batch / statistics.median(steady), shape.num_devices, shape)
+
+    @classmethod
+    def from_try_run(cls, result: TryRunResult) -> Baseline:
+        return cls(result.samples_per_second, result.num_devices, result.shape,
+                   source="try-run")
+
+
+def like_with_like(baseline: Baseline | None, results: Sequence[TryRunResult],
+                   current: MeshShape | None) -> Baseline | None:
+    """The baseline to compare the try-runs with: the current mesh's own try-run when it
+    ran (measured as the candidates were, at the same moment: no drift of load, no
+    difference of procedure can make a mesh look faster than itself), else `baseline`
+    (ordinary steps), else None (the start-up rule)."""
+    own = next((r for r in results if r.ok and current is not None and r.shape == current),
+               None)
+    return Baseline.from_try_run(own) if own is not None else baseline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +231,9 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
       devices: the devices available now.
       p_min: fewest pipeline stages, or ``"auto"``: the smallest pipe width whose compiled
         step fits `memory_budget` (`meshscale.memory.auto_p_min`).
-      baseline: the running mesh's measured throughput (None at start-up).
+      baseline: the running mesh's throughput from ordinary steps (None at start-up or
+        when too few were timed); replaced by the current mesh's own try-run whenever
+        that ran (`like_with_like`).
       current: the running shape (defaults to ``baseline.shape``).
       max_pipe, microbatches: bounds of the search space (`meshscale.space.candidates`).
       warmup, steps: untimed and timed steps per try-run.
@@ -232,7 +256,15 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         if budget is None:
             raise MeshscaleError("p_min='auto' needs a memory budget and this backend reports "
                                  "none: pass memory_budget='2GiB' (CLI: --device-memory 2GiB)")
-        p_min = memory.auto_p_min(trainer, devices, budget=budget)
+        # each process reads its own memory analysis: one verdict, process 0's, for all
+        mine, failure = None, None
+        try:
+            mine = memory.auto_p_min(trainer, devices, budget=budget)
+        except InsufficientDevices as e:
+            failure = str(e)
+        if failure := distributed.failed_anywhere(failure):
+            raise InsufficientDevices(failure)
+        p_min = distributed.broadcast(mine)
         log.info("p_min auto: %d", p_min)
     if current is None and baseline is not None:
         current = baseline.shape
@@ -256,6 +288,7 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
             log.warning("try-run of %s raised: %s", candidate.shape, e)
             result = TryRunResult.not_run(candidate, failure_status(e))
         results.append(result)
+    baseline = like_with_like(baseline, results, current)
     decision = decide(baseline, results, threshold=threshold, remaining_steps=remaining_steps,
                       switch_cost=switch_cost, eps=eps, global_batch=trainer.global_batch,
                       available_devices=len(devices), p_min=p_min)

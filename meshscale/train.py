@@ -239,14 +239,16 @@ class Trainer:
         """
         return move_tree(state, self.shardings(shape, devices))
 
-    def put_batch(self, batch: Batch, shape: MeshShape, devices: Devices = None) -> Batch:
+    def put_batch(self, batch: Batch, shape: MeshShape, devices: Devices = None, *,
+                  shardings: Any = None) -> Batch:
         """A batch split over the ``data`` axis, from host or device arrays.
 
         `batch` is the global batch, or, when the mesh spans several processes, either
         the global batch (the same on every process; each keeps only its rows) or just
-        this process's rows, ``batch[local_rows(shape, devices)]``.
+        this process's rows, ``batch[local_rows(shape, devices)]``. `shardings`: the
+        `batch_sharding` kept by a caller that steps many times (not rebuilt per step).
         """
-        shardings = self.batch_sharding(shape, devices)
+        shardings = shardings or self.batch_sharding(shape, devices)
         if jax.process_count() == 1:
             return jax.device_put(batch, shardings)
         return jax.tree.map(
@@ -286,8 +288,10 @@ class Trainer:
     def step_key(self, shape: MeshShape, devices: Devices = None) -> tuple:
         devs = jax.devices() if devices is None else devices
         spec = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(self.batch_spec))
+        # The graphdef (the forward) and the optimizer object itself, not its id(): equal
+        # parameter shapes or a recycled id can never select another program.
         return ("train_step", shape, device_ids(devs[: shape.num_devices]), self.fingerprint,
-                id(self.optimizer), spec, self.state_sharding, self.remat,
+                self.fmodel.graphdef, self.optimizer, spec, self.state_sharding, self.remat,
                 str(self.compute_dtype), self.rng_seed, self.donate)
 
     def lower_step(self, shape: MeshShape, devices: Devices = None) -> jax.stages.Lowered:

@@ -124,9 +124,7 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
     buffers across overlapping meshes (`device_put` too, even with ``may_alias=False``,
     checked on jax 0.10, CPU). Donating such a placement deletes the live state;
     `jnp.copy` (a computation, so new buffers) after placing makes the copy real. Leaf by
-    leaf, so at most one leaf's placement exists beside the copy. `move`, not
-    `device_put`: jax 0.10's reorder path for meshes listing the same devices in another
-    order aborted the process once in a full test run (SIGABRT in `reorder_shards`).
+    leaf, so at most one leaf's placement exists beside the copy.
 
     With several processes the state is not moved in memory (`distributed.can_place`):
     the try-run trains a fresh state of the same shapes and shardings
@@ -136,6 +134,9 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
     if state is None or not distributed.can_place():
         return trainer.init_state(shape, devices)
     shardings = trainer.shardings(shape, devices)
+    # `placement.move` (per-device copies), not `jax.device_put`: between meshes of other
+    # device orders device_put reshards with collectives, and several of those in flight
+    # at once deadlocked XLA's CPU rendezvous (seen under load: all-to-all on 2 devices).
     return jax.tree.map(lambda x, s: jnp.copy(move(x, s)), state, shardings)
 
 
@@ -148,11 +149,11 @@ def failure_status(error: BaseException) -> str:
 
 def _compile(trainer: Trainer, shape: MeshShape, devices) -> tuple[jax.stages.Compiled, str]:
     key = trainer.step_key(shape, devices)
-    seen = len(trainer.cache.events)
+    seen = trainer.cache.recorded
     compiled = trainer.compile_step(shape, devices)
     # A background compile that finished while we waited is recorded with its own origin.
     if any(e.key == key and e.outcome == "miss" and e.origin == "on-demand"
-           for e in trainer.cache.events[seen:]):
+           for e in trainer.cache.events_since(seen)):
         return compiled, "on-demand"
     return compiled, "background" if trainer.cache.origin(key) == "background" else "hit"
 
@@ -205,23 +206,32 @@ def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[B
     if failure:
         return TryRunResult.not_run(candidate, failure, **measured)
     need = measured["bytes_per_device"]
-    if not fits(need, memory_budget):
-        return TryRunResult.not_run(candidate, over_budget_reason(need, memory_budget),
-                                    **measured)
+    over = None if fits(need, memory_budget) else over_budget_reason(need, memory_budget)
+    if over := distributed.failed_anywhere(over):  # over on any process: skipped on all
+        return TryRunResult.not_run(candidate, over, **measured)
     beside = live.bytes_on(devices[: shape.num_devices])
-    if not fits(need + beside, memory_budget):
+    crowded = None if fits(need + beside, memory_budget) else \
+        over_budget_reason(need + beside, memory_budget) + " with the live state beside it"
+    if crowded := distributed.failed_anywhere(crowded):  # released everywhere, or nowhere
         if live.restore is None:
-            return TryRunResult.not_run(
-                candidate, over_budget_reason(need + beside, memory_budget) +
-                " with the live state beside it", **measured)
+            return TryRunResult.not_run(candidate, crowded, **measured)
         live.release()
     total = warmup + steps
     times = []
     try:
-        run_state = copy_state(trainer, live.state, shape, devices)
+        # Ready before the first step: on CPU a step's collectives in flight beside the
+        # copy's resharding collectives can deadlock XLA's rendezvous (seen under load).
+        run_state = jax.block_until_ready(copy_state(trainer, live.state, shape, devices))
+        batch_sh = trainer.batch_sharding(shape, devices)  # kept, as ElasticTrainer.step does
+    except Exception as e:
+        failure = failure_status(e)
+    if failure := distributed.failed_anywhere(failure):  # placed everywhere, or nowhere
+        return TryRunResult.not_run(candidate, failure, **measured)
+    try:
         for i in range(total):
             tick = time.perf_counter()  # a step as training runs it: feed the batch, step
-            batch = trainer.put_batch(batches[i % len(batches)], shape, devices)
+            batch = trainer.put_batch(batches[i % len(batches)], shape, devices,
+                                      shardings=batch_sh)
             run_state, metrics = compiled(run_state, batch)
             jax.block_until_ready((run_state, metrics))
             if i >= warmup:

@@ -5,6 +5,10 @@
 
 Each process writes ``OUT/<mode>-<process index>.json``; process 0 also writes the full
 train state it checkpointed (job) or restored (resume) as ``OUT/<mode>-state.npz``.
+
+The job ends with a fault: once everything is written, process 1 kills itself (SIGKILL)
+in the middle of a step, leaving process 0 inside that step's collectives; the launcher
+must stop the job. Its time of death is in ``OUT/killed-at``.
 """
 
 from __future__ import annotations
@@ -101,7 +105,54 @@ def searches(trainer, state) -> tuple:
 
     injected = search(trainer, state, batches, jax.devices(), p_min=2, measure=disagreeing,
                       **SEARCH)
-    return measured, injected
+    return measured, injected, one_sided_failure(trainer, state, batches)
+
+
+def one_sided_failure(trainer, state, batches):
+    """Real try-runs where placing the 4x2 copy fails on process 1 only: its peer must not
+    step into that candidate's collectives alone (it would wait forever)."""
+    import jax
+
+    from meshscale import search, tryrun
+
+    place = tryrun.copy_state
+
+    def failing(trainer, state, shape, devices):
+        if shape.pipe == 4 and jax.process_index() == 1:
+            raise MemoryError("simulated: no room for the try-run's copy")
+        return place(trainer, state, shape, devices)
+
+    tryrun.copy_state = failing
+    try:
+        return search(trainer, state, batches, jax.devices(), p_min=2, **SEARCH)
+    finally:
+        tryrun.copy_state = place
+
+
+def damaged_on_one_process(trainer, state, run: Path) -> dict:
+    """Steps 1 and 2 saved; step 2 unreadable for process 1 only (as a stale NFS cache
+    shows it): both processes must restore step 1."""
+    import jax
+
+    from meshscale import Checkpointer, MeshShape
+
+    with Checkpointer(run / "damaged", trainer) as ckpt:
+        ckpt.save(state, step=1)
+        ckpt.save(state, step=2)
+        ckpt.wait()
+        read = ckpt._read_metadata
+
+        def stale(step):
+            if step == 2 and jax.process_index() == 1:
+                raise FileNotFoundError("simulated: step 2 not visible on this host yet")
+            return read(step)
+
+        ckpt._read_metadata = stale
+        restored = ckpt.restore(MeshShape.parse(SHAPES[-1]))  # the plain steps' last mesh
+        expected, got = gather(state.params), gather(restored.params)
+        return {"restored_step": ckpt.last_fallback.restored_step,
+                "skipped": [s for s, _ in ckpt.last_fallback.skipped],
+                "equal": all(bool((expected[k] == got[k]).all()) for k in expected)}
 
 
 def elastic_trainer(run: Path, source, trainer=None, **search):
@@ -127,8 +178,10 @@ def job(out: Path, run: Path) -> None:
     say("model built")
     losses, rows, state = plain_steps(trainer)
     say("plain steps done")
-    measured, injected = searches(trainer, state)
+    measured, injected, one_sided = searches(trainer, state)
     say("searches done")
+    damaged = damaged_on_one_process(trainer, state, run)
+    say("damaged-step restore done")
     # The scheduler grants 8 devices, then 6 after the checkpoint at SAVED_STEP; only
     # process 0's answer counts (the others' sources say 8 all along).
     granted = {"count": 8}
@@ -140,7 +193,7 @@ def job(out: Path, run: Path) -> None:
     elastic_losses, saved = [], None
     for i in range(TRAIN_STEPS):
         state, metrics = elastic.step(state, batches[i])
-        elastic_losses.append(metrics["loss"])
+        elastic_losses.append(float(metrics["loss"]))
         if int(state.step) == SAVED_STEP:
             saved = gather(state)  # as checkpointed, before the next step donates it
             granted["count"] = 6
@@ -148,9 +201,28 @@ def job(out: Path, run: Path) -> None:
             say(f"after the device change: {elastic.shape}")
     events = [{k: v for k, v in e.items() if k in ("event", "after", "reason", "num_devices")}
               for e in elastic.history]
+    elastic.wait()  # every checkpoint on disk
     write(out, "job", {"losses": losses, "local_rows": rows, "measured": to_plain(measured),
-                       "injected": to_plain(injected), "elastic_losses": elastic_losses,
+                       "injected": to_plain(injected), "one_sided": to_plain(one_sided),
+                       "damaged": damaged, "elastic_losses": elastic_losses,
                        "mesh": str(elastic.shape), "events": to_plain(events)}, saved)
+    killed_mid_step(out, trainer, elastic, state, batches[0])
+
+
+def killed_mid_step(out: Path, trainer, elastic, state, batch) -> None:
+    """Dispatch one more step; process 1 dies (SIGKILL) while it runs, process 0 waits
+    for it forever (its collectives have lost their peer) until the launcher stops it."""
+    import signal
+
+    import jax
+
+    step = trainer.compile_step(elastic.shape, elastic.devices)
+    _, metrics = step(state, trainer.put_batch(batch, elastic.shape, elastic.devices))
+    if jax.process_index() == 1:
+        (out / "killed-at").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    jax.block_until_ready(metrics)
+    say("process 0 finished a step its peer never ran")  # never reached
 
 
 def most_replicas(candidate):
@@ -178,7 +250,7 @@ def resume(out: Path, run: Path) -> None:
     losses = []
     for i in range(first, TRAIN_STEPS):
         state, metrics = elastic.step(state, batches[i])
-        losses.append(metrics["loss"])
+        losses.append(float(metrics["loss"]))
     write(out, "resume", {"first_step": first, "losses": losses, "mesh": str(elastic.shape),
                           "processes": jax.process_count(), "devices": jax.device_count()},
           restored)

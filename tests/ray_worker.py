@@ -74,6 +74,7 @@ def loop(config: dict) -> None:
         checkpoint_dir=config["checkpoint_dir"], p_min=config.get("p_min", P_MIN),
         resources=resources.Static(jax.device_count()), checkpoint_every=CHECKPOINT_EVERY,
         check_every=1000, precompile="off", on_event=on_event,
+        timing_window=2,  # attempts of a few steps still measure samples/s
         search_options={**SEARCH, "measure": prefer_more_devices})
     state = elastic.init(host_batch(0))
     for i in range(int(state.step), config["steps"]):

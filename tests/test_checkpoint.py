@@ -332,3 +332,29 @@ def test_plain_orbax_reads_a_meshscale_checkpoint_without_importing_meshscale(
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report == {"leaves": len(flat), "devices": 1}
+
+
+def test_run_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
+    """`gs://` directories reach Orbax as given (pathlib's absolute() made them
+    /cwd/gs:/...); local ones are absolute, so a later chdir cannot move them."""
+    from etils import epath
+
+    from meshscale.paths import run_path
+
+    url = run_path("gs://bucket/runs/a")
+    assert isinstance(url, epath.Path) and str(url) == "gs://bucket/runs/a"
+    assert str(url / "state") == "gs://bucket/runs/a/state"
+    monkeypatch.chdir(tmp_path)
+    assert str(run_path("run/state")) == str(tmp_path / "run" / "state")
+
+
+def test_reading_the_step_list_does_not_wait_for_a_write(trainer, tmp_path, monkeypatch):
+    state = random_state(trainer, MeshShape(2, 4), seed=13)
+    with Checkpointer(tmp_path / "rel", trainer) as ckpt:
+        waits = []
+        original = type(ckpt).wait
+        monkeypatch.setattr(type(ckpt), "wait", lambda self: waits.append(1) or original(self))
+        assert ckpt.save(state, step=1)
+        assert ckpt.all_steps() == [1] and waits == []  # the write may still be running
+        assert ckpt.latest_step() == 1 and waits == [1]  # on disk: waited for
+        assert_same_values(ckpt.restore(MeshShape(2, 4)), state)

@@ -36,11 +36,23 @@ CACHE = CompileCache(maxsize=64)
 BATCHES = [make_model("mlp").example_batch(BATCH, seed=i) for i in range(30)]
 
 
+OPEN: list[ElasticTrainer] = []  # closed after each test: no write outlives its test
+
+
+@pytest.fixture(autouse=True)
+def close_trainers():
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 def elastic(tmp_path, source, *, p_min=2, model=None, **options):
     options.setdefault("check_every", 5)
-    return ElasticTrainer(model or make_model("mlp"), OPTIMIZER, global_batch=BATCH,
-                          checkpoint_dir=tmp_path / "run", p_min=p_min, resources=source,
-                          compile_cache=CACHE, persistent_cache=False, **options)
+    trainer = ElasticTrainer(model or make_model("mlp"), OPTIMIZER, global_batch=BATCH,
+                             checkpoint_dir=tmp_path / "run", p_min=p_min, resources=source,
+                             compile_cache=CACHE, persistent_cache=False, **options)
+    OPEN.append(trainer)
+    return trainer
 
 
 class Schedule:
@@ -89,8 +101,16 @@ def test_device_changes_keep_every_loss_with_real_try_runs(tmp_path):
     assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
     changes = events(trainer, "devices_changed")
     assert [e["after"] for e in changes] == [8, 6, 3, 8]
+    # Which mesh a timed try-run picks is up to the clock; what holds whatever it picks:
+    # every mesh on 6 devices (2x3, 4x1) needs more than 3, so the change to 3 forces a
+    # switch, and every mesh run after a change fits the devices granted.
     forced = [e for e in events(trainer, "switch") if e["reason"].startswith("forced")]
-    assert forced and forced[0]["num_devices"] <= 3
+    assert any(e["step"] == 15 and e["num_devices"] <= 3 for e in forced)
+    for change in changes:
+        after = trainer.history[trainer.history.index(change):]
+        switch = next((e for e in after if e["event"] == "switch"), None)
+        if switch is not None and switch["step"] == change["step"]:
+            assert switch["num_devices"] <= change["after"]
     for change in changes:  # the checkpoint is written before the search, every time
         after = trainer.history[trainer.history.index(change):]
         kinds = [e["event"] for e in after]
@@ -262,3 +282,111 @@ def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(
     state, losses = run(resumed, schedule, 10, first=5, state=state)
     np.testing.assert_allclose(losses, fixed_mesh_run(10)[0][5:], rtol=1e-5)
     assert resumed.shape.num_devices <= 6 and os.path.isdir(tmp_path / "run" / "state")
+
+
+def test_steps_never_wait_on_the_device_and_losses_are_fetched_per_window(tmp_path,
+                                                                         monkeypatch):
+    """No device value is read on the host inside `step` (float(loss), int(state.step)
+    and np.asarray all read `ArrayImpl._value`), except once per timing window; the
+    losses arrive with their window and equal a fixed mesh's."""
+    from jax._src.array import ArrayImpl
+
+    reads = []
+    value = ArrayImpl._value
+    monkeypatch.setattr(ArrayImpl, "_value", property(
+        lambda self: reads.append(1) or value.fget(self)))
+    schedule = Schedule({0: 4})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=100,
+                      timing_window=4, search_options={"measure": prefer_more_devices})
+    state = trainer.init(BATCHES[0])
+    losses, reading_steps = [], []
+    for i in range(10):
+        before = len(reads)
+        state, metrics = trainer.step(state, BATCHES[i])
+        if len(reads) > before:
+            reading_steps.append(metrics["step"])
+        assert isinstance(metrics["loss"], jax.Array) and metrics["step"] == i + 1
+        losses.append(metrics["loss"])
+    assert reading_steps == [4, 8]  # the ends of the two closed windows, nothing else
+    assert [r.step for r in trainer._records] == list(range(1, 9))
+    monkeypatch.undo()
+    np.testing.assert_allclose(losses, fixed_mesh_run(10)[0], rtol=1e-5)
+    records = trainer.steps  # reading them records the open window too
+    assert [r.step for r in records] == list(range(1, 11))
+    np.testing.assert_allclose([r.loss for r in records], fixed_mesh_run(10)[0], rtol=1e-5)
+    assert all(r.seconds > 0 and r.samples_per_second > 0 for r in records)
+    trainer.close()
+
+
+def test_baseline_comes_from_clean_timing_windows_only(tmp_path):
+    schedule = Schedule({0: 4})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=100,
+                      timing_window=3, checkpoint_every=8,
+                      search_options={"measure": prefer_more_devices})
+    state = trainer.init(BATCHES[0])
+    for i in range(6):  # window 1 holds the warm-up steps: not counted; window 2 is
+        state, _ = trainer.step(state, BATCHES[i])
+    assert trainer.baseline() is None and len(trainer._recent) == 1
+    for i in range(6, 9):  # window 3 holds the periodic save at step 8: not counted
+        state, _ = trainer.step(state, BATCHES[i])
+    assert len(trainer._recent) == 1
+    trainer.checkpointer.wait()  # no write beside the next window
+    for i in range(9, 12):
+        state, _ = trainer.step(state, BATCHES[i])
+    baseline = trainer.baseline()
+    assert baseline.source == "steps" and baseline.shape == trainer.shape
+    assert baseline.samples_per_second == pytest.approx(
+        BATCH / np.median(list(trainer._recent)))
+    trainer.close()
+
+
+def test_periodic_checkpoints_overlap_training_and_close_waits_for_them(tmp_path, monkeypatch):
+    from meshscale.checkpoint import Checkpointer
+
+    waits = []
+    original = Checkpointer.wait
+    monkeypatch.setattr(Checkpointer, "wait", lambda self: waits.append(1) or original(self))
+    schedule = Schedule({0: 4, 8: 8})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=5,
+                      checkpoint_every=2, search_options={"measure": prefer_more_devices})
+    state = trainer.init(BATCHES[0])
+    waits.clear()
+    for i in range(9):  # saves at 2, 4, 6, 8 (and before the search at 10): no wait yet
+        state, _ = trainer.step(state, BATCHES[i])
+    assert waits == [] and [e["checkpoint_step"] for e in events(trainer, "checkpoint")] \
+        == [2, 4, 6, 8]
+    schedule.step = 9
+    state, _ = trainer.step(state, BATCHES[9])  # step 10: devices changed, search
+    assert waits, "the checkpoint before a search must be on disk before the search"
+    search_at = trainer.history.index(events(trainer, "search")[-1])
+    assert [e["event"] for e in trainer.history[:search_at]].count("checkpoint") == 5
+    waits.clear()
+    state, _ = trainer.step(state, BATCHES[10])
+    state, _ = trainer.step(state, BATCHES[11])  # periodic save at 12, in the background
+    assert waits == []
+    with trainer:  # close(): the last save is on disk
+        pass
+    assert waits
+    restored = Checkpointer(tmp_path / "run" / "state", trainer.trainer).restore(
+        trainer.shape, devices=trainer.devices)
+    assert int(restored.step) == 12
+    assert_trees_close(jax.device_get(restored.params), jax.device_get(state.params), 0.0)
+
+
+def test_history_is_bounded_and_totals_count_the_whole_run(tmp_path):
+    from meshscale.report import run_data, summary
+
+    schedule = Schedule({0: 4, 6: 8})
+    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=5, timing_window=2,
+                      history_limit=4, checkpoint_every=3,
+                      search_options={"measure": prefer_more_devices})
+    run(trainer, schedule, 13)
+    assert len(trainer.history) == 4 and len(trainer.steps) == 4
+    assert [r.step for r in trainer.steps] == [10, 11, 12, 13]
+    totals = trainer.totals
+    assert totals.steps == 13 and totals.switches == 2 and totals.searches == 2
+    assert totals.checkpoints == 5  # 3, 6, 9, 12 and before the search at 10
+    assert sum(totals.steps_per_mesh.values()) == 13 and len(totals.steps_per_mesh) == 2
+    per_mesh = summary(run_data(trainer))["per_mesh"]
+    assert {m: v["steps"] for m, v in per_mesh.items()} == totals.steps_per_mesh
+    trainer.close()

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import textwrap
 import time
 
@@ -27,18 +28,19 @@ ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 JOB_TIMEOUT = 240  # seconds per job, start-up and compiles included, on a loaded machine
 
 
-def run_job(mode, out, run, *, processes, devices_per_process, cache_dir):
-    """Launch `processes` workers; fail the test (with their output) unless all exit 0."""
+def run_job(mode, out, run, *, processes, devices_per_process, cache_dir, status=0):
+    """Launch `processes` workers; fail the test (with their output) unless the job ends
+    with `status` (0: every process exited 0)."""
     lines = []
     cache = {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),  # every entry, however small
              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    status = launch(["-m", "tests.multihost_worker", mode, str(out), str(run)],
-                    processes=processes, devices_per_process=devices_per_process,
-                    timeout=JOB_TIMEOUT, output=lines.append, cwd=ROOT, env=cache)
+    ended = launch(["-m", "tests.multihost_worker", mode, str(out), str(run)],
+                   processes=processes, devices_per_process=devices_per_process,
+                   timeout=JOB_TIMEOUT, output=lines.append, cwd=ROOT, env=cache)
     text = "\n".join(line for line in lines if "[Gloo]" not in line)
-    assert status == 0, f"{mode} on {processes}x{devices_per_process} exited {status}:\n" \
-                        f"{text[-6000:]}"
+    assert ended == status, f"{mode} on {processes}x{devices_per_process} exited {ended}:\n" \
+                            f"{text[-6000:]}"
     results = [json.loads((out / f"{mode}-{p}.json").read_text()) for p in range(processes)]
     return results, dict(np.load(out / f"{mode}-state.npz"))
 
@@ -52,11 +54,13 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_process_job(tmp_path_factory, cache_dir):
-    """2 processes x 4 devices: plain steps, two searches, an elastic run to step 5."""
+    """2 processes x 4 devices: plain steps, three searches, a restore past a step damaged
+    for one process, an elastic run to step 5; then process 1 is killed mid-step."""
     out = tmp_path_factory.mktemp("job")
     results, saved = run_job("job", out, out / "run", processes=2, devices_per_process=4,
-                             cache_dir=cache_dir)
-    return out, results, saved
+                             cache_dir=cache_dir, status=-signal.SIGKILL)
+    stopped = time.time()
+    return out, results, saved, stopped - float((out / "killed-at").read_text())
 
 
 @functools.cache
@@ -72,7 +76,7 @@ def one_process_losses():
 
 
 def test_pipelined_step_across_two_processes_matches_one_process(two_process_job):
-    _, results, _ = two_process_job
+    _, results, _, _ = two_process_job
     expected = one_process_losses()[: worker.STEPS]
     for result in results:
         for shape in worker.SHAPES:  # 2x4 and 4x2, both spanning the two processes
@@ -84,7 +88,7 @@ def test_pipelined_step_across_two_processes_matches_one_process(two_process_job
 
 
 def test_search_across_two_processes_ends_in_one_decision(two_process_job):
-    _, results, _ = two_process_job
+    _, results, _, _ = two_process_job
     first, second = results
     for kind in ("measured", "injected"):
         assert first[kind] == second[kind], f"{kind}: the processes decided differently"
@@ -97,7 +101,7 @@ def test_search_across_two_processes_ends_in_one_decision(two_process_job):
 
 def test_elastic_run_across_two_processes_follows_process_0s_device_poll(two_process_job):
     """8 devices, then 6 (process 0's poll; the other process's source kept saying 8)."""
-    _, results, _ = two_process_job
+    _, results, _, _ = two_process_job
     first, second = results
     assert first["elastic_losses"] == second["elastic_losses"]
     np.testing.assert_allclose(first["elastic_losses"], one_process_losses(), rtol=1e-5)
@@ -113,7 +117,7 @@ def test_elastic_run_across_two_processes_follows_process_0s_device_poll(two_pro
 def test_restart_with_another_process_count_restores_exactly_and_trains_on(
         two_process_job, tmp_path, cache_dir, processes, devices_per_process):
     """Saved by 2 processes x 4 devices; resumed by 1 x 4 and by 4 x 2."""
-    out, _, saved = two_process_job
+    out, _, saved, _ = two_process_job
     shutil.copytree(out / "run", tmp_path / "run")  # each restart gets its own copy
     results, restored = run_job("resume", tmp_path, tmp_path / "run", processes=processes,
                                 devices_per_process=devices_per_process, cache_dir=cache_dir)
@@ -125,6 +129,32 @@ def test_restart_with_another_process_count_restores_exactly_and_trains_on(
         np.testing.assert_allclose(result["losses"],
                                    one_process_losses()[worker.SAVED_STEP:], rtol=1e-5)
     assert MeshShape.parse(results[0]["mesh"]).num_devices <= processes * devices_per_process
+
+
+def test_a_try_run_failing_on_one_process_is_skipped_by_both(two_process_job):
+    """Placing the 4x2 try-run's copy failed on process 1 only: both skip 4x2 (no hang:
+    the job went on), with the failing process's words, and decide alike."""
+    _, results, _, _ = two_process_job
+    first, second = (r["one_sided"] for r in results)
+    assert first == second
+    status = {r["shape"]: r["status"] for r in first["results"]}
+    assert status["4x2/m2"].startswith("failed: MemoryError: simulated")
+    assert status["4x2/m2"].endswith("(on process 1)") and status["2x4/m2"] == "ok"
+    assert first["best"]["shape"] == "2x4/m2"
+
+
+def test_a_step_damaged_for_one_process_only_is_skipped_by_both(two_process_job):
+    _, results, _, _ = two_process_job
+    assert [r["damaged"] for r in results] == [
+        {"restored_step": 1, "skipped": [2], "equal": True}] * 2
+
+
+def test_a_process_killed_mid_step_stops_the_job_within_seconds(two_process_job):
+    """Process 1 was SIGKILLed in the middle of a step, process 0 left waiting inside it:
+    the launcher ended the job with the killed process's status (the fixture checks it),
+    soon after. The restart tests resume from that job's checkpoint."""
+    *_, seconds_to_stop = two_process_job
+    assert 0 <= seconds_to_stop < 30
 
 
 def test_launch_stops_every_process_when_one_fails(tmp_path):

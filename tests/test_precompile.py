@@ -1,5 +1,6 @@
 """Compiled candidates ready before the change: counted from the cache record, not time."""
 
+import collections
 import json
 import pathlib
 import subprocess
@@ -11,11 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from meshscale import CompileCache, MeshscaleError, resources
+from meshscale import CompileCache, MeshscaleError, Trainer, resources
 from meshscale.elastic import ElasticTrainer
 from meshscale.precompile import Precompiler, devices_for, likely_next_counts, resolve_mode
 from tests.helpers import make_model
-from tests.test_elastic import BATCH, BATCHES, Schedule, fixed_mesh_run, run
+from tests.test_elastic import BATCH, BATCHES, Schedule, fixed_mesh_run, prefer_more_devices, run
 
 
 def test_lru_cache_keeps_its_bound_and_records_hits_misses_evictions():
@@ -66,6 +67,7 @@ def test_after_precompiling_a_device_change_compiles_nothing_on_the_critical_pat
     assert search["num_devices"] == 8
     assert {r.compile_origin for r in search["decision"].results} <= {"background", "hit"}
     np.testing.assert_allclose(losses, fixed_mesh_run(10)[0], rtol=1e-5)
+    trainer.close()  # no background compile outlives the test
 
 
 def test_a_failing_precompile_is_recorded_and_never_breaks_training(tmp_path, monkeypatch):
@@ -88,6 +90,7 @@ def test_a_failing_precompile_is_recorded_and_never_breaks_training(tmp_path, mo
     assert all(r.status.startswith("failed: RuntimeError") for r in trainer.precompiler.records)
     state, losses = run(trainer, Schedule({0: 4}), 3, state=state)
     assert all(np.isfinite(losses))
+    trainer.close()
 
 
 def test_a_restarted_process_loads_its_executables_from_the_persistent_cache(tmp_path):
@@ -129,3 +132,34 @@ def test_precompiler_skips_what_is_already_cached():
     assert pre.plan([2], devices, current=None) == 0  # compiled: nothing to queue
     assert [r.status for r in pre.records] == ["compiled"]
     pre.close()
+
+
+def test_paused_precompiler_compiles_nothing_until_resumed():
+    trainer = Trainer(make_model("mlp"), optax.adam(1e-3), global_batch=BATCH,
+                      cache=CompileCache())
+    pre = Precompiler(trainer, p_min=2, search_options={"max_pipe": 2, "microbatches": [2]})
+    with pre.paused():
+        activity = pre.activity
+        assert pre.plan([2], jax.devices()[:2], current=None) == 1
+        assert not pre.wait(timeout=1.0)  # queued, not compiled: the gate is held
+        assert pre.records == collections.deque() and pre.quiet_since(activity)
+    assert pre.wait(timeout=120)
+    assert [r.status for r in pre.records] == ["compiled"] and not pre.quiet_since(activity)
+    pre.close()
+
+
+def test_the_search_runs_with_the_precompiler_paused(tmp_path):
+    gate_held = []
+
+    def measure(candidate):
+        gate_held.append(trainer.precompiler._gate.locked())
+        return prefer_more_devices(candidate)
+
+    schedule = Schedule({0: 4})
+    trainer = ElasticTrainer(make_model("mlp"), optax.adam(1e-3), global_batch=BATCH,
+                             checkpoint_dir=tmp_path, p_min=2,
+                             resources=resources.Callback(schedule), persistent_cache=False,
+                             precompile=[3], search_options={"measure": measure})
+    trainer.init(BATCHES[0])
+    assert gate_held and all(gate_held)
+    trainer.close()

@@ -32,3 +32,21 @@ def test_decision_words_name_the_current_mesh_and_the_useful_devices():
     assert decision_words(no_baseline) == "3 devices: 2x1/m4 is the fastest mesh found: switching"
     nothing = {"num_devices": 1, "decision": {"best": None, "reason": "no candidate ran"}}
     assert decision_words(nothing) == "1 device: no candidate ran"
+
+
+def test_the_mesh_drawn_as_chosen_is_the_one_the_job_ran_on():
+    """A search whose best try-run (2x3/m4) did not beat the threshold: the job stayed
+    on 2x2/m4, which the table and the plot mark, not the best try-run."""
+    from meshscale.report import chosen_after, tryrun_table
+
+    stay = {"event": "search", "num_devices": 6, "decision": {
+        "best": {"shape": "2x3/m4"}, "baseline": {"shape": "2x2/m4"}, "switch": False,
+        "results": [{"shape": "2x2/m4", "status": "ok"}, {"shape": "2x3/m4", "status": "ok"}]}}
+    moved = {**stay, "decision": {**stay["decision"], "switch": True}}
+    events = [stay, {"event": "checkpoint"}, moved, {"event": "switch", "after": "2x3/m4"}]
+    assert chosen_after(events, 0) == "2x2/m4"
+    assert chosen_after(events, 2) == "2x3/m4"
+    styles = [row.style for row in tryrun_table(stay["decision"]).rows]
+    assert styles == ["bold green", None]
+    styles = [row.style for row in tryrun_table(moved["decision"], chosen="2x3/m4").rows]
+    assert styles == [None, "bold green"]

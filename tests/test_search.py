@@ -145,3 +145,26 @@ def test_baseline_from_step_times_skips_compile_and_warmup():
 def test_auto_p_min_without_budget_on_cpu_says_what_to_pass(devices):
     with pytest.raises(MeshscaleError, match="memory_budget"):
         search(FAKE_TRAINER, None, [], devices, p_min="auto", measure=lambda c: None)
+
+
+def test_the_current_meshs_own_try_run_is_the_baseline_like_with_like(devices):
+    """The demo's case: ordinary steps said 130 samples/s, but side by side the current
+    mesh's try-run and the other's measured 74 and 73: compare the try-runs, stay."""
+    speeds = {MeshShape.parse("2x2/m2"): 74.0, MeshShape.parse("4x1/m8"): 73.0}
+    measure = lambda c: ran(str(c.shape), speeds[c.shape], c.kind)  # noqa: E731
+    steps_baseline = base(130.0, "2x2/m2")
+    d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, baseline=steps_baseline,
+               measure=measure)
+    assert d.baseline.source == "try-run" and d.baseline.samples_per_second == 74.0
+    assert d.improvement == pytest.approx(0.0) and not d.switch  # best is the current mesh
+    # too few ordinary steps (no baseline): the current mesh's try-run, not the start-up rule
+    speeds[MeshShape.parse("4x1/m8")] = 75.0
+    d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, current=MeshShape.parse("2x2/m2"),
+               measure=measure)
+    assert d.baseline.source == "try-run" and not d.switch  # +1.4%: below the threshold
+    assert d.improvement == pytest.approx(75.0 / 74.0 - 1.0)
+    # the current mesh's try-run failed: the ordinary steps' baseline is all there is
+    failing = lambda c: failed(str(c.shape)) if c.kind == "current" else measure(c)  # noqa: E731
+    d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, baseline=steps_baseline,
+               measure=failing)
+    assert d.baseline == steps_baseline and not d.switch

@@ -84,6 +84,34 @@ def test_compile_step_is_cached_per_shape_and_devices(trainer):
     assert trainer.compile_step(shape, other_devices) is not first
 
 
+def test_models_with_equal_shapes_and_different_forwards_get_their_own_executables():
+    """GPTs with 2 and 4 heads have the same parameter shapes; sharing a cache, each must
+    run its own forward (its loss equals its own plain reference), and a new optimizer
+    object never reuses another's entry."""
+    import dataclasses
+
+    from meshscale import CompileCache
+    from models.gpt import GPT
+    from tests.helpers import SIMPLE_TOL, TEST_GPT
+
+    cache, shape, losses, optimizer = CompileCache(), MeshShape(1, 1, 1), {}, make_optimizer()
+    for heads in (2, 4):
+        model = GPT(dataclasses.replace(TEST_GPT, num_heads=heads, num_layers=2),
+                    rngs=nnx.Rngs(0))
+        trainer = Trainer(model, optimizer, global_batch=4, cache=cache)
+        batch = model.example_batch(4)
+        reference = float(trainer.fmodel.loss(trainer.initial_params, batch))
+        _, metrics = trainer.compile_step(shape)(trainer.init_state(shape),
+                                                 trainer.put_batch(batch, shape))
+        np.testing.assert_allclose(float(metrics["loss"]), reference, rtol=SIMPLE_TOL)
+        losses[heads] = reference
+    assert losses[2] != losses[4]  # the forwards differ, so sharing would have shown
+    assert cache.count("miss") == 2 and cache.count("hit") == 0
+    again = Trainer(model, make_optimizer(), global_batch=4, cache=cache)
+    again.compile_step(shape)  # same forward, another optimizer object: its own entry
+    assert cache.count("miss") == 3
+
+
 # -- errors -------------------------------------------------------------------------
 def test_pipe_not_dividing_layers_is_refused(trainer):
     with pytest.raises(InvalidMeshShape, match="pipe=3 does not divide num_layers=8"):

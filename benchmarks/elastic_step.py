@@ -1,0 +1,104 @@
+"""What `ElasticTrainer.step` costs over the bare compiled step, timed interleaved.
+
+Three loops over the same GPT tiny batches, each round `--steps` steps ended by one
+block, the loops taking turns round by round (`benchmarks.common.interleaved`):
+
+1. bare: the compiled step the trainer runs, fed with `jax.device_put(batch, sharding)`;
+2. `ElasticTrainer.step` (device polls every `check_every`, a block every
+   `timing_window` steps for the loss records and the timing);
+3. the same with `checkpoint_every=10` (asynchronous Orbax saves of the whole state).
+
+Targets: (2) / (1) <= 1.05 and (3) / (1) <= 1.10 (median of the round ratios; min and
+max shown). Every loop runs on a 2x1/m2 mesh of 2 simulated devices (p_min 2, one
+candidate), so the three compare the same executable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from benchmarks.common import interleaved, ratio, ratio_text, simulate_devices, table
+
+simulate_devices(8)
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from meshscale import CompileCache, resources  # noqa: E402
+from meshscale.elastic import ElasticTrainer  # noqa: E402
+from models.gpt import GPT, GPTConfig  # noqa: E402
+from models.text import ByteBatches, stdlib_text  # noqa: E402
+
+SEARCH = {"max_pipe": 2, "microbatches": [2], "warmup": 1, "steps": 1}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)  # as the other benchmarks
+    parser.add_argument("--steps", type=int, default=20, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    cfg = GPTConfig.preset("tiny")
+    data = ByteBatches(stdlib_text(1_000_000), seq_len=cfg.seq_len, batch_size=args.batch)
+    batches = [data.batch(i) for i in range(args.steps)]
+    optimizer, cache = optax.adam(1e-3), CompileCache()
+    scratch = tempfile.TemporaryDirectory(prefix="meshscale-bench-")
+
+    def elastic(name: str, **options) -> ElasticTrainer:
+        return ElasticTrainer(
+            GPT(cfg, rngs=nnx.Rngs(0)), optimizer, global_batch=args.batch,
+            checkpoint_dir=f"{scratch.name}/{name}", p_min=2, resources=resources.Static(2),
+            compile_cache=cache, persistent_cache=False, max_to_keep=2,
+            search_options=SEARCH, **options)
+
+    plain, saving = elastic("plain"), elastic("saving", checkpoint_every=10)
+    states = {"plain": plain.init(batches[0]), "saving": saving.init(batches[0])}
+    assert plain.shape == saving.shape, (plain.shape, saving.shape)
+    shape, devices = plain.shape, plain.devices
+    step = plain.trainer.compile_step(shape, devices)
+    sharding = plain.trainer.batch_sharding(shape, devices)
+    bare = {"state": plain.trainer.init_state(shape, devices)}
+
+    def run_bare():
+        state, metrics = bare["state"], None
+        for batch in batches:
+            state, metrics = step(state, jax.device_put(batch, sharding))
+        bare["state"] = state
+        jax.block_until_ready(metrics)
+
+    def runner(trainer: ElasticTrainer, name: str):
+        def run():
+            state, metrics = states[name], None
+            for batch in batches:
+                state, metrics = trainer.step(state, batch)
+            states[name] = state
+            jax.block_until_ready(metrics["loss"])
+        return run
+
+    times = interleaved({"bare": run_bare, "step": runner(plain, "plain"),
+                         "step+ckpt": runner(saving, "saving")}, rounds=args.rounds)
+    saving.close()
+    plain.close()
+    scratch.cleanup()
+    step_ratio = ratio(times["step"], times["bare"])
+    ckpt_ratio = ratio(times["step+ckpt"], times["bare"])
+    per_step = lambda name: sorted(t / args.steps for t in times[name])[len(times[name]) // 2]
+    print(f"GPT tiny, global batch {args.batch}, mesh {shape} on {len(devices)} simulated "
+          f"{jax.devices()[0].platform} devices, jax {jax.__version__}; {args.rounds} "
+          f"interleaved rounds of {args.steps} steps; saves: "
+          f"{saving.totals.checkpoints} (checkpoint_every=10)\n")
+    print(table(["loop", "median s/step", "ratio to bare (median, min, max)", "target",
+                 "met"], [
+        ["bare compiled step", per_step("bare"), "1", "", ""],
+        ["ElasticTrainer.step", per_step("step"), ratio_text(step_ratio), "<= 1.05",
+         str(step_ratio["median"] <= 1.05)],
+        ["ElasticTrainer.step, checkpoint_every=10", per_step("step+ckpt"),
+         ratio_text(ckpt_ratio), "<= 1.10", str(ckpt_ratio["median"] <= 1.10)],
+    ]))
+
+
+if __name__ == "__main__":
+    main()
