@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -53,6 +52,7 @@ from meshscale.model import Batch
 from meshscale.paths import run_path
 from meshscale.precompile import Precompiler, likely_next_counts, resolve_mode
 from meshscale.search import Baseline, Decision, search
+from meshscale.steplog import StepLog, StepRecord
 from meshscale.train import Trainer, TrainState
 from meshscale.tryrun import LiveState
 
@@ -62,43 +62,6 @@ Event = dict[str, Any]
 _WARMUP_STEPS = 2  # the first steps on a new mesh (first-run allocation) are not timed
 _BASELINE_WINDOWS = 2  # clean timing windows a baseline from ordinary steps needs
 _COUNTED = {"switch": "switches", "search": "searches", "checkpoint": "checkpoints"}
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    """One training step. `seconds` is its timing window's wall time / steps (nan while
-    its window is open); `loss` is fetched from the device with its window."""
-
-    step: int
-    loss: float
-    seconds: float
-    samples_per_second: float
-    mesh: str
-    num_devices: int
-
-
-@dataclasses.dataclass
-class Totals:
-    """Whole-run counters, kept however short the bounded history is."""
-
-    steps: int = 0
-    switches: int = 0
-    searches: int = 0
-    checkpoints: int = 0
-    seconds_per_mesh: dict[str, float] = dataclasses.field(default_factory=dict)
-    steps_per_mesh: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class _Window:
-    """The steps dispatched since the last block: (step, device loss) and when it began."""
-
-    start: float
-    mesh: str
-    num_devices: int
-    clean: bool  # counts for the baseline: past warm-up, no save, no background compile
-    activity: int  # the precompiler's activity counter at the start
-    losses: list = dataclasses.field(default_factory=list)
 
 
 class ElasticTrainer:
@@ -175,17 +138,15 @@ class ElasticTrainer:
         self.devices: list[jax.Device] = []  # the current mesh's devices
         self._granted: list[jax.Device] = []  # what the source granted at the last poll
         self._history: collections.deque[Event] = collections.deque(maxlen=history_limit)
-        self._records: collections.deque[StepRecord] = collections.deque(maxlen=history_limit)
-        self.totals = Totals()
+        self.step_log = StepLog(global_batch=global_batch, timing_window=timing_window,
+                                history_limit=history_limit, baseline_window=baseline_window)
+        self.totals = self.step_log.totals
         self.timing_window = timing_window
-        self._window: _Window | None = None
-        self._last_sps = math.nan  # samples/s of the last closed timing window
         self._step = 0  # the step counter on the host: reading state.step would sync
         self._stepped = False  # events before the first step carry no step number
         self._closed = False
         self._batch_sharding = None
         self._step_fn = None
-        self._recent = collections.deque(maxlen=baseline_window)  # clean windows' step s
         self._since_switch = 0
         self._last_switch_cost: float | None = None
         self.precompile_mode = resolve_mode(precompile)
@@ -276,7 +237,7 @@ class ElasticTrainer:
         """
         if self._step_fn is None:
             raise RuntimeError("call ElasticTrainer.init(example_batch) before step()")
-        if self._window is None:
+        if not self.step_log.open:
             self._open_window()
         placed = self.trainer.put_batch(batch, self.shape, self.devices,
                                         shardings=self._batch_sharding)
@@ -284,11 +245,10 @@ class ElasticTrainer:
         self._step += 1
         self._stepped = True
         self._since_switch += 1
-        self._window.losses.append((self._step, metrics["loss"]))
-        if len(self._window.losses) >= self.timing_window:
-            self._close_window()
+        if self.step_log.add(self._step, metrics["loss"]):
+            self.step_log.end(self._quiet)
         out = {"loss": metrics["loss"], "step": self._step, "mesh": str(self.shape),
-               "samples_per_second": self._last_sps}
+               "samples_per_second": self.step_log.last_samples_per_second}
         if self.checkpoint_every and self._step % self.checkpoint_every == 0:
             self._save(state, reason="periodic")
         if self._step % self.check_every == 0:
@@ -301,44 +261,24 @@ class ElasticTrainer:
         past the warm-up of a new mesh and with no checkpoint write beside it."""
         activity = self.precompiler.activity if self.precompiler else 0
         clean = self._since_switch >= _WARMUP_STEPS and not self.checkpointer.saving
-        self._window = _Window(time.perf_counter(), str(self.shape), self.shape.num_devices,
-                               clean=clean, activity=activity)
+        self.step_log.begin(str(self.shape), self.shape.num_devices, clean=clean,
+                            activity=activity)
 
-    def _close_window(self) -> None:
-        """Block on the window's last step, time it, and record its steps with their
-        losses; a clean full window adds its mean step time to the baseline."""
-        window, self._window = self._window, None
-        if window is None or not window.losses:
-            return
-        losses = jax.device_get([loss for _, loss in window.losses])  # waits for the last
-        seconds = (time.perf_counter() - window.start) / len(losses)
-        quiet = (self.precompiler is None or self.precompiler.quiet_since(window.activity)) \
-            and not self.checkpointer.saving  # no compile, no checkpoint write beside it
-        if window.clean and quiet and len(losses) >= self.timing_window:
-            self._recent.append(seconds)
-        sps = self.trainer.global_batch / seconds if seconds > 0 else math.inf
-        self._last_sps = sps
-        for (step, _), loss in zip(window.losses, losses, strict=True):
-            self._records.append(StepRecord(step, float(loss), seconds, sps, window.mesh,
-                                            window.num_devices))
-        t = self.totals
-        t.steps += len(losses)
-        t.seconds_per_mesh[window.mesh] = t.seconds_per_mesh.get(window.mesh, 0.0) \
-            + seconds * len(losses)
-        t.steps_per_mesh[window.mesh] = t.steps_per_mesh.get(window.mesh, 0) + len(losses)
+    def _quiet(self, activity: int) -> bool:
+        """Nothing ran beside a window: no background compile since `activity`, no
+        checkpoint write."""
+        return (self.precompiler is None or self.precompiler.quiet_since(activity)) \
+            and not self.checkpointer.saving
 
     def _break_window(self) -> None:
-        """End the open window early (a save, search or switch interrupts it): its steps
-        are recorded, but its time does not count for the baseline."""
-        if self._window is not None:
-            self._window.clean = False
-        self._close_window()
+        self.step_log.interrupt(self._quiet)
 
     @property
     def last_record(self) -> StepRecord | None:
         """The newest step record already fetched (no wait: the steps of the open timing
         window are not in it yet). For progress displays."""
-        return self._records[-1] if self._records else None
+        records = self.step_log.records
+        return records[-1] if records else None
 
     @property
     def history(self) -> list[Event]:
@@ -349,7 +289,7 @@ class ElasticTrainer:
     def steps(self) -> list[StepRecord]:
         """The newest step records (waits for the steps still in flight)."""
         self._break_window()
-        return list(self._records)
+        return list(self.step_log.records)
 
     def flush(self) -> None:
         """Wait for the steps in flight and record them (their losses fetched)."""
@@ -420,10 +360,11 @@ class ElasticTrainer:
         With several processes every one must call this (the slowest counts), and all get
         the same answer: the window count is agreed too.
         """
-        enough = distributed.broadcast(len(self._recent) >= _BASELINE_WINDOWS)
+        recent = self.step_log.recent
+        enough = distributed.broadcast(len(recent) >= _BASELINE_WINDOWS)
         if not enough:
             return None
-        mine = statistics.median(self._recent) if self._recent else math.nan
+        mine = statistics.median(recent) if recent else math.nan
         seconds = float(distributed.slowest(mine))
         if not math.isfinite(seconds):  # a process without a clean window: none
             return None
@@ -439,8 +380,7 @@ class ElasticTrainer:
         """Start writing `state` (in the background: training goes on while it is written;
         `seconds` is the blocking part, copying the state off the devices)."""
         step = self._step
-        if self._window is not None:
-            self._window.clean = False  # the save's blocking part is in this window
+        self.step_log.spoil()  # the save's blocking part is in this window
         start = time.perf_counter()
         if not self.checkpointer.save(state, shape=self.shape, step=step):
             return  # this step is on disk already (a damaged copy is replaced)
@@ -498,7 +438,7 @@ class ElasticTrainer:
         self._batch_sharding = self.trainer.batch_sharding(shape, devices)  # once per mesh
         self.shape, self.devices = shape, list(devices[: shape.num_devices])
         self._granted = list(devices)
-        self._recent.clear()
+        self.step_log.recent.clear()
         self._since_switch = 0
         cost = time.perf_counter() - start
         if reason != "start":

@@ -308,7 +308,7 @@ def test_steps_never_wait_on_the_device_and_losses_are_fetched_per_window(tmp_pa
         assert isinstance(metrics["loss"], jax.Array) and metrics["step"] == i + 1
         losses.append(metrics["loss"])
     assert reading_steps == [4, 8]  # the ends of the two closed windows, nothing else
-    assert [r.step for r in trainer._records] == list(range(1, 9))
+    assert [r.step for r in trainer.step_log.records] == list(range(1, 9))
     monkeypatch.undo()
     np.testing.assert_allclose(losses, fixed_mesh_run(10)[0], rtol=1e-5)
     records = trainer.steps  # reading them records the open window too
@@ -326,17 +326,17 @@ def test_baseline_comes_from_clean_timing_windows_only(tmp_path):
     state = trainer.init(BATCHES[0])
     for i in range(6):  # window 1 holds the warm-up steps: not counted; window 2 is
         state, _ = trainer.step(state, BATCHES[i])
-    assert trainer.baseline() is None and len(trainer._recent) == 1
+    assert trainer.baseline() is None and len(trainer.step_log.recent) == 1
     for i in range(6, 9):  # window 3 holds the periodic save at step 8: not counted
         state, _ = trainer.step(state, BATCHES[i])
-    assert len(trainer._recent) == 1
+    assert len(trainer.step_log.recent) == 1
     trainer.checkpointer.wait()  # no write beside the next window
     for i in range(9, 12):
         state, _ = trainer.step(state, BATCHES[i])
     baseline = trainer.baseline()
     assert baseline.source == "steps" and baseline.shape == trainer.shape
     assert baseline.samples_per_second == pytest.approx(
-        BATCH / np.median(list(trainer._recent)))
+        BATCH / np.median(list(trainer.step_log.recent)))
     trainer.close()
 
 
