@@ -40,12 +40,10 @@ as dicts keyed by field name / index, e.g. ``opt_state["0"]["mu"]``. With plain 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -57,6 +55,7 @@ from meshscale import distributed
 from meshscale.errors import IncompatibleCheckpoint
 from meshscale.mesh import DATA, PIPE, MeshShape
 from meshscale.paths import run_path
+from meshscale.state_tree import state_to_tree, tree_fingerprint, tree_to_state
 from meshscale.train import Trainer, TrainState
 
 log = logging.getLogger(__name__)
@@ -77,51 +76,6 @@ class Fallback:
 
     restored_step: int
     skipped: tuple[tuple[int, str], ...]  # (step, reason), newest first
-
-
-# -- TrainState <-> plain dict ------------------------------------------------------------
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    raise TypeError(f"unsupported pytree key {key!r}")
-
-
-def state_to_tree(state: Any) -> dict:
-    """`state` as nested dicts keyed by field name or index: what Orbax stores.
-
-    Every leaf keeps its pytree path, so `tree_to_state` rebuilds the exact original
-    structure (NamedTuples, tuples, dataclasses) from a template.
-    """
-    tree: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        *parents, last = (_key_name(k) for k in path)
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        if last in node:
-            raise ValueError(f"two leaves map to {jax.tree_util.keystr(path)}")
-        node[last] = leaf
-    return tree
-
-
-def tree_to_state(tree: dict, template: Any) -> Any:
-    """The inverse of `state_to_tree`: `tree`'s leaves in `template`'s structure."""
-
-    def lookup(path, _):
-        node = tree
-        for key in path:
-            node = node[_key_name(key)]
-        return node
-
-    return jax.tree_util.tree_map_with_path(lookup, template)
-
-
-def _tree_fingerprint(tree: Any) -> str:
-    leaves = jax.tree_util.tree_flatten_with_path(state_to_tree(tree))[0]
-    text = ";".join(f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:{np.dtype(x.dtype)}"
-                    for p, x in leaves)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _mesh_text(state: TrainState) -> str:
@@ -150,7 +104,7 @@ class Checkpointer:
         self.trainer = trainer
         self.last_fallback: Fallback | None = None
         self._damaged: set[int] = set()  # steps a restore found unreadable
-        self._opt_fingerprint = _tree_fingerprint(trainer.abstract_state().opt_state)
+        self._opt_fingerprint = tree_fingerprint(trainer.abstract_state().opt_state)
         self._directory_checked = False
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from meshscale import Checkpointer, IncompatibleCheckpoint, MeshShape, Trainer, TrainState
-from meshscale.checkpoint import state_to_tree, tree_to_state
+from meshscale.state_tree import state_to_tree, tree_to_state
 from models.mlp import MLPConfig, ResidualMLP
 
 # A failed Orbax read (the damage tests) leaves tensorstore callbacks aimed at the closed
