@@ -1,6 +1,7 @@
 """Mesh shapes and the `jax.sharding.Mesh` built from them.
 
-A `MeshShape` is pure data (pipe x data devices, microbatches per replica); `make_mesh`
+A `MeshShape` is pure data (pipe x data devices, microbatches per replica, and how many
+times each replica's microbatches circle the pipeline); `make_mesh`
 is the only place that turns one into a JAX mesh, always with axes ("pipe", "data").
 """
 
@@ -22,14 +23,20 @@ AXES = (PIPE, DATA)
 
 @dataclasses.dataclass(frozen=True, order=True)
 class MeshShape:
-    """`pipe` stages x `data` replicas; each replica's batch is cut into `microbatches`."""
+    """`pipe` stages x `data` replicas; each replica's batch is cut into `microbatches`.
+
+    `repeats` > 1 selects the circular schedule (`meshscale.schedule`): each stage holds
+    `repeats` non-adjacent layer groups and the microbatches go round the pipeline that
+    many times, shrinking the bubble from ``(p-1)/(M+p-1)`` to ``(p-1)/(r M+p-1)``.
+    """
 
     pipe: int
     data: int
     microbatches: int = 1
+    repeats: int = 1
 
     def __post_init__(self):
-        for name in ("pipe", "data", "microbatches"):
+        for name in ("pipe", "data", "microbatches", "repeats"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise InvalidMeshShape(f"MeshShape.{name} must be a positive int, got {value!r}")
@@ -39,19 +46,22 @@ class MeshShape:
         return self.pipe * self.data
 
     def __str__(self) -> str:
-        return f"{self.pipe}x{self.data}/m{self.microbatches}"
+        text = f"{self.pipe}x{self.data}/m{self.microbatches}"
+        return text + (f"/r{self.repeats}" if self.repeats > 1 else "")
 
     @classmethod
     def parse(cls, text: str) -> MeshShape:
-        """Parse "PxD" or "PxD/mM" (as printed by `str`)."""
+        """Parse "PxD", "PxD/mM" or "PxD/mM/rR" (as printed by `str`)."""
         try:
-            dims, _, micro = text.partition("/m")
-            pipe, data = (int(v) for v in dims.lower().split("x"))
-            return cls(pipe, data, int(micro) if micro else 1)
+            rest, _, repeats = text.lower().partition("/r")
+            dims, _, micro = rest.partition("/m")
+            pipe, data = (int(v) for v in dims.split("x"))
+            return cls(pipe, data, int(micro) if micro else 1, int(repeats) if repeats else 1)
         except ValueError as e:
             if isinstance(e, InvalidMeshShape):
                 raise
-            raise InvalidMeshShape(f"cannot parse mesh shape {text!r}: write PIPExDATA[/mM]") from e
+            raise InvalidMeshShape(
+                f"cannot parse mesh shape {text!r}: write PIPExDATA[/mM][/rR]") from e
 
 
 def make_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) -> Mesh:

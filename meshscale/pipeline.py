@@ -5,11 +5,13 @@ Three parts, so that activations shrink with the mesh:
 1. ``embed`` runs outside the pipeline, batch-split over every device (`rows_spec`);
 2. only the hidden state ``h`` crosses the pipeline: each replica (a column of the mesh
    along ``data``) cuts its ``B / data`` rows into ``microbatches``; stage ``s`` holds
-   layers ``[s L/p, (s+1) L/p)``; at tick ``t`` of ``M + p - 1`` stage 0 takes
-   microbatch ``t``, every active stage runs its layers and hands the result to the next
-   stage (``ppermute``); bubble ticks skip the layers (Huang et al. 2019, "GPipe"; bubble
-   share ``(p - 1) / (M + p - 1)``). The last stage's outputs are scattered back over
-   the column's devices;
+   its layer groups (`meshscale.schedule`: one contiguous range, possibly uneven, or
+   ``repeats`` of them for the circular schedule); at each tick every active stage runs
+   one group on one microbatch and hands the result to the next stage (``ppermute``;
+   with ``repeats > 1`` the last stage hands it back to stage 0 for the next round).
+   Bubble ticks skip the layers (Huang et al. 2019, "GPipe"; bubble share
+   ``(p - 1) / (r M + p - 1)``). The last stage's outputs are scattered back over the
+   column's devices;
 3. ``head_loss`` runs outside the pipeline too, batch-split like ``embed``: the logits
    (often the largest activation of an LM) exist once per row, on one device.
 
@@ -18,6 +20,9 @@ rematerialised per `Remat` policy. With ``"fsdp"`` state sharding each layer's
 parameters are gathered over ``data`` just before the layer runs, inside the
 rematerialised part (so again in the backward pass), and their gradients are
 reduce-scattered by the transpose: a device never holds more than one whole layer.
+When the stages are not equal contiguous ranges, the stored parameters stay layer-major
+(`meshscale.sharding`) and the step gathers the stage-major copy the loop reads
+(``to_stages``; padding slots of smaller groups are zeros that the loop skips).
 The backward pass is JAX autodiff through the loop; the result equals
 the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
 
@@ -26,11 +31,14 @@ Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
@@ -49,6 +57,7 @@ from meshscale.model import (
     layer_inputs,
     mean_loss,
 )
+from meshscale.schedule import PADDING, Schedule
 
 Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
@@ -90,6 +99,18 @@ def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
     return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
 
 
+def stage_major_specs(fmodel: FunctionalModel, sched: Schedule, shape: MeshShape, *,
+                      split_over_data: bool) -> Params:
+    """Specs of the blocks as the stages hold them: ``[pipe * repeats * slots, ...]``,
+    stage-major (`Schedule.slot_layers` order), split over ``pipe`` on that axis."""
+    rows = sched.pipe * sched.repeats * sched.slots
+    blocks = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype),
+                          fmodel.abstract_params()[sharding.BLOCKS])
+    even = dataclasses.replace(shape, repeats=1)
+    return sharding.tree_specs({sharding.BLOCKS: blocks}, mesh_shape=even, num_layers=rows,
+                               split_over_data=split_over_data)[sharding.BLOCKS]
+
+
 def pipeline_loss(
     fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
     state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
@@ -99,36 +120,68 @@ def pipeline_loss(
 
     `rng` is a step's key (`meshscale.rng`); layers then get per-example keys that do
     not depend on the mesh."""
-    p, m = shape.pipe, shape.microbatches
-    ticks = m + p - 1
-    forward = [(i, i + 1) for i in range(p - 1)]
+    sched = Schedule.of(shape, fmodel.num_layers)
+    p, m, r, c = shape.pipe, shape.microbatches, shape.repeats, sched.slots
+    items = r * m
+    if r > 1:  # round k + 1 of a microbatch starts on stage 0 where round k left stage p-1
+        links = [(i, (i + 1) % p) for i in range(p)]
+    else:
+        links = [(i, i + 1) for i in range(p - 1)]
     rows = sharding.rows_spec(shape, global_batch)
-    per_stage = fmodel.num_layers // p
-    specs = sharding.tree_specs(fmodel.abstract_params(), mesh_shape=shape,
-                                num_layers=fmodel.num_layers,
-                                split_over_data=state_sharding == "fsdp")["blocks"]
     rows_over_pipe = rows != P(DATA)
+    fsdp = state_sharding == "fsdp"
+    layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
+    padded = bool((sched.slot_layers == PADDING).any())
+    if sched.layer_major:
+        specs = sharding.tree_specs(fmodel.abstract_params(), mesh_shape=shape,
+                                    num_layers=fmodel.num_layers,
+                                    split_over_data=fsdp)[sharding.BLOCKS]
+    else:
+        specs = stage_major_specs(fmodel, sched, shape, split_over_data=fsdp)
+        # Row `fmodel.num_layers` does not exist: padding slots are filled with zeros.
+        order = np.where(sched.slot_layers == PADDING, fmodel.num_layers,
+                         sched.slot_layers).reshape(-1)
 
-    def run_stage(blocks: Params, h: jax.Array, side, keys) -> jax.Array:
-        first = lax.axis_index(PIPE) * per_stage  # this stage's first layer in the stack
+    def to_stages(blocks: Params) -> Params:
+        """The layer-major stack as the stages hold it (GSPMD moves the rows; the
+        transpose of the gather sends the gradients back)."""
+        if sched.layer_major:
+            return blocks
+        return jax.tree.map(
+            lambda x, spec: lax.with_sharding_constraint(
+                jnp.take(x, order, axis=0, mode="fill", fill_value=0),
+                NamedSharding(mesh, spec)),
+            blocks, specs)
 
-        def apply(h, layer_params, index):
+    def run_stage(blocks: Params, h: jax.Array, side, keys, k: jax.Array) -> jax.Array:
+        """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h`."""
+        group = (jax.tree.map(lambda x: x[0], blocks) if r == 1 else
+                 jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, k, keepdims=False),
+                              blocks))
+        layers = lax.dynamic_index_in_dim(layer_of[lax.axis_index(PIPE)], k, keepdims=False)
+
+        def apply(h, layer_params, layer):
             # FSDP: gathered layer by layer, inside the rematerialised part, so a stage never
             # holds more than one layer's whole parameters (and their gradient).
             layer_params = jax.tree.map(_gather_over_data, layer_params, specs)
-            rng = rng_lib.layer_keys(keys, first + index)
+            rng = rng_lib.layer_keys(keys, layer)
             return call_layer(fmodel.merge_layer(layer_params), h, side, rng)
 
         if remat == "layer":  # the backward pass recomputes one layer at a time
             apply = jax.checkpoint(apply)
+        if padded:  # a slot past the end of a smaller group passes h on (devices along
+            # data share the stage, so an FSDP gather in the branch runs on all of them)
+            apply = functools.partial(
+                lambda run, h, lp, layer: lax.cond(layer != PADDING, run,
+                                                   lambda h, *_: h, h, lp, layer), apply)
 
         def one_layer(h, xs):
             return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
 
-        return lax.scan(one_layer, h, (blocks, jnp.arange(per_stage)))[0]
+        return lax.scan(one_layer, h, (group, layers))[0]
 
-    def stage_or_pass(blocks: Params, x: jax.Array, side, keys, active: jax.Array):
-        return lax.cond(active, run_stage, lambda _, h, *__: h, blocks, x, side, keys)
+    def stage_or_pass(blocks: Params, x: jax.Array, side, keys, k, active: jax.Array):
+        return lax.cond(active, run_stage, lambda _, h, *__: h, blocks, x, side, keys, k)
 
     # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
     # parameters, which the scan hoists out; a cond differentiated as is keeps its
@@ -142,22 +195,34 @@ def pipeline_loss(
         # different branches deadlocks). The FSDP gathers inside `run_stage` are over
         # data only: those devices share a stage and tick, so they take the same branch.
         blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
+        blocks = jax.tree.map(lambda x: x.reshape(r, c, *x.shape[1:]), blocks)
         stage = lax.axis_index(PIPE)
         split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
         pick = lambda tree, i: jax.tree.map(
             lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
         micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
 
-        def tick(received, t):
-            x = jnp.where((stage == 0) & (t < m), pick(micro, jnp.minimum(t, m - 1)), received)
-            active = (t >= stage) & (t < stage + m)
-            mine = jnp.clip(t - stage, 0, m - 1)  # the microbatch this stage holds
-            y = stage_or_pass(blocks, x, pick(side, mine), pick(keys, mine), active)
-            sent = lax.ppermute(y, PIPE, forward) if p > 1 else y
-            return sent, y
+        def tick(carry, t):
+            received, inbox = carry
+            if r > 1:
+                # Stage 0's inbox: microbatch slot j holds round 0's input, then the last
+                # stage's output of item t - p (received now) for the next round.
+                back = jnp.maximum(t - p, 0) % m
+                kept = jnp.where(t >= p, received, pick(inbox, back))
+                inbox = lax.dynamic_update_index_in_dim(inbox, kept, back, 0)
+            fresh = pick(inbox, t % m if r > 1 else jnp.minimum(t, m - 1))
+            x = jnp.where(stage == 0, fresh, received)
+            item = t - stage
+            active = (item >= 0) & (item < items)
+            item = jnp.clip(item, 0, items - 1)
+            mine = item % m  # the microbatch this stage holds
+            y = stage_or_pass(blocks, x, pick(side, mine), pick(keys, mine), item // m, active)
+            sent = lax.ppermute(y, PIPE, links) if p > 1 else y
+            return (sent, inbox), y
 
-        _, outs = lax.scan(tick, jnp.zeros_like(micro[0]), jnp.arange(ticks))
-        out = outs[p - 1:].reshape(h0.shape)  # the last stage's outputs, microbatch order
+        _, outs = lax.scan(tick, (jnp.zeros_like(micro[0]), micro), jnp.arange(sched.ticks))
+        # The last stage's outputs of the last round, microbatch order.
+        out = outs[items - m + p - 1:].reshape(h0.shape)
         out = jnp.where(stage == p - 1, out, jnp.zeros_like(out))
         if rows_over_pipe:  # each stage keeps its share of the column's rows
             return lax.psum_scatter(out, PIPE, scatter_dimension=0, tiled=True)
@@ -177,7 +242,7 @@ def pipeline_loss(
         per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
         body = jax.shard_map(stages, mesh=mesh,
                              in_specs=(specs, P(DATA), *per_example), out_specs=rows)
-        h = body(params["blocks"], h0, side, keys)
+        h = body(to_stages(params[sharding.BLOCKS]), h0, side, keys)
         return mean_loss(model.head_loss(h, batch))
 
     return loss_fn

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshscale import rng as rng_lib
-from meshscale import sharding
+from meshscale import schedule, sharding
 from meshscale.compile_cache import CompileCache
 from meshscale.errors import ContractError, InsufficientDevices, InvalidMeshShape
 from meshscale.mesh import MeshShape, device_ids, make_mesh
@@ -153,10 +153,7 @@ class Trainer:
             raise InsufficientDevices(
                 f"mesh {shape.pipe}x{shape.data} needs {shape.num_devices} devices, only {n} "
                 f"available: choose pipe * data <= {n}")
-        if self.num_layers % shape.pipe:
-            raise InvalidMeshShape(
-                f"pipe={shape.pipe} does not divide num_layers={self.num_layers}: "
-                f"choose pipe among {divisors(self.num_layers)}")
+        schedule.check(shape, self.num_layers)
         per_step = shape.data * shape.microbatches
         if self.global_batch % per_step:
             raise InvalidMeshShape(
@@ -323,7 +320,3 @@ def _from_host(tree: Any, shardings: Any) -> Any:
         return jax.device_put(tree, shardings)
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(
         np.shape(x), s, lambda index: np.asarray(x)[index]), tree, shardings)
-
-
-def divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
