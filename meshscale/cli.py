@@ -90,14 +90,20 @@ def _p_min(text: str) -> int | str:
             f"--p-min takes an int or 'auto', got {text!r}") from None
 
 
-def _microbatches(text: str):
-    if text in ("auto", "all"):
-        return None if text == "auto" else "all"
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--microbatches takes auto, all or a list like 2,4,8; got {text!r}") from None
+def _counts(flag: str, example: str):
+    """Parser of a search-space flag: auto (None), all, or a comma-separated list."""
+    def parse(text: str):
+        if text in ("auto", "all"):
+            return None if text == "auto" else "all"
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{flag} takes auto, all or a list like {example}; got {text!r}")
+        return values
+    return parse
 
 
 def add_search(subparsers) -> None:
@@ -118,8 +124,11 @@ def add_search(subparsers) -> None:
     p.add_argument("--current", default=None,
                    help="the running mesh, e.g. 2x2/m2: its baseline is measured first")
     p.add_argument("--max-pipe", type=int, default=None)
-    p.add_argument("--microbatches", type=_microbatches, default=None,
-                   help="auto (one count per mesh), all (p, 2p, 4p) or a list like 2,4")
+    p.add_argument("--microbatches", type=_counts("--microbatches", "2,4,8"), default=None,
+                   help="auto (one count per mesh), all (near p, 2p, 4p) or a list like 2,4")
+    p.add_argument("--repeats", type=_counts("--repeats", "1,2"), default=None,
+                   help="circular-schedule rounds: auto (1: plain GPipe), all (1, 2, 4) or "
+                        "a list like 1,2")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per try-run")
     p.add_argument("--threshold", type=float, default=0.05)
@@ -169,7 +178,8 @@ def run_search(args: argparse.Namespace) -> int:
         decision = search(
             trainer, state, batches, devices, p_min=p_min, baseline=baseline,
             threshold=args.threshold, current=current, max_pipe=args.max_pipe,
-            microbatches=args.microbatches, warmup=args.warmup, steps=args.steps,
+            microbatches=args.microbatches, repeats=args.repeats, warmup=args.warmup,
+            steps=args.steps,
             remaining_steps=args.remaining_steps, switch_cost=args.switch_cost, eps=args.eps,
             memory_budget=budget, compile_cache_dir=cache_dir)
         seconds = time.perf_counter() - start

@@ -86,6 +86,7 @@ class ElasticTrainer:
         to prepare for; compiles the next meshes in the background (`meshscale.precompile`).
       precompile_budget: most background compiles per plan.
       search_options: passed to `meshscale.search` (warmup, steps, max_pipe, microbatches,
+        repeats,
         eps, memory_budget).
       timing_window: block on the device once every this many steps (fetching the
         losses, timing the window); the baseline is the median of recent clean windows.
@@ -212,7 +213,7 @@ class ElasticTrainer:
         """
         for n in range(self.p_min, len(devices) + 1):
             for p in range(self.p_min, n + 1):
-                if n % p or self.trainer.num_layers % p:
+                if n % p:
                     continue
                 shape = MeshShape(p, n // p, 1)
                 try:
@@ -222,9 +223,8 @@ class ElasticTrainer:
                 if not distributed.idle_processes(devices[:n]):
                     return shape
         raise InsufficientDevices(
-            f"no mesh of pipe width in [{self.p_min}, {len(devices)}] divides "
-            f"{self.trainer.num_layers} layers and spans every process: add devices or "
-            "change p_min")
+            f"no valid mesh of pipe width in [{self.p_min}, {len(devices)}] spans every "
+            f"process ({self.trainer.num_layers} layers): add devices or change p_min")
 
     # -- the loop ---------------------------------------------------------------------
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:

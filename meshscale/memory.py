@@ -104,7 +104,7 @@ def over_budget_reason(bytes_needed: int, budget: int) -> str:
 def auto_p_min(trainer, devices: Sequence[jax.Device], *, budget: int) -> int:
     """The smallest pipe width whose compiled step fits `budget` bytes per device.
 
-    Each pipe width ``p`` dividing the layer count (up to ``len(devices)``) is compiled as
+    Each pipe width ``p`` up to ``len(devices)`` and the layer count is compiled as
     ``p x 1`` (one replica: the whole global batch, so the most activations a device can
     hold at that width; any wider data axis needs less) and its `bytes_per_device`
     compared with `budget`. The executables land in ``trainer.cache``, so the search that
@@ -114,9 +114,7 @@ def auto_p_min(trainer, devices: Sequence[jax.Device], *, budget: int) -> int:
       InsufficientDevices: not even ``pipe = len(devices)`` fits.
     """
     needed: list[str] = []
-    for pipe in range(1, len(devices) + 1):
-        if trainer.num_layers % pipe:
-            continue
+    for pipe in range(1, min(len(devices), trainer.num_layers) + 1):
         shape = MeshShape(pipe, 1, default_microbatches(pipe, trainer.global_batch))
         try:
             trainer.check(shape, devices)

@@ -71,7 +71,7 @@ class Precompiler:
     Args:
       trainer: whose compile cache receives the executables.
       p_min, search_options: the same search space the real search will use
-        (``max_pipe``, ``microbatches``).
+        (``max_pipe``, ``microbatches``, ``repeats``).
       budget: at most this many compiles per `plan` call.
       nice: CPU priority of the thread (Linux: per thread; 19 is the lowest).
     """
@@ -81,6 +81,7 @@ class Precompiler:
         self.trainer, self.p_min, self.budget, self.nice = trainer, p_min, budget, nice
         opts = search_options or {}
         self.max_pipe, self.microbatches = opts.get("max_pipe"), opts.get("microbatches")
+        self.repeats = opts.get("repeats")
         self.records: collections.deque[PrecompileRecord] = collections.deque(maxlen=1000)
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
@@ -111,7 +112,8 @@ class Precompiler:
                 found = candidates(n, p_min=self.p_min, num_layers=self.trainer.num_layers,
                                    global_batch=self.trainer.global_batch,
                                    current=current if survives else None,
-                                   max_pipe=self.max_pipe, microbatches=self.microbatches)
+                                   max_pipe=self.max_pipe, microbatches=self.microbatches,
+                                   repeats=self.repeats)
             except MeshscaleError as e:
                 log.info("no pre-compile for %d devices: %s", n, e)
                 continue

@@ -33,7 +33,7 @@ from meshscale.compile_cache import enable_persistent_cache
 from meshscale.errors import InsufficientDevices, InvalidMeshShape, MeshscaleError
 from meshscale.mesh import MeshShape
 from meshscale.model import Batch
-from meshscale.space import Candidate, MicrobatchChoice, candidates
+from meshscale.space import Candidate, MicrobatchChoice, RepeatChoice, candidates
 from meshscale.train import Trainer, TrainState
 from meshscale.tryrun import LiveState, TryRunResult, failure_status, try_run
 
@@ -214,7 +214,8 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
            devices: Sequence[jax.Device], *, p_min: int | str,
            baseline: Baseline | None = None, threshold: float = 0.05,
            current: MeshShape | None = None, max_pipe: int | None = None,
-           microbatches: MicrobatchChoice = None, warmup: int = 2, steps: int = 5,
+           microbatches: MicrobatchChoice = None, repeats: RepeatChoice = None,
+           warmup: int = 2, steps: int = 5,
            remaining_steps: int | None = None, switch_cost: float | None = None,
            eps: float = 0.05, memory_budget: str | int | None = None,
            measure: Measure | None = None,
@@ -235,7 +236,8 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         when too few were timed); replaced by the current mesh's own try-run whenever
         that ran (`like_with_like`).
       current: the running shape (defaults to ``baseline.shape``).
-      max_pipe, microbatches: bounds of the search space (`meshscale.space.candidates`).
+      max_pipe, microbatches, repeats: bounds of the search space
+        (`meshscale.space.candidates`; ``repeats="all"`` also tries the circular schedule).
       warmup, steps: untimed and timed steps per try-run.
       remaining_steps, switch_cost, threshold, eps: see `decide`.
       memory_budget: bytes per device (int or ``"2GiB"``), capping the backend's limit;
@@ -270,12 +272,13 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         current = baseline.shape
     found = candidates(len(devices), p_min=p_min, num_layers=trainer.num_layers,
                        global_batch=trainer.global_batch, current=current,
-                       max_pipe=max_pipe, microbatches=microbatches)
+                       max_pipe=max_pipe, microbatches=microbatches, repeats=repeats)
     if not found:
         raise InvalidMeshShape(
             f"no valid mesh on {len(devices)} devices with p_min={p_min}: no pipe width in "
-            f"[{p_min}, {max_pipe or len(devices)}] divides num_layers={trainer.num_layers} "
-            f"with a data axis dividing global batch {trainer.global_batch}")
+            f"[{p_min}, {max_pipe or len(devices)}] is at most num_layers="
+            f"{trainer.num_layers} with a data axis dividing global batch "
+            f"{trainer.global_batch}: lower p_min or max_pipe")
     if measure is None:
         def measure(candidate: Candidate) -> TryRunResult:
             return try_run(trainer, state, batches, candidate, devices, warmup=warmup,

@@ -5,7 +5,9 @@ compiles, measures or touches JAX, so the rule is cheap to check exhaustively. A
 `pipe x data / m` is *valid* when
 
 - ``pipe >= p_min`` and ``pipe <= max_pipe`` (when given),
-- ``num_layers % pipe == 0`` (equal stages; the pipeline has no uneven split),
+- ``pipe <= num_layers`` (every stage holds a layer; the split may be uneven,
+  `meshscale.schedule`), and with ``repeats`` r > 1 (the circular schedule)
+  ``pipe * r <= num_layers`` and ``m >= pipe``,
 - ``pipe * data <= n``,
 - ``global_batch % data == 0`` and the replica batch ``global_batch / data`` splits into
   ``m`` microbatches.
@@ -28,7 +30,9 @@ from meshscale.mesh import MeshShape
 
 Kind = Literal["current", "vertical", "horizontal"]
 MicrobatchChoice = Sequence[int] | Literal["all"] | None
+RepeatChoice = Sequence[int] | Literal["all"] | None
 MICROBATCH_FACTORS = (1, 2, 4)  # microbatches = factor * pipe
+REPEAT_CHOICES = (1, 2, 4)  # rounds of the circular schedule tried by repeats="all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,20 +50,29 @@ class Candidate:
     kind: Kind
 
 
-def microbatch_choices(pipe: int, replica_batch: int) -> list[int]:
-    """Every valid count among ``pipe, 2 pipe, 4 pipe`` for a replica batch, ascending.
+def _near(pipe: int, replica_batch: int, factor: int) -> int | None:
+    """The smallest count in ``[factor pipe, 2 factor pipe)`` dividing the replica batch
+    (``factor * pipe`` itself when it divides; uneven pipe widths rarely divide a batch)."""
+    low = factor * pipe
+    return next((k for k in range(low, min(2 * low, replica_batch + 1))
+                 if replica_batch % k == 0), None)
 
-    When none divides the replica batch, the largest divisor of it that is ``<= pipe``
+
+def microbatch_choices(pipe: int, replica_batch: int) -> list[int]:
+    """Every valid count near ``pipe, 2 pipe, 4 pipe`` (`_near`) for a replica batch.
+
+    When none is valid, the largest divisor of the replica batch that is ``<= pipe``
     (at least 1), so every (pipe, data) keeps one schedule.
     """
-    valid = [f * pipe for f in MICROBATCH_FACTORS if replica_batch % (f * pipe) == 0]
+    valid = {_near(pipe, replica_batch, f) for f in MICROBATCH_FACTORS} - {None}
     if valid:
-        return valid
+        return sorted(valid)
     return [max(k for k in range(1, min(pipe, replica_batch) + 1) if replica_batch % k == 0)]
 
 
 def default_microbatches(pipe: int, replica_batch: int) -> int:
-    """One count per (pipe, data): ``2 pipe`` if valid, else ``pipe``, else ``4 pipe``.
+    """One count per (pipe, data): near ``2 pipe`` if valid, else near ``pipe``, else
+    near ``4 pipe`` (`_near`), else the fallback of `microbatch_choices`.
 
     More microbatches shrink the GPipe bubble ``(p-1)/(M+p-1)`` (Huang et al. 2019) but
     add ticks of per-stage latency and cut every matmul smaller; ``2 pipe`` takes the
@@ -71,11 +84,11 @@ def default_microbatches(pipe: int, replica_batch: int) -> int:
     """
     if pipe == 1:
         return 1
-    valid = microbatch_choices(pipe, replica_batch)
-    for preferred in (2 * pipe, pipe):
-        if preferred in valid:
-            return preferred
-    return valid[0]
+    for factor in (2, 1, 4):
+        count = _near(pipe, replica_batch, factor)
+        if count is not None:
+            return count
+    return microbatch_choices(pipe, replica_batch)[0]
 
 
 def _microbatch_options(pipe: int, replica_batch: int, microbatches: MicrobatchChoice) -> list[int]:
@@ -87,6 +100,19 @@ def _microbatch_options(pipe: int, replica_batch: int, microbatches: MicrobatchC
         raise InvalidMeshShape(
             f"microbatches must be None, 'all' or a list of ints, got {microbatches!r}")
     return sorted({int(m) for m in microbatches if m >= 1 and replica_batch % m == 0})
+
+
+def repeat_choices(pipe: int, microbatches: int, num_layers: int,
+                   repeats: RepeatChoice = "all") -> list[int]:
+    """The valid circular-schedule rounds among `repeats` (``"all"``: `REPEAT_CHOICES`;
+    None: plain GPipe only), ascending; 1 is always valid."""
+    if repeats is None:
+        return [1]
+    if isinstance(repeats, str) and repeats != "all":
+        raise InvalidMeshShape(f"repeats must be None, 'all' or a list of ints, got {repeats!r}")
+    wanted = REPEAT_CHOICES if repeats == "all" else {int(r) for r in repeats}
+    return sorted({1} | {r for r in wanted if r > 1 and pipe > 1 and microbatches >= pipe
+                         and pipe * r <= num_layers})
 
 
 def _kind(shape: MeshShape, reference: MeshShape, has_current: bool) -> Kind:
@@ -107,23 +133,26 @@ def require_devices(n_devices: int, p_min: int) -> None:
 
 def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int,
                current: MeshShape | None = None, max_pipe: int | None = None,
-               microbatches: MicrobatchChoice = None) -> list[Candidate]:
+               microbatches: MicrobatchChoice = None,
+               repeats: RepeatChoice = None) -> list[Candidate]:
     """The shapes worth a try-run on `n_devices` devices, in a deterministic order.
 
     Args:
       n_devices: devices available now.
       p_min: fewest pipeline stages at which one stage fits a device.
-      num_layers: layers of the model (each pipe width must divide it).
+      num_layers: layers of the model (no pipe width above it).
       global_batch: examples per step, fixed across meshes.
       current: the shape running now, if any; it is always included (re-fitted to
         `n_devices`) while valid, and caps the data axis when `n_devices % p_min != 0`.
       max_pipe: largest pipe width to consider.
       microbatches: None (one count per shape, `default_microbatches`), ``"all"`` (every
         valid count of `microbatch_choices`), or the counts to search.
+      repeats: circular-schedule rounds to try for each (pipe, data, microbatches): None
+        (plain GPipe only), ``"all"`` (`REPEAT_CHOICES`), or a list (`repeat_choices`).
 
     Returns:
-      Candidates sorted by (pipe, data, microbatches), without duplicates; empty when no
-      shape is valid (e.g. no pipe width in ``[p_min, n]`` divides `num_layers`).
+      Candidates sorted by (pipe, data, microbatches, repeats), without duplicates; empty
+      when no shape is valid (e.g. ``p_min > num_layers``).
 
     Raises:
       InsufficientDevices: `n_devices < p_min` (no mesh can hold one model copy).
@@ -140,23 +169,24 @@ def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int
     refit = _refit(current, n_devices, p_min=p_min, num_layers=num_layers,
                    global_batch=global_batch, max_pipe=max_pipe)
     data_cap = n_devices if n_devices % p_min == 0 else reference.data
-    top = n_devices if max_pipe is None else min(n_devices, max_pipe)
+    top = min(n_devices, num_layers, n_devices if max_pipe is None else max_pipe)
 
     found: dict[MeshShape, Kind] = {}
     for pipe in range(p_min, top + 1):
-        if num_layers % pipe:
-            continue
         for data in range(min(data_cap, n_devices // pipe), 0, -1):
             if global_batch % data:
                 continue
             counts = _microbatch_options(pipe, global_batch // data, microbatches)
             if microbatches is None and refit is not None and (pipe, data) == (
                     refit.pipe, refit.data):
-                break  # the current schedule stands for this (pipe, data)
+                if repeats is None:
+                    break  # the current schedule stands for this (pipe, data)
+                counts = [refit.microbatches]  # its count stands; its rounds are searched
             if counts:  # the widest data axis with a valid schedule
                 for m in counts:
-                    shape = MeshShape(pipe, data, m)
-                    found[shape] = _kind(shape, reference, current is not None)
+                    for r in repeat_choices(pipe, m, num_layers, repeats):
+                        shape = MeshShape(pipe, data, m, r)
+                        found[shape] = _kind(shape, reference, current is not None)
                 break
     if refit is not None:
         found[refit] = "current"
@@ -166,7 +196,7 @@ def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int
 def _refit(current: MeshShape | None, n_devices: int, *, p_min: int, num_layers: int,
            global_batch: int, max_pipe: int | None) -> MeshShape | None:
     """The current pipe width with the widest valid data axis <= the current one."""
-    if current is None or current.pipe < p_min or num_layers % current.pipe:
+    if current is None or current.pipe < p_min or current.pipe > num_layers:
         return None
     if max_pipe is not None and current.pipe > max_pipe:
         return None
@@ -177,5 +207,7 @@ def _refit(current: MeshShape | None, n_devices: int, *, p_min: int, num_layers:
         m = current.microbatches
         if replica % m:
             m = default_microbatches(current.pipe, replica)
-        return MeshShape(current.pipe, data, m)
+        r = current.repeats if current.repeats in repeat_choices(
+            current.pipe, m, num_layers, [current.repeats]) else 1
+        return MeshShape(current.pipe, data, m, r)
     return None

@@ -5,7 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshscale import InsufficientDevices, InvalidMeshShape, MeshShape
-from meshscale.space import candidates, default_microbatches, microbatch_choices
+from meshscale.space import (
+    candidates,
+    default_microbatches,
+    microbatch_choices,
+    repeat_choices,
+)
 
 LAYERS = st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16, 24])
 BATCH = st.sampled_from([1, 2, 4, 6, 8, 12, 16, 32, 48, 64])
@@ -13,8 +18,10 @@ PROPS = settings(max_examples=300, deadline=None)
 
 
 def is_valid(shape, *, n, p_min, layers, batch):
-    return (shape.pipe >= p_min and layers % shape.pipe == 0 and shape.num_devices <= n
-            and batch % shape.data == 0 and (batch // shape.data) % shape.microbatches == 0)
+    circular_ok = shape.repeats == 1 or (shape.pipe > 1 and shape.microbatches >= shape.pipe)
+    return (shape.pipe >= p_min and shape.pipe * shape.repeats <= layers and circular_ok
+            and shape.num_devices <= n and batch % shape.data == 0
+            and (batch // shape.data) % shape.microbatches == 0)
 
 
 @st.composite
@@ -25,17 +32,18 @@ def space_inputs(draw):
     current = None
     if draw(st.booleans()):
         current = MeshShape(draw(st.integers(1, 16)), draw(st.integers(1, 16)),
-                            draw(st.sampled_from([1, 2, 4, 8])))
+                            draw(st.sampled_from([1, 2, 4, 8])), draw(st.sampled_from([1, 2])))
     return n, p_min, layers, batch, current
 
 
 @PROPS
-@given(space_inputs())
-def test_every_candidate_is_valid_and_unique(args):
+@given(space_inputs(), st.sampled_from([None, "all", [2, 3]]))
+def test_every_candidate_is_valid_and_unique(args, repeats):
     n, p_min, layers, batch, current = args
     if n < p_min:
         return
-    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch, current=current)
+    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch, current=current,
+                       repeats=repeats)
     shapes = [c.shape for c in found]
     assert len(shapes) == len(set(shapes))
     assert shapes == sorted(shapes)
@@ -79,10 +87,29 @@ def test_each_pipe_width_keeps_its_widest_data_axis(args):
     for pipe in {c.shape.pipe for c in found}:
         widest = max(d for d in range(1, min(cap, n // pipe) + 1) if batch % d == 0)
         assert max(c.shape.data for c in found if c.shape.pipe == pipe) == widest
-    # and no valid pipe width is missing
-    for pipe in range(p_min, n + 1):
-        if layers % pipe == 0:
-            assert any(c.shape.pipe == pipe for c in found), pipe
+    # and no valid pipe width is missing: every width up to the layer count, even or not
+    for pipe in range(p_min, min(n, layers) + 1):
+        assert any(c.shape.pipe == pipe for c in found), pipe
+
+
+@PROPS
+@given(space_inputs())
+def test_widest_candidate_uses_every_device_up_to_the_layer_count(args):
+    n, p_min, layers, batch, current = args
+    if n < p_min or n > layers or p_min > layers:
+        return
+    found = candidates(n, p_min=p_min, num_layers=layers, global_batch=batch)
+    assert max(c.shape.num_devices for c in found) == n  # n stages of one replica at least
+
+
+def test_device_use_on_real_layer_counts_is_complete():
+    """The issue's 60 cases: Llama-3-8B, Qwen2.5-7B, Llama-2-13B, Llama-3-70B layer counts,
+    2..16 devices, p_min 2, batch 256: the widest candidate uses every device."""
+    for layers in (32, 28, 40, 80):
+        for n in range(2, 17):
+            found = candidates(n, p_min=2, num_layers=layers, global_batch=256)
+            widest = max(found, key=lambda c: c.shape.num_devices)
+            assert widest.shape.num_devices == n, (layers, n, widest)
 
 
 @settings(max_examples=100, deadline=None)
@@ -108,50 +135,80 @@ def test_current_shape_included_when_still_valid(args):
 def test_kinds_relative_to_current():
     found = candidates(8, p_min=2, num_layers=8, global_batch=32, current=MeshShape(2, 2, 2))
     kinds = {(c.shape.pipe, c.shape.data): c.kind for c in found}
-    assert kinds == {(2, 4): "horizontal", (2, 2): "current", (4, 2): "vertical",
-                     (8, 1): "vertical"}
+    assert kinds == {(2, 4): "horizontal", (2, 2): "current", (3, 2): "vertical",
+                     (4, 2): "vertical", (5, 1): "vertical", (6, 1): "vertical",
+                     (7, 1): "vertical", (8, 1): "vertical"}
     assert MeshShape(2, 2, 2) in [c.shape for c in found]  # the current schedule is kept
 
 
 def test_kinds_at_start_up_without_current():
     found = candidates(8, p_min=2, num_layers=8, global_batch=32)
     assert [(c.shape.pipe, c.shape.data, c.kind) for c in found] == [
-        (2, 4, "horizontal"), (4, 2, "horizontal"), (8, 1, "vertical")]
-    odd = candidates(7, p_min=2, num_layers=8, global_batch=32)
+        (2, 4, "horizontal"), (3, 2, "horizontal"), (4, 2, "horizontal"), (5, 1, "vertical"),
+        (6, 1, "vertical"), (7, 1, "vertical"), (8, 1, "vertical")]
+    odd = candidates(7, p_min=2, num_layers=8, global_batch=32)  # 7 % 2: vertical only
     assert [(c.shape.pipe, c.shape.data, c.kind) for c in odd] == [
-        (2, 1, "vertical"), (4, 1, "vertical")]
+        (p, 1, "vertical") for p in range(2, 8)]
 
 
 def test_lost_devices_refit_current_to_narrower_data():
     found = candidates(6, p_min=2, num_layers=8, global_batch=32, current=MeshShape(2, 4, 2))
     assert [(c.shape, c.kind) for c in found] == [
-        (MeshShape(2, 2, 2), "current"), (MeshShape(4, 1, 8), "vertical")]
+        (MeshShape(2, 2, 2), "current"), (MeshShape(3, 2, 8), "vertical"),
+        (MeshShape(4, 1, 8), "vertical"), (MeshShape(5, 1, 16), "vertical"),
+        (MeshShape(6, 1, 16), "vertical")]
 
 
 def test_microbatch_choices_and_default():
     assert microbatch_choices(2, 16) == [2, 4, 8]
     assert microbatch_choices(4, 8) == [4, 8]
-    assert microbatch_choices(4, 6) == [3]  # none of 4, 8, 16 divides 6: largest divisor <= 4
+    assert microbatch_choices(3, 32) == [4, 8, 16]  # the nearest divisors above 3, 6, 12
+    assert microbatch_choices(4, 6) == [6]  # 6 in [4, 8); nothing in [8, 16) or [16, 32)
+    assert microbatch_choices(8, 6) == [6]  # nothing in [8, 64): largest divisor <= 8
     assert microbatch_choices(8, 1) == [1]
     assert default_microbatches(2, 16) == 4  # 2 * pipe
     assert default_microbatches(2, 2) == 2  # 4 does not divide 2: pipe
-    assert default_microbatches(4, 6) == 3  # fallback
+    assert default_microbatches(7, 256) == 16  # the first divisor of 256 in [14, 28)
+    assert default_microbatches(8, 6) == 6  # fallback
     assert default_microbatches(1, 16) == 1  # one stage: no bubble to hide
 
 
 def test_microbatch_search_lists():
     every = candidates(4, p_min=2, num_layers=4, global_batch=16, microbatches="all")
-    assert [str(c.shape) for c in every] == ["2x2/m2", "2x2/m4", "2x2/m8", "4x1/m4",
-                                             "4x1/m8", "4x1/m16"]
+    assert [str(c.shape) for c in every] == ["2x2/m2", "2x2/m4", "2x2/m8", "3x1/m4",
+                                             "3x1/m8", "3x1/m16", "4x1/m4", "4x1/m8",
+                                             "4x1/m16"]
     listed = candidates(4, p_min=2, num_layers=4, global_batch=16, microbatches=[3, 4])
-    assert [str(c.shape) for c in listed] == ["2x2/m4", "4x1/m4"]
+    assert [str(c.shape) for c in listed] == ["2x2/m4", "3x1/m4", "4x1/m4"]
 
 
 def test_bounds_and_bad_arguments():
     found = candidates(8, p_min=1, num_layers=8, global_batch=8, max_pipe=2)
     assert {c.shape.pipe for c in found} == {1, 2}
-    assert candidates(4, p_min=2, num_layers=5, global_batch=8) == []
+    assert candidates(4, p_min=2, num_layers=1, global_batch=8) == []  # no stage fits
+    assert [c.shape.pipe for c in candidates(4, p_min=2, num_layers=5, global_batch=8)] == [
+        2, 3, 4]  # any width up to the layers, even or not
     with pytest.raises(InvalidMeshShape, match="max_pipe"):
         candidates(8, p_min=4, num_layers=8, global_batch=8, max_pipe=2)
     with pytest.raises(InvalidMeshShape, match="p_min"):
         candidates(8, p_min=0, num_layers=8, global_batch=8)
+
+
+def test_repeat_choices_and_circular_candidates():
+    assert repeat_choices(4, 8, 32) == [1, 2, 4]
+    assert repeat_choices(4, 8, 12) == [1, 2]  # 4 * 4 groups exceed 12 layers
+    assert repeat_choices(4, 2, 32) == [1]  # fewer microbatches than stages
+    assert repeat_choices(1, 8, 32) == [1]  # one stage has no bubble
+    assert repeat_choices(4, 8, 32, None) == [1]
+    assert repeat_choices(4, 8, 32, [3]) == [1, 3]
+    with pytest.raises(InvalidMeshShape, match="repeats must be"):
+        repeat_choices(4, 8, 32, "some")
+    found = candidates(6, p_min=2, num_layers=8, global_batch=32, repeats="all")
+    assert [str(c.shape) for c in found] == [
+        "2x2/m4", "2x2/m4/r2", "2x2/m4/r4", "3x2/m8", "3x2/m8/r2", "4x1/m8", "4x1/m8/r2",
+        "5x1/m16", "6x1/m16"]
+    # The running circular schedule is re-fitted with its rounds when they stay valid.
+    kept = candidates(4, p_min=2, num_layers=8, global_batch=32,
+                      current=MeshShape(2, 4, 4, repeats=2))
+    assert [(str(c.shape), c.kind) for c in kept] == [
+        ("2x2/m4/r2", "current"), ("3x1/m8", "vertical"), ("4x1/m8", "vertical")]

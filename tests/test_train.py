@@ -19,10 +19,12 @@ from meshscale import (
     make_mesh,
     stack_layers,
 )
+from models.mlp import MLPConfig, ResidualMLP
 from tests.helpers import GLOBAL_BATCH, assert_trees_equal, make_model, make_optimizer
 
 SHAPES = [MeshShape(p, d, 1) for p, d in
-          [(1, 1), (1, 8), (2, 4), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1)]]
+          [(1, 1), (1, 8), (2, 4), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1), (3, 2), (7, 1)]]
+SHAPES.append(MeshShape(2, 2, 2, repeats=2))  # circular: block leaves not split by layer
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +115,17 @@ def test_models_with_equal_shapes_and_different_forwards_get_their_own_executabl
 
 
 # -- errors -------------------------------------------------------------------------
-def test_pipe_not_dividing_layers_is_refused(trainer):
-    with pytest.raises(InvalidMeshShape, match="pipe=3 does not divide num_layers=8"):
-        trainer.init_state(MeshShape(3, 1))
+def test_schedules_that_cannot_hold_the_layers_are_refused():
+    four = Trainer(ResidualMLP(MLPConfig(num_layers=4, features=8, hidden=8),
+                               rngs=nnx.Rngs(0)), make_optimizer(), global_batch=GLOBAL_BATCH)
+    with pytest.raises(InvalidMeshShape, match="pipe=5 exceeds num_layers=4: every stage"):
+        four.init_state(MeshShape(5, 1))
+    with pytest.raises(InvalidMeshShape, match="pipe \\* repeats = 2 \\* 4 exceeds num_layers=4"):
+        four.check(MeshShape(2, 1, 4, repeats=4))
+    with pytest.raises(InvalidMeshShape, match="repeats=2 needs microbatches >= pipe=2"):
+        four.check(MeshShape(2, 1, 1, repeats=2))
+    with pytest.raises(InvalidMeshShape, match="repeats=2 needs pipe > 1"):
+        four.check(MeshShape(1, 2, 2, repeats=2))
 
 
 def test_batch_not_divisible_by_data_times_microbatches_is_refused(trainer):

@@ -62,9 +62,9 @@ def test_over_budget_and_invalid_candidates_are_skipped_with_reason(mlp, devices
                    memory_budget=1024)
     assert over.status.startswith("skipped: would need ") and "budget 9.54e-07 GiB" in over.status
     assert over.bytes_per_device > 1024 and not over.ok
-    bad = try_run(trainer, state, batches, Candidate(MeshShape(3, 1, 1), "vertical"),
+    bad = try_run(trainer, state, batches, Candidate(MeshShape(2, 1, 1, 2), "vertical"),
                   devices[:4])
-    assert bad.status.startswith("skipped: pipe=3 does not divide num_layers=4")
+    assert bad.status.startswith("skipped: repeats=2 needs microbatches >= pipe=2")
 
 
 def test_failing_candidate_is_recorded_not_raised(mlp, devices):
@@ -91,7 +91,7 @@ class _Compiled:
 
 
 class _MemoryTrainer:
-    """Needs 1000 / pipe + 100 bytes per device; 6 layers (pipe 4 and 5 are invalid)."""
+    """Needs 1000 / pipe + 100 bytes per device; 6 layers (pipe 7 and 8 are invalid)."""
 
     num_layers, global_batch = 6, 12
 
@@ -110,7 +110,8 @@ def test_auto_p_min_is_the_smallest_pipe_that_fits(devices):
     t = _MemoryTrainer()
     assert auto_p_min(t, devices, budget=600) == 2  # 1100 > 600 >= 600
     assert [s.pipe for s in t.compiled] == [1, 2]
-    assert auto_p_min(t, devices, budget=300) == 6  # 1000 // 3 + 100 > 300; 4, 5 invalid
+    assert auto_p_min(t, devices, budget=300) == 5  # 1000 // 4 + 100 > 300 >= 1000 // 5 + 100
+    assert [s.pipe for s in t.compiled] == [1, 2, 1, 2, 3, 4, 5]  # uneven widths count too
     with pytest.raises(InsufficientDevices, match="no pipe width up to 8 fits"):
         auto_p_min(t, devices, budget=200)
     with pytest.raises(InsufficientDevices, match="up to 2 fits"):
@@ -130,11 +131,11 @@ def test_gpt_search_runs_every_candidate_and_second_search_compiles_nothing(devi
     second = search(trainer, state, batches, devices, p_min=2, warmup=1, steps=2)
 
     assert [(str(r.shape), r.kind) for r in first.results] == [
-        ("2x4/m4", "horizontal"), ("4x2/m8", "horizontal")]
+        ("2x4/m4", "horizontal"), ("3x2/m8", "horizontal"), ("4x2/m8", "horizontal")]
     assert all(r.ok or r.status.startswith("skipped: ") for r in first.results)
-    assert compiles == 2 and trainer.cache.compiles == compiles  # nothing compiled again
-    assert [r.compile_origin for r in first.results] == ["on-demand"] * 2
-    assert [r.compile_origin for r in second.results] == ["hit"] * 2
+    assert compiles == 3 and trainer.cache.compiles == compiles  # nothing compiled again
+    assert [r.compile_origin for r in first.results] == ["on-demand"] * 3
+    assert [r.compile_origin for r in second.results] == ["hit"] * 3
     assert sum(r.compile_seconds for r in second.results) < 0.1 * sum(
         r.compile_seconds for r in first.results)
     for d in (first, second):
