@@ -55,6 +55,7 @@ from meshscale import distributed
 from meshscale.errors import IncompatibleCheckpoint
 from meshscale.mesh import DATA, PIPE, MeshShape
 from meshscale.paths import run_path
+from meshscale.sharding import is_block_leaf
 from meshscale.state_tree import state_to_tree, tree_fingerprint, tree_to_state
 from meshscale.train import Trainer, TrainState
 
@@ -76,6 +77,13 @@ class Fallback:
 
     restored_step: int
     skipped: tuple[tuple[int, str], ...]  # (step, reason), newest first
+
+
+def _block_rows(state: TrainState, num_layers: int) -> int:
+    """The saved layer stack's length: `num_layers` plus the mesh's zero padding rows."""
+    rows = [x.shape[0] for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+            if is_block_leaf(path, x.shape, num_layers)]
+    return max(rows, default=num_layers)
 
 
 def _mesh_text(state: TrainState) -> str:
@@ -140,7 +148,9 @@ class Checkpointer:
             "mesh_shape": str(shape) if shape is not None else _mesh_text(state),
             "global_batch": self.trainer.global_batch,
             "num_layers": self.trainer.num_layers,
-            "param_count": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
+            "param_count": int(sum(np.size(x) for x in
+                                   jax.tree.leaves(self.trainer.abstract_state().params))),
+            "block_rows": _block_rows(state, self.trainer.num_layers),
             "step": step,
         }
         return self._manager.save(step, force=force, args=ocp.args.Composite(**{
@@ -200,9 +210,7 @@ class Checkpointer:
             newer steps (recorded in `last_fallback`, with a warning).
           devices: the devices of a `MeshShape` target's mesh.
         """
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.trainer.abstract_state(), self._target_shardings(target, devices))
+        abstract = self._targets(target, devices)
         if step is not None:
             step = self._existing_step(step)
             state, problem = self._restore_step(step, abstract)
@@ -295,14 +303,28 @@ class Checkpointer:
         state = None
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.PyTreeRestore(
-                    tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))}))
+                STATE_ITEM: ocp.args.PyTreeRestore(tree, restore_args=self._restore_args(tree))}))
             state = tree_to_state(restored[STATE_ITEM], abstract)
         except Exception as e:
             problem = _reason(e)
         if (problem := distributed.failed_anywhere(problem)) is not None:
             return None, problem
         return state, None
+
+    def _restore_args(self, tree: dict) -> dict:
+        """Orbax's restore arguments for `tree`; a block leaf's zero padding rows are cut
+        or added (``strict=False``) to the target mesh's length (`meshscale.schedule`), so
+        a stack saved on any mesh, or unpadded, restores onto any other."""
+        args = ocp.checkpoint_utils.construct_restore_args(tree)
+        num_layers = self.trainer.num_layers
+
+        def relax(path, arg, leaf):
+            if not is_block_leaf(path, leaf.shape, num_layers):
+                return arg
+            return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                        dtype=leaf.dtype, strict=False)
+
+        return jax.tree_util.tree_map_with_path(relax, args, tree)
 
     def _check_directory(self) -> None:
         """Before the first save: refuse (on every process alike) a directory whose newest
@@ -342,9 +364,19 @@ class Checkpointer:
                 f"is {self.trainer.global_batch}: use global_batch={meta['global_batch']} or "
                 "point checkpoint_dir elsewhere")
 
-    def _target_shardings(self, target: MeshShape | TrainState, devices: Devices) -> TrainState:
+    def _targets(self, target: MeshShape | TrainState, devices: Devices) -> TrainState:
+        """`ShapeDtypeStruct`s with shardings to restore into."""
         if isinstance(target, MeshShape):
-            return self.trainer.shardings(target, devices)
+            return self.trainer.targets(target, devices)
+        shardings = self._target_shardings(target)
+        rows = {s.mesh.shape.get(PIPE) for s in jax.tree.leaves(shardings)}
+        abstract = self.trainer.abstract_state()
+        if len(rows) == 1:  # the mesh's GPipe padding (pass a MeshShape for circular ones)
+            abstract = self.trainer.abstract_state(MeshShape(rows.pop(), 1))
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+
+    def _target_shardings(self, target: TrainState) -> TrainState:
         if not isinstance(target, TrainState):
             raise TypeError(f"restore target must be a MeshShape or a TrainState of "
                             f"NamedShardings, got {type(target).__name__}")

@@ -32,6 +32,7 @@ from flax import nnx
 
 from meshscale import rng as rng_lib
 from meshscale.errors import ContractError
+from meshscale.schedule import layer_params
 
 Batch = Any  # a pytree of arrays whose leading axis is the example axis
 Params = dict  # nested dict of arrays; params["blocks"] has a leading layer axis
@@ -194,9 +195,11 @@ class FunctionalModel:
         return nnx.merge(self.blocks_graphdef, _filled(self.blocks_template, layer_params))
 
     def loss(self, params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
-        """The reference loss: plain forward, no mesh (`rng`: a step's key, or None)."""
-        return self.merge(params).loss(batch) if rng is None else \
-            self.merge(params).loss(batch, rng)
+        """The reference loss: plain forward, no mesh (`rng`: a step's key, or None).
+
+        `params` may come from a padded mesh (`meshscale.schedule.layer_params`)."""
+        model = self.merge(layer_params(params, self.num_layers))
+        return model.loss(batch) if rng is None else model.loss(batch, rng)
 
     def check_forward(self, batch_spec: Batch, name: str, *, rng: bool = False) -> None:
         """Trace embed, one layer and the head abstractly on `batch_spec` (nothing runs):

@@ -20,9 +20,9 @@ rematerialised per `Remat` policy. With ``"fsdp"`` state sharding each layer's
 parameters are gathered over ``data`` just before the layer runs, inside the
 rematerialised part (so again in the backward pass), and their gradients are
 reduce-scattered by the transpose: a device never holds more than one whole layer.
-When the stages are not equal contiguous ranges, the stored parameters stay layer-major
-(`meshscale.sharding`) and the step gathers the stage-major copy the loop reads
-(``to_stages``; padding slots of smaller groups are zeros that the loop skips).
+The stored stack is padded with zero rows to a multiple of the stages
+(`meshscale.schedule`), which the loop skips; for the circular schedule the step
+regroups the stored rows stage-major first (``to_stages``).
 The backward pass is JAX autodiff through the loop; the result equals
 the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
 
@@ -31,14 +31,12 @@ Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
@@ -57,7 +55,7 @@ from meshscale.model import (
     layer_inputs,
     mean_loss,
 )
-from meshscale.schedule import PADDING, Schedule
+from meshscale.schedule import PADDING, Schedule, pad_layers, padded_abstract
 
 Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
@@ -99,24 +97,15 @@ def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
     return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
 
 
-def stage_major_specs(fmodel: FunctionalModel, sched: Schedule, shape: MeshShape, *,
-                      split_over_data: bool) -> Params:
-    """Specs of the blocks as the stages hold them: ``[pipe * repeats * slots, ...]``,
-    stage-major (`Schedule.slot_layers` order), split over ``pipe`` on that axis."""
-    rows = sched.pipe * sched.repeats * sched.slots
-    blocks = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype),
-                          fmodel.abstract_params()[sharding.BLOCKS])
-    even = dataclasses.replace(shape, repeats=1)
-    return sharding.tree_specs({sharding.BLOCKS: blocks}, mesh_shape=even, num_layers=rows,
-                               split_over_data=split_over_data)[sharding.BLOCKS]
-
-
 def pipeline_loss(
     fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
     state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
     compute_dtype: Any = None,
 ) -> Callable[[Params, Batch], jax.Array]:
     """``(params, batch, rng=None) -> loss`` computed pipelined on `mesh`; differentiable.
+
+    `params` is the model's tree, its stack as stored on `shape`'s mesh (padded to
+    `Schedule.rows`) or unpadded (padded here; the gradient then has the model's shapes).
 
     `rng` is a step's key (`meshscale.rng`); layers then get per-example keys that do
     not depend on the mesh."""
@@ -129,28 +118,23 @@ def pipeline_loss(
         links = [(i, i + 1) for i in range(p - 1)]
     rows = sharding.rows_spec(shape, global_batch)
     rows_over_pipe = rows != P(DATA)
-    fsdp = state_sharding == "fsdp"
     layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
     padded = bool((sched.slot_layers == PADDING).any())
-    if sched.layer_major:
-        specs = sharding.tree_specs(fmodel.abstract_params(), mesh_shape=shape,
-                                    num_layers=fmodel.num_layers,
-                                    split_over_data=fsdp)[sharding.BLOCKS]
-    else:
-        specs = stage_major_specs(fmodel, sched, shape, split_over_data=fsdp)
-        # Row `fmodel.num_layers` does not exist: padding slots are filled with zeros.
-        order = np.where(sched.slot_layers == PADDING, fmodel.num_layers,
-                         sched.slot_layers).reshape(-1)
+    # The stored stack, padded to `sched.rows`, is split over pipe on its layer axis.
+    abstract = padded_abstract(fmodel.abstract_params(), fmodel.num_layers, sched.rows)
+    specs = sharding.tree_specs(abstract, mesh_shape=shape, num_layers=fmodel.num_layers,
+                                split_over_data=state_sharding == "fsdp")[sharding.BLOCKS]
+    order = sched.slot_rows.reshape(-1)  # stage-major: stage s's groups, round by round
 
     def to_stages(blocks: Params) -> Params:
-        """The layer-major stack as the stages hold it (GSPMD moves the rows; the
-        transpose of the gather sends the gradients back)."""
-        if sched.layer_major:
+        """What the stages read: the stored stack itself when each stage's layers are its
+        own slice (GPipe); for the circular schedule its rows regrouped stage-major (a
+        gather GSPMD turns into collectives; its transpose sends the gradients back)."""
+        if sched.contiguous:
             return blocks
         return jax.tree.map(
             lambda x, spec: lax.with_sharding_constraint(
-                jnp.take(x, order, axis=0, mode="fill", fill_value=0),
-                NamedSharding(mesh, spec)),
+                jnp.take(x, order, axis=0), NamedSharding(mesh, spec)),
             blocks, specs)
 
     def run_stage(blocks: Params, h: jax.Array, side, keys, k: jax.Array) -> jax.Array:
@@ -242,7 +226,8 @@ def pipeline_loss(
         per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
         body = jax.shard_map(stages, mesh=mesh,
                              in_specs=(specs, P(DATA), *per_example), out_specs=rows)
-        h = body(to_stages(params[sharding.BLOCKS]), h0, side, keys)
+        blocks = pad_layers(params, fmodel.num_layers, sched.rows)[sharding.BLOCKS]
+        h = body(to_stages(blocks), h0, side, keys)
         return mean_loss(model.head_loss(h, batch))
 
     return loss_fn

@@ -68,31 +68,68 @@ def _assemble(x: jax.Array, index: Index, device: jax.Device) -> jax.Array:
     return block(())
 
 
-def move(x: jax.Array, sharding: Sharding) -> jax.Array:
-    """`x` with `sharding`, built from slices of its own shards."""
+def _resized(x: jax.Array, rows: int, sharding: Sharding) -> jax.Array:
+    """`x` with `rows` rows on its leading axis: cut, or padded with zero rows (a layer
+    stack moving to a mesh that pads it to another length, `meshscale.schedule`)."""
+    shape = (rows, *x.shape[1:])
+    if not (x.is_fully_addressable and sharding.is_fully_addressable):
+        raise ValueError(f"cannot resize a layer stack spanning processes in memory "
+                         f"({x.shape[0]} -> {rows} rows): restore it from a checkpoint")
+    pieces = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        (lo, hi), rest = _bounds(index, shape)[0], index[1:]
+        parts = []
+        if lo < x.shape[0]:  # the rows the source has, from its shards
+            have = (slice(lo, min(hi, x.shape[0])), *rest)
+            parts.append(_piece(x, have, device))
+        if hi > max(lo, x.shape[0]):  # the rows it lacks: zeros, made on the device
+            zeros_shape = (hi - max(lo, x.shape[0]), *_extent(rest, x.shape[1:]))
+            parts.append(jnp.zeros(zeros_shape, x.dtype, device=device))
+        pieces.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+
+
+def _extent(index: Index, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(hi - lo for lo, hi in _bounds(index, shape))
+
+
+def _piece(x: jax.Array, index: Index, device: jax.Device) -> jax.Array:
+    """Block `index` of `x` on `device`: a slice of one source shard holding it (the one
+    on `device` if any), else assembled from the shards tiling it."""
+    source, local = None, None
+    for shard in x.addressable_shards:
+        inside = _inside(shard.index, index, x.shape)
+        if inside is not None and (source is None or shard.device == device):
+            source, local = shard, inside
+            if shard.device == device:
+                break
+    if source is None:
+        return _assemble(x, index, device)
+    whole = all(s == slice(0, n) for s, n in zip(local, source.data.shape, strict=True))
+    piece = source.data if whole else source.data[local]
+    return piece if source.device == device else jax.device_put(piece, device)
+
+
+def move(x: jax.Array, target: Sharding | jax.ShapeDtypeStruct) -> jax.Array:
+    """`x` with `target`'s sharding, built from slices of its own shards.
+
+    `target` is a sharding, or a `jax.ShapeDtypeStruct` with one whose leading length may
+    differ from `x`'s (`_resized`: zero rows are cut or added)."""
+    sharding = getattr(target, "sharding", target)
+    if isinstance(target, jax.ShapeDtypeStruct) and target.shape != x.shape:
+        if target.shape[1:] != x.shape[1:]:
+            raise ValueError(f"cannot move shape {x.shape} to {target.shape}: only the "
+                             "leading (layer) axis may change")
+        return _resized(x, target.shape[0], sharding)
     if x.sharding == sharding:
         return x
     if not (x.is_fully_addressable and sharding.is_fully_addressable):
         return jax.device_put(x, sharding)
-    shards = x.addressable_shards
-    pieces = []
-    for device, index in sharding.addressable_devices_indices_map(x.shape).items():
-        source, local = None, None
-        for shard in shards:
-            inside = _inside(shard.index, index, x.shape)
-            if inside is not None and (source is None or shard.device == device):
-                source, local = shard, inside
-                if shard.device == device:
-                    break
-        if source is None:
-            pieces.append(_assemble(x, index, device))
-            continue
-        whole = all(s == slice(0, n) for s, n in zip(local, source.data.shape, strict=True))
-        piece = source.data if whole else source.data[local]
-        pieces.append(piece if source.device == device else jax.device_put(piece, device))
+    pieces = [_piece(x, index, device) for device, index in
+              sharding.addressable_devices_indices_map(x.shape).items()]
     return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
 
 
-def move_tree(tree, shardings):
-    """`move` over matching pytrees of arrays and shardings."""
-    return jax.tree.map(move, tree, shardings)
+def move_tree(tree, targets):
+    """`move` over matching pytrees of arrays and shardings (or `ShapeDtypeStruct`s)."""
+    return jax.tree.map(move, tree, targets)

@@ -1,21 +1,29 @@
 """Which layers each pipeline stage holds, and what each stage does at each tick.
 
-Pure arithmetic over (layers, pipe, repeats, microbatches), shared by the pipeline (its
-layer tables and tick rules), the sharding rule (whether the layer axis splits evenly)
-and the benchmarks (counting executed and idle stage-ticks). Nothing here touches JAX.
+Arithmetic over (layers, pipe, repeats, microbatches), shared by the train state (the
+padded stack's length, `rows`), the pipeline (its slot tables and tick rule) and the
+benchmarks (counting executed and idle stage-ticks). Nothing here compiles or places.
 
 **The split.** The ``L`` layers are cut into ``G = pipe * repeats`` contiguous *groups*
-whose sizes differ by at most one (the first ``L % G`` groups get the extra layer).
-Group ``g = k * pipe + s`` runs on stage ``s`` in round ``k``: with ``repeats == 1``
-stage ``s`` holds one contiguous range of layers (uneven when ``pipe`` does not divide
-``L``); with ``repeats = r`` it holds ``r`` ranges, ``pipe`` groups apart (the circular
-schedule of MaxText and praxis, Narayanan et al. 2021's "interleaved" stages). Balanced
-by layer count because that is the cost: embedding and head run outside the pipeline on
-every device (`meshscale.pipeline`), and every stacked unit has the same shapes and
-computation (`meshscale.model.stack_layers` stacks whole `LayerPattern` periods), so a
-stage's time is its layer count times one unit's. Ticks are lockstep (each ends in a
-``ppermute``), so the step time follows the largest group, ``ceil(L / G)`` layers; a
-stage with fewer layers idles for the difference (`padding_slots`).
+of ``c = ceil(L / G)`` slots; group ``g`` holds layers ``[g c, min((g + 1) c, L))``, so the
+last groups may be short or empty. Group ``g = k * pipe + s`` runs on stage ``s`` in
+round ``k``: with ``repeats == 1`` stage ``s`` holds one contiguous range of layers (uneven
+when ``pipe`` does not divide ``L``); with ``repeats = r`` it holds ``r`` ranges, ``pipe``
+groups apart (the circular schedule of MaxText and praxis; Narayanan et al. 2021's
+"interleaved" stages).
+
+Why this split. A stage's cost is its layer count: embedding and head run outside the
+pipeline on every device (`meshscale.pipeline`), and every stacked unit has the same
+shapes and computation (`meshscale.model.stack_layers` stacks whole `LayerPattern`
+periods). Ticks are lockstep (each ends in a ``ppermute``), so the step time follows the
+largest group and so does the peak memory: ``ceil(L / G)`` layers is the least any split
+reaches, and this one reaches it. It is also the one split under which the layer-major
+stack, padded with zero rows to ``G c`` (`rows`), splits over ``pipe`` as it is: the
+stored parameters are that padded stack (`meshscale.train`), a GPipe stage's slice of it
+is exactly its layers (no per-step relayout), and a checkpoint restores onto any other
+split by padding or truncating zero rows. A balanced split (sizes differing by one)
+would run no faster and would need a stage-major copy of every parameter. A stage with a
+short or empty group passes ``h`` on for the slots it lacks (`padding_slots`).
 
 **The ticks.** Each replica's batch is cut into ``M`` microbatches; work item
 ``i = k * M + m`` is microbatch ``m`` in round ``k``. Stage ``s`` runs item ``t - s`` at
@@ -30,7 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
+import jax
 import numpy as np
 
 from meshscale.errors import InvalidMeshShape
@@ -77,33 +87,41 @@ class Schedule:
     def groups(self) -> int:
         return self.pipe * self.repeats
 
-    @functools.cached_property
-    def group_sizes(self) -> tuple[int, ...]:
-        """Layers in group ``g = round * pipe + stage``; contiguous, in layer order."""
-        base, extra = divmod(self.num_layers, self.groups)
-        return tuple(base + (g < extra) for g in range(self.groups))
-
     @property
     def slots(self) -> int:
-        """Layer slots per group: the largest group (smaller groups are padded)."""
-        return max(self.group_sizes)
+        """Layer slots per group: ``ceil(L / G)``, the work of one lockstep tick."""
+        return -(-self.num_layers // self.groups)
 
     @property
-    def layer_major(self) -> bool:
-        """Stage ``s`` holds layers ``[s L/p, (s+1) L/p)``: the stack splits over ``pipe``
-        as it is, so no stage-major copy of the parameters is needed."""
-        return self.repeats == 1 and self.num_layers % self.pipe == 0
+    def rows(self) -> int:
+        """The padded stack's length, ``G * slots``: the stored block leaves' leading axis
+        on this mesh (rows past `num_layers` are zeros)."""
+        return self.groups * self.slots
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Layers in group ``g = round * pipe + stage``; contiguous, in layer order."""
+        c, L = self.slots, self.num_layers
+        return tuple(max(0, min(c, L - g * c)) for g in range(self.groups))
+
+    @property
+    def contiguous(self) -> bool:
+        """Each stage's layers are its own slice of the padded stack (``repeats == 1``):
+        the stored parameters are what the stages read, with no stage-major copy."""
+        return self.repeats == 1
 
     @functools.cached_property
+    def slot_rows(self) -> np.ndarray:
+        """``[pipe, repeats, slots]`` int32: the padded-stack row (= layer, when below
+        `num_layers`) in each slot; stage ``s`` round ``k`` runs group ``k * pipe + s``."""
+        g = np.arange(self.repeats)[None, :] * self.pipe + np.arange(self.pipe)[:, None]
+        return (g[:, :, None] * self.slots + np.arange(self.slots)).astype(np.int32)
+
+    @property
     def slot_layers(self) -> np.ndarray:
-        """``[pipe, repeats, slots]`` int32: the layer in each slot, or `PADDING`."""
-        table = np.full((self.pipe, self.repeats, self.slots), PADDING, np.int32)
-        start = 0
-        for g, size in enumerate(self.group_sizes):
-            k, s = divmod(g, self.pipe)
-            table[s, k, :size] = np.arange(start, start + size)
-            start += size
-        return table
+        """`slot_rows` with the padding rows marked `PADDING`."""
+        rows = self.slot_rows
+        return np.where(rows < self.num_layers, rows, PADDING).astype(np.int32)
 
     def stage_layers(self, stage: int) -> list[int]:
         """The layers `stage` holds, in the order it runs them."""
@@ -134,6 +152,39 @@ class Schedule:
         return (self.pipe - 1) / self.ticks
 
     def padding_slots(self) -> int:
-        """Layer slots a busy stage skips per step, waiting for the largest group."""
-        per_round = self.slots * self.groups - self.num_layers
-        return per_round * self.microbatches
+        """Layer slots busy stages skip per step (short or empty groups): the work the
+        lockstep ticks wait for beyond the layers themselves."""
+        return (self.rows - self.num_layers) * self.microbatches
+
+
+# -- the padded stack ---------------------------------------------------------------------
+def _resize(tree: Any, num_layers: int, rows: int, resize) -> Any:
+    from meshscale.sharding import is_block_leaf  # late: sharding imports this module
+
+    def one(path, x):
+        if is_block_leaf(path, np.shape(x), num_layers):
+            return resize(x, rows)
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def padded_abstract(tree: Any, num_layers: int, rows: int) -> Any:
+    """`tree` (params or optimizer state, `jax.ShapeDtypeStruct`s) with every block leaf
+    ``rows`` long."""
+    return _resize(tree, num_layers, rows,
+                   lambda x, n: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype))
+
+
+def pad_layers(tree: Any, num_layers: int, rows: int) -> Any:
+    """Block leaves (arrays, traced or not) padded with zero rows to ``rows``."""
+    import jax.numpy as jnp
+
+    return _resize(tree, num_layers, rows, lambda x, n: x if x.shape[0] == n else jnp.pad(
+        x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1)))
+
+
+def layer_params(tree: Any, num_layers: int) -> Any:
+    """Block leaves cut back to their `num_layers` real layers (drops the zero rows a
+    padded mesh stores): the model's own parameter tree, e.g. to evaluate or compare."""
+    return _resize(tree, num_layers, num_layers, lambda x, n: x[:n])

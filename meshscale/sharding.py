@@ -7,13 +7,9 @@ to `PartitionSpec`s.
 
 The rule, per leaf (a parameter or an optimizer-state leaf mirroring one):
 
-- a **block leaf** (under ``blocks``, leading axis = the layer count) is split over
-  ``pipe`` on that layer axis when the stages are equal contiguous ranges
-  (`Schedule.layer_major`): stage ``s`` holds its consecutive layers. On uneven or
-  circular meshes no split of the layer axis gives each stage its layers, so block leaves
-  follow the rule for other leaves below, and the pipeline gathers its stage-major copy
-  inside the step (`meshscale.pipeline`); the stored layout stays layer-major on every
-  mesh, so checkpoints and `state.params` never depend on it;
+- a **block leaf** (under ``blocks``, leading axis = the layer stack, padded with zero
+  rows to the mesh's `Schedule.rows`, a multiple of ``pipe``) is split over ``pipe`` on
+  that axis: stage ``s`` holds its consecutive layers (`meshscale.schedule`);
 - any **other leaf** (embedding, head, final norm, and their optimizer moments) is split
   over ``pipe`` on its largest dimension that ``pipe`` divides, so it is never copied on
   every device of a pipeline;
@@ -35,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from meshscale.errors import InvalidMeshShape
 from meshscale.mesh import DATA, PIPE, MeshShape
-from meshscale.schedule import Schedule
 
 StateSharding = Literal["replicate", "zero1", "fsdp"]
 STATE_SHARDINGS: tuple[str, ...] = get_args(StateSharding)
@@ -50,9 +45,10 @@ def check_state_sharding(mode: str) -> StateSharding:
 
 
 def is_block_leaf(path: Sequence[Any], shape: Sequence[int], num_layers: int) -> bool:
-    """A leaf of the layer stack: under ``blocks`` with a leading layer axis."""
+    """A leaf of the layer stack: under ``blocks`` with a leading layer axis of at least
+    `num_layers` rows (more on a mesh whose stack is padded, `Schedule.rows`)."""
     in_blocks = any(getattr(k, "key", None) == BLOCKS for k in path)
-    return in_blocks and len(shape) >= 1 and shape[0] == num_layers
+    return in_blocks and len(shape) >= 1 and shape[0] >= num_layers
 
 
 def _split_largest(dims: list, shape: Sequence[int], axis: str | tuple[str, ...],
@@ -65,17 +61,12 @@ def _split_largest(dims: list, shape: Sequence[int], axis: str | tuple[str, ...]
         dims[max(free, key=lambda i: (shape[i], -i))] = axis
 
 
-def layers_split_over_pipe(mesh_shape: MeshShape, num_layers: int) -> bool:
-    """Whether block leaves split over ``pipe`` on their layer axis on `mesh_shape`."""
-    return Schedule(num_layers, mesh_shape.pipe, mesh_shape.repeats).layer_major
-
-
 def leaf_spec(path: Sequence[Any], shape: Sequence[int], *, mesh_shape: MeshShape,
               num_layers: int, split_over_data: bool) -> P:
     """The `PartitionSpec` of one leaf (see the module docstring for the rule)."""
     shape = tuple(int(d) for d in shape)
     dims: list = [None] * len(shape)
-    if is_block_leaf(path, shape, num_layers) and layers_split_over_pipe(mesh_shape, num_layers):
+    if is_block_leaf(path, shape, num_layers):
         dims[0] = PIPE
     elif split_over_data:  # both axes on one dimension: a plain row gather where used
         _split_largest(dims, shape, (PIPE, DATA), mesh_shape.num_devices)

@@ -165,15 +165,31 @@ class Trainer:
         self.check(shape, devices)
         return make_mesh(shape, devices)
 
-    def abstract_state(self) -> TrainState:
-        """Shapes and dtypes of the train state (no shardings, nothing allocated)."""
+    def abstract_state(self, shape: MeshShape | None = None) -> TrainState:
+        """Shapes and dtypes of the train state (no shardings, nothing allocated).
+
+        On `shape`'s mesh the block leaves are the layer stack padded with zero rows to
+        `Schedule.rows` (a multiple of the stages; `meshscale.schedule`); without a
+        shape, the model's own ``num_layers``.
+        """
         params = self.fmodel.abstract_params()
+        if shape is not None:
+            params = schedule.padded_abstract(params, self.num_layers, self.rows(shape))
         return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                           jax.eval_shape(self.optimizer.init, params))
 
+    def rows(self, shape: MeshShape) -> int:
+        """The block leaves' leading length on `shape`'s mesh (`Schedule.rows`)."""
+        return schedule.Schedule.of(shape, self.num_layers).rows
+
+    def layer_params(self, params: Params) -> Params:
+        """`params` from any mesh with the stack's zero padding rows dropped: the model's
+        own parameter tree (e.g. ``FunctionalModel.merge``, comparing runs)."""
+        return schedule.layer_params(params, self.num_layers)
+
     def specs(self, shape: MeshShape) -> TrainState:
         """The `PartitionSpec` of every train-state leaf on `shape` (`meshscale.sharding`)."""
-        abstract = self.abstract_state()
+        abstract = self.abstract_state(shape)
         params, opt_state = sharding.state_specs(
             abstract.params, abstract.opt_state, mesh_shape=shape, num_layers=self.num_layers,
             mode=self.state_sharding)
@@ -185,9 +201,14 @@ class Trainer:
         return jax.tree.map(lambda spec: NamedSharding(mesh, spec), self.specs(shape),
                             is_leaf=lambda x: isinstance(x, P))
 
+    def targets(self, shape: MeshShape, devices: Devices = None) -> TrainState:
+        """`abstract_state(shape)` with `shardings`: where a placed or restored state goes."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state(shape), self.shardings(shape, devices))
+
     def state_bytes_per_device(self, shape: MeshShape) -> int:
         """Bytes of the train state on the most loaded device of `shape`'s mesh."""
-        abstract, specs = self.abstract_state(), self.specs(shape)
+        abstract, specs = self.abstract_state(shape), self.specs(shape)
         sizes = {"pipe": shape.pipe, "data": shape.data}
 
         def local(x, spec):
@@ -211,15 +232,18 @@ class Trainer:
         From a constructor the parameters are created directly in their shards.
         """
         shardings = self.shardings(shape, devices)
+        rows = self.rows(shape)
+        pad = lambda params: schedule.pad_layers(params, self.num_layers, rows)
         if self._constructor is not None:
-            make = lambda: nnx.to_pure_dict(nnx.state(self._constructor(), nnx.Param))
+            make = lambda: pad(nnx.to_pure_dict(nnx.state(self._constructor(), nnx.Param)))
             params = jax.jit(make, out_shardings=shardings.params)()
         elif self.initial_params is not None and jax.process_count() == 1:
             # Copied, not placed: a donated step must never delete the model's own arrays.
-            params = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+            params = jax.jit(lambda t: pad(jax.tree.map(jnp.copy, t)),
                              out_shardings=shardings.params)(self.initial_params)
         elif self.initial_params is not None:
-            params = _from_host(self.initial_params, shardings.params)
+            params = _from_host(jax.device_get(pad(jax.device_get(self.initial_params))),
+                                shardings.params)
         else:
             raise ContractError(
                 "this Trainer was built from an abstract model, which has no initial values: "
@@ -230,11 +254,12 @@ class Trainer:
         return TrainState(step, params, opt_state)
 
     def place(self, state: TrainState, shape: MeshShape, devices: Devices = None) -> TrainState:
-        """`state` moved onto `shape`'s mesh in memory (values unchanged, bit for bit).
+        """`state` moved onto `shape`'s mesh in memory (values unchanged, bit for bit; the
+        stack's zero padding rows follow the target mesh's `rows`).
 
         Leaves whose placement already matches are returned as they are (not copied).
         """
-        return move_tree(state, self.shardings(shape, devices))
+        return move_tree(state, self.targets(shape, devices))
 
     def put_batch(self, batch: Batch, shape: MeshShape, devices: Devices = None, *,
                   shardings: Any = None) -> Batch:
@@ -299,7 +324,7 @@ class Trainer:
                        in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, replicated),
                        donate_argnums=(0,) if self.donate else ())
-        return step.lower(self.abstract_state(), self.batch_spec)
+        return step.lower(self.abstract_state(shape), self.batch_spec)
 
     def compile_step(self, shape: MeshShape, devices: Devices = None, *,
                      origin: str = "on-demand") -> jax.stages.Compiled:

@@ -133,11 +133,11 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
     """
     if state is None or not distributed.can_place():
         return trainer.init_state(shape, devices)
-    shardings = trainer.shardings(shape, devices)
+    targets = trainer.targets(shape, devices)
     # `placement.move` (per-device copies), not `jax.device_put`: between meshes of other
     # device orders device_put reshards with collectives, and several of those in flight
     # at once deadlocked XLA's CPU rendezvous (seen under load: all-to-all on 2 devices).
-    return jax.tree.map(lambda x, s: jnp.copy(move(x, s)), state, shardings)
+    return jax.tree.map(lambda x, t: jnp.copy(move(x, t)), state, targets)
 
 
 def failure_status(error: BaseException) -> str:

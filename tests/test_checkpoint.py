@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from meshscale import Checkpointer, IncompatibleCheckpoint, MeshShape, Trainer, TrainState
+from meshscale.schedule import pad_layers
 from meshscale.state_tree import state_to_tree, tree_to_state
 from models.mlp import MLPConfig, ResidualMLP
 
@@ -44,14 +45,25 @@ def trainer():
 
 
 def random_state(trainer, shape, seed):
-    """A state on `shape`'s mesh whose every leaf (step included) is random, not initial."""
+    """A state on `shape`'s mesh whose every leaf (step included) is random, not initial;
+    the layer stack's padding rows (`meshscale.schedule`) are zeros, as training keeps them."""
     rng = np.random.default_rng(seed)
     host = jax.tree.map(
         lambda a: (rng.standard_normal(a.shape).astype(a.dtype)
                    if np.issubdtype(a.dtype, np.floating)
                    else rng.integers(1, 1000, a.shape).astype(a.dtype)),
         trainer.abstract_state())
+    rows = trainer.rows(shape)
+    host = jax.device_get(TrainState(host.step, pad_layers(host.params, SMALL.num_layers, rows),
+                                     pad_layers(host.opt_state, SMALL.num_layers, rows)))
     return jax.device_put(host, trainer.shardings(shape))
+
+
+def layers_only(trainer, state):
+    """`state` on the host without the stack's padding rows: comparable across meshes."""
+    host = jax.device_get(state)
+    return TrainState(host.step, trainer.layer_params(host.params),
+                      trainer.layer_params(host.opt_state))
 
 
 def assert_same_values(actual, expected):
@@ -133,6 +145,33 @@ def test_every_pair_of_mesh_shapes_restores_bit_identically(trainer, tmp_path):
                 restored = ckpt.restore(target, step=i)
                 assert_same_values(restored, states[i])
                 assert_on_shardings(restored, trainer.shardings(target))
+
+
+# Uneven GPipe stages (8 layers on 3 and 5 stages: the stack is stored padded to 9 and 10
+# rows) and circular schedules (4 and 6 groups: 8 and 12 rows), and 2x4 (8 rows: the
+# unpadded layer-major stack every earlier meshscale wrote).
+PADDED = [MeshShape(3, 2), MeshShape(5, 1), MeshShape(2, 2, 2, repeats=2),
+          MeshShape(3, 1, 4, repeats=2), MeshShape(2, 4)]
+
+
+def test_stacks_saved_on_any_split_restore_onto_any_other(trainer, tmp_path):
+    assert [trainer.rows(s) for s in PADDED] == [9, 10, 8, 12, 8]
+    states = {}
+    with Checkpointer(tmp_path, trainer, max_to_keep=len(PADDED)) as ckpt:
+        for i, shape in enumerate(PADDED):
+            states[i] = random_state(trainer, shape, seed=20 + i)
+            ckpt.save(states[i], shape=shape, step=i)
+            assert ckpt.metadata(i)["block_rows"] == trainer.rows(shape)
+            assert ckpt.metadata(i)["param_count"] == sum(
+                np.size(x) for x in jax.tree.leaves(trainer.abstract_state().params))
+        for i, source in enumerate(PADDED):
+            for target in PADDED:
+                restored = ckpt.restore(target, step=i)
+                assert_on_shardings(restored, trainer.shardings(target))
+                assert_same_values(layers_only(trainer, restored), layers_only(trainer, states[i]))
+                padding = [np.asarray(x)[SMALL.num_layers:] for x in
+                           jax.tree.leaves(restored.params["blocks"])]
+                assert all(not p.any() for p in padding), f"{source} -> {target}"
 
 
 def test_restore_onto_a_trainstate_of_shardings_replicates_a_single_device_step(

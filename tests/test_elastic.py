@@ -98,7 +98,8 @@ def test_device_changes_keep_every_loss_with_real_try_runs(tmp_path):
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
+    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+                       DEEP_TOL, "final params")
     changes = events(trainer, "devices_changed")
     assert [e["after"] for e in changes] == [8, 6, 3, 8]
     # Which mesh a timed try-run picks is up to the clock; what holds whatever it picks:
@@ -126,7 +127,8 @@ def test_switching_at_every_change_keeps_every_loss_when_devices_are_not_a_multi
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
+    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+                       DEEP_TOL, "final params")
     searches = events(trainer, "search")
     six = next(e for e in searches if e["num_devices"] == 6)
     assert all(r.shape.data <= 1 for r in six["decision"].results)  # data axis never grew
@@ -146,7 +148,8 @@ def test_try_runs_that_fit_only_without_the_live_state_release_and_restore_it(tm
     state, losses = run(trainer, schedule, 10)
     expected, params = fixed_mesh_run(10)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert_trees_close(jax.device_get(state.params), params, DEEP_TOL, "final params")
+    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+                       DEEP_TOL, "final params")
     assert len(events(trainer, "restore")) == 2  # at start-up and at the change
 
 

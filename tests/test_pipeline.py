@@ -1,19 +1,24 @@
 """Every mesh shape computes the one-device reference's loss, gradients and updates."""
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from meshscale import InvalidMeshShape, MeshShape, Trainer
+from meshscale import InvalidMeshShape, LayerStack, MeshShape, Trainer, stack_layers
 from meshscale.model import FunctionalModel
 from meshscale.sharding import STATE_SHARDINGS
+from models.gpt import GPT
 from tests.helpers import (
     DEEP_TOL,
     GLOBAL_BATCH,
     SIMPLE_TOL,
+    TEST_GPT,
     assert_trees_close,
     make_model,
     make_optimizer,
@@ -99,7 +104,8 @@ def test_three_compiled_steps_match_three_reference_steps(name, shape, mode):
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, ref_losses, rtol=TOL[name])
     assert int(state.step) == 3
-    assert_trees_close(jax.device_get(state.params), ref_params, TOL[name], f"{name} {shape}")
+    assert_trees_close(trainer.layer_params(jax.device_get(state.params)), ref_params,
+                       TOL[name], f"{name} {shape}")
 
 
 @pytest.mark.parametrize("remat", ["none", "stage"])
@@ -120,3 +126,102 @@ def test_bad_remat_and_state_sharding_are_refused():
     with pytest.raises(InvalidMeshShape, match="state_sharding must be one of replicate"):
         Trainer(make_model("mlp"), make_optimizer(), global_batch=GLOBAL_BATCH,
                 state_sharding="zero3")
+
+
+# -- uneven stages and the circular schedule (meshscale.schedule) ---------------------
+# 3, 5, 6, 7 stages of 8 layers (uneven contiguous ranges), and circular shapes whose
+# groups are even (2x2/r2, 4x2/r2) or not (8 layers in 6 groups: 2x4/r3, 3x2/r2).
+UNEVEN = [MeshShape(3, 2, 4), MeshShape(5, 1, 8), MeshShape(6, 1, 8), MeshShape(7, 1, 8)]
+CIRCULAR = [MeshShape(2, 2, 4, 2), MeshShape(4, 2, 4, 2), MeshShape(2, 4, 2, 3),
+            MeshShape(3, 2, 4, 2)]
+SCHEDULE_CASES = [(name, shape) for name in MODELS for shape in UNEVEN + CIRCULAR]
+
+
+@pytest.mark.parametrize("name,shape", SCHEDULE_CASES,
+                         ids=[f"{n}-{s}" for n, s in SCHEDULE_CASES])
+def test_uneven_and_circular_schedules_match_one_device_reference(name, shape):
+    trainer, _, params, batch = setup(name)
+    ref_loss, ref_grads, _, _ = reference(name)
+    loss, grads = jax.jit(jax.value_and_grad(trainer.loss_fn(shape)))(params, batch)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=TOL[name])
+    assert_trees_close(jax.device_get(grads), ref_grads, TOL[name], f"{name} {shape} grad")
+
+
+SCHEDULE_STEPS = [("mlp", MeshShape(3, 2, 4), "zero1"), ("mlp", MeshShape(7, 1, 8), "fsdp"),
+                  ("mlp", MeshShape(2, 2, 4, 2), "fsdp"),
+                  ("mlp", MeshShape(3, 2, 4, 2), "replicate"),
+                  ("gpt", MeshShape(5, 1, 8), "fsdp"), ("gpt", MeshShape(4, 2, 4, 2), "fsdp")]
+
+
+@pytest.mark.parametrize("name,shape,mode", SCHEDULE_STEPS,
+                         ids=[f"{n}-{s}-{m}" for n, s, m in SCHEDULE_STEPS])
+def test_three_steps_on_uneven_and_circular_meshes_match_the_reference(name, shape, mode):
+    test_three_compiled_steps_match_three_reference_steps(name, shape, mode)
+
+
+class Awkward(LayerStack):
+    """A user's model with an awkward layer count: gated tanh layers, a regression head."""
+
+    def __init__(self, layers: int = 7, width: int = 12, seed: int = 0):
+        rngs = nnx.Rngs(seed)
+        self.num_layers = layers
+        self.inp = nnx.Linear(5, width, rngs=rngs)
+        self.blocks = stack_layers(lambda r: GatedLayer(width, r), layers, rngs)
+        self.out = nnx.Linear(width, 2, rngs=rngs)
+
+    def embed(self, batch):
+        return self.inp(batch["x"])
+
+    def head_loss(self, h, batch):
+        return jnp.mean((self.out(h) - batch["y"]) ** 2)
+
+    def example_batch(self, n, seed=0):
+        rng = np.random.default_rng(seed)
+        return {"x": rng.normal(size=(n, 5)).astype(np.float32),
+                "y": rng.normal(size=(n, 2)).astype(np.float32)}
+
+
+class GatedLayer(nnx.Module):
+    def __init__(self, width, rngs):
+        self.value = nnx.Linear(width, width, rngs=rngs)
+        self.gate = nnx.Linear(width, width, rngs=rngs)
+
+    def __call__(self, h):
+        return h + jnp.tanh(self.value(h)) * jax.nn.sigmoid(self.gate(h))
+
+
+@pytest.mark.parametrize("shape", [MeshShape(3, 2, 4), MeshShape(6, 1, 8),
+                                   MeshShape(3, 2, 4, 2), MeshShape(2, 4, 2, 3)],
+                         ids=str)
+def test_a_user_model_with_seven_layers_trains_exactly_on_uneven_and_circular_meshes(shape):
+    model = Awkward()
+    batch = model.example_batch(GLOBAL_BATCH, seed=3)
+    fmodel, params = FunctionalModel.of(model)
+    optimizer = make_optimizer()
+    trainer = Trainer(model, optimizer, global_batch=GLOBAL_BATCH)
+    ref_params, opt_state, ref_losses = params, optimizer.init(params), []
+    for _ in range(3):
+        loss, grads = jax.value_and_grad(fmodel.loss)(ref_params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        ref_losses.append(float(loss))
+    state, step, losses = trainer.init_state(shape), trainer.compile_step(shape), []
+    for _ in range(3):
+        state, metrics = step(state, trainer.put_batch(batch, shape))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=SIMPLE_TOL)
+    assert_trees_close(trainer.layer_params(jax.device_get(state.params)),
+                       jax.device_get(ref_params), SIMPLE_TOL,
+                       str(shape))
+
+
+def test_thirty_two_layers_on_three_stages_match_the_reference():
+    model = GPT(dataclasses.replace(TEST_GPT, num_layers=32, d_model=16), rngs=nnx.Rngs(0))
+    batch = jax.device_get(model.example_batch(GLOBAL_BATCH, seed=1))
+    fmodel, params = FunctionalModel.of(model)
+    trainer = Trainer(model, make_optimizer(), global_batch=GLOBAL_BATCH)
+    expected = jax.jit(jax.value_and_grad(fmodel.loss))(params, batch)
+    for shape in (MeshShape(3, 1, 4), MeshShape(3, 2, 4, 2)):  # 11+11+10; six groups
+        actual = jax.jit(jax.value_and_grad(trainer.loss_fn(shape)))(params, batch)
+        assert_trees_close(jax.device_get(actual), jax.device_get(expected), DEEP_TOL,
+                           str(shape))
