@@ -15,7 +15,8 @@ import os
 import shutil
 import sys
 
-DEFAULT_SCHEDULE = "4@0,8@80,6@160,3@240,8@320"
+# 7 devices (not a multiple of p_min 2) go down the vertical path: 8 layers on 7 stages.
+DEFAULT_SCHEDULE = "4@0,8@80,7@160,3@240,8@320"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,11 @@ def devices_at(schedule: list[tuple[int, int]], step: int) -> int:
 def run(cfg: DemoConfig) -> dict:
     """Run the demo; returns the report data (also written to RUN_DIR/report.json)."""
     import jax
-    import optax
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from meshscale import report
     from meshscale.compile_cache import enable_persistent_cache
-    from meshscale.elastic import ElasticTrainer
     from meshscale.model import FunctionalModel
     from meshscale.resources import FileSource
     from models import registry
@@ -102,13 +101,7 @@ def run(cfg: DemoConfig) -> dict:
                           + ", ".join(f"{k}={v}" for k, v in event.items()
                                       if k not in ("event", "time", "device_ids")))
 
-    elastic = ElasticTrainer(
-        model, optax.adam(cfg.learning_rate), global_batch=cfg.global_batch,
-        checkpoint_dir=os.path.join(cfg.run_dir, "checkpoints"), p_min=cfg.p_min,
-        resources=FileSource(device_file), check_every=cfg.check_every,
-        total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
-        persistent_cache=False, search_options={"warmup": 1, "steps": 3},
-        state_sharding=cfg.state_sharding)
+    elastic = elastic_trainer(cfg, model, FileSource(device_file), on_event=on_event)
     if cfg.resume:  # the devices the schedule grants at the step we resume from
         FileSource.write(device_file,
                          devices_at(schedule, elastic.checkpointer.latest_step() or 0))
@@ -158,6 +151,23 @@ def run(cfg: DemoConfig) -> dict:
         console.print("[bold]sampled from the trained model:[/]\ndef " + out["sample"])
     console.print(f"report: {os.path.join(cfg.run_dir, 'report.json')}, {png}")
     return out
+
+
+def elastic_trainer(cfg: DemoConfig, model, resources, *, on_event=None,
+                    search_options: dict | None = None):
+    """The demo's `ElasticTrainer` for `cfg` (`search_options` added to its own)."""
+    import optax
+
+    from meshscale.elastic import ElasticTrainer
+
+    return ElasticTrainer(
+        model, optax.adam(cfg.learning_rate), global_batch=cfg.global_batch,
+        checkpoint_dir=os.path.join(cfg.run_dir, "checkpoints"), p_min=cfg.p_min,
+        resources=resources, check_every=cfg.check_every,
+        total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
+        persistent_cache=False, search_options={"warmup": 1, "steps": 3,
+                                                **(search_options or {})},
+        state_sharding=cfg.state_sharding)
 
 
 RUN_DIR_MARKERS = ("report.json", "devices.txt", "checkpoints")

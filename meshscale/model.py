@@ -187,8 +187,10 @@ class FunctionalModel:
         return fmodel, nnx.to_pure_dict(state)
 
     def merge(self, params: Params) -> Any:
-        """The module with `params` (any leading layer count in ``params["blocks"]``)."""
-        return nnx.merge(self.graphdef, _filled(self.template, params))
+        """The module with `params`; a stack stored padded by a mesh
+        (`meshscale.schedule.layer_params`) is cut back to its real layers."""
+        return nnx.merge(self.graphdef, _filled(self.template,
+                                                layer_params(params, self.num_layers)))
 
     def merge_layer(self, layer_params: Params) -> nnx.Module:
         """One layer of the stack, from ``params["blocks"]`` sliced at one layer index."""
@@ -198,7 +200,7 @@ class FunctionalModel:
         """The reference loss: plain forward, no mesh (`rng`: a step's key, or None).
 
         `params` may come from a padded mesh (`meshscale.schedule.layer_params`)."""
-        model = self.merge(layer_params(params, self.num_layers))
+        model = self.merge(params)
         return model.loss(batch) if rng is None else model.loss(batch, rng)
 
     def check_forward(self, batch_spec: Batch, name: str, *, rng: bool = False) -> None:

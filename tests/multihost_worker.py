@@ -27,7 +27,8 @@ BATCH = 24
 SHAPES = ("2x4/m2", "4x2/m2")  # both span every process of 2 x 4 and 4 x 2 devices
 STEPS = 3  # per mesh, plain Trainer
 TRAIN_STEPS, SAVED_STEP = 5, 3  # the elastic run checkpoints at step 3, goes on to step 5
-SEARCH = {"warmup": 1, "steps": 1, "max_pipe": 4, "microbatches": [2]}  # 2 candidates
+SEARCH = {"warmup": 1, "steps": 1, "max_pipe": 4, "microbatches": [2]}
+CANDIDATES = ("2x4/m2", "3x2/m2", "4x2/m2")  # SEARCH's space on 8 devices
 START = time.perf_counter()
 
 
@@ -186,7 +187,9 @@ def job(out: Path, run: Path) -> None:
     # process 0's answer counts (the others' sources say 8 all along).
     granted = {"count": 8}
     source = resources.Callback(lambda: granted["count"] if distributed.is_main() else 8)
-    elastic = elastic_trainer(run, source, trainer)  # shares the compiled steps
+    # Shares the compiled steps; measured deterministically (2x4 on 8 devices, so that the
+    # change to 6 forces a switch), the real try-runs having been checked just above.
+    elastic = elastic_trainer(run, source, trainer, measure=most_replicas)
     batches = host_batches(TRAIN_STEPS)
     state = elastic.init(batches[0])
     say(f"elastic run on {elastic.shape}")

@@ -1,5 +1,6 @@
 """ElasticTrainer: device changes keep the loss trajectory; failures never lose state."""
 
+import dataclasses
 import functools
 import os
 import pathlib
@@ -135,6 +136,33 @@ def test_switching_at_every_change_keeps_every_loss_when_devices_are_not_a_multi
     assert len(events(trainer, "switch")) >= 4  # start + a switch at most changes
 
 
+def prefer_uneven_and_circular(candidate):
+    """Injected measurements: more devices, then more replicas, are faster, and so are
+    uneven splits (a pipe width not dividing the 8 layers) and, on 8 devices, the circular
+    schedule: the run below then switches between even, uneven and circular meshes."""
+    shape = candidate.shape
+    bonus = 0.5 * (8 % shape.pipe != 0) + 0.25 * (shape.repeats > 1 and shape.num_devices == 8)
+    speed = 1e9 * (shape.num_devices + 0.1 * shape.data + bonus)
+    return dataclasses.replace(prefer_more_devices(candidate, BATCH), step_seconds=BATCH / speed,
+                               samples_per_second=speed,
+                               samples_per_second_per_device=speed / shape.num_devices)
+
+
+def test_switches_between_even_uneven_and_circular_meshes_keep_every_loss(tmp_path):
+    """4 -> 7 -> 6 -> 8 -> 5 devices: 8 layers on 2, 7, 3, 2 (circular) and 5 stages."""
+    schedule = Schedule({0: 4, 4: 7, 9: 6, 14: 8, 19: 5})
+    trainer = elastic(tmp_path, resources.Callback(schedule),
+                      search_options={"measure": prefer_uneven_and_circular, "repeats": "all"})
+    state, losses = run(trainer, schedule, 25)
+    expected, params = fixed_mesh_run(25)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+                       DEEP_TOL, "final params")
+    meshes = [e["after"] for e in events(trainer, "switch")]
+    assert meshes == ["2x2/m4", "7x1/m24", "3x2/m6", "2x4/m6/r2", "5x1/m12"]
+    assert [trainer.trainer.rows(MeshShape.parse(m)) for m in meshes] == [8, 14, 9, 8, 10]
+
+
 def test_try_runs_that_fit_only_without_the_live_state_release_and_restore_it(tmp_path):
     """A budget every candidate fits alone but none beside the live state: the live state
     is released after the pre-search checkpoint and read back; no loss changes."""
@@ -251,7 +279,7 @@ def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(
 
         def measure(candidate):
             calls.append(candidate)
-            if len(calls) > 2:  # past start-up: the pre-search checkpoint is on disk
+            if candidate.shape.num_devices > 4:  # the search on 8: its checkpoint is on disk
                 marker.write_text("searching")
                 time.sleep(600)
             return t.prefer_more_devices(candidate)

@@ -23,9 +23,9 @@ from meshscale import (
 from models.mlp import MLPConfig, ResidualMLP
 from tests.helpers import GLOBAL_BATCH, assert_trees_equal, make_model, make_optimizer
 
-SHAPES = [MeshShape(p, d, 1) for p, d in
-          [(1, 1), (1, 8), (2, 4), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1), (3, 2), (7, 1)]]
-SHAPES.append(MeshShape(2, 2, 2, repeats=2))  # circular: block leaves not split by layer
+# Even splits, uneven ones (8 layers stored as 9 and 14 padded rows), and a circular one.
+SHAPES = [MeshShape(p, d, 1) for p, d in [(1, 1), (1, 8), (2, 4), (4, 2), (8, 1), (3, 2), (7, 1)]]
+SHAPES.append(MeshShape(2, 2, 2, repeats=2))
 
 
 @pytest.fixture(scope="module")
