@@ -8,6 +8,15 @@
    step time over the 1x1 time, next to GPipe's (m + p - 1) / m. Simulated devices share
    this machine's cores, so the ratio shows the pipeline's total work and overheads, not
    a speed-up.
+3. Uneven stages and the circular schedule (8 layers on 3, 5, 6, 7 stages; 2, 3 and 4
+   stages with 2 or 4 rounds): the executed and idle stage-ticks counted from each
+   schedule's tick table (`Schedule.busy`, the rule the pipeline runs) next to the bubble
+   formula (p - 1) / (r m + p - 1), the layer slots the lockstep ticks wait on (short
+   groups), and the measured step time over 1x1 (shared cores: total work, not speed).
+4. Device use of the rule for real layer counts (Llama-3-8B 32, Qwen2.5-7B 28,
+   Llama-2-13B 40, Llama-3-70B 80) on n = 2..16 devices, p_min 2, batch 256: the widest
+   candidate's devices over n, with uneven stages and, side by side, with pipe widths
+   restricted to divisors of the layer count (meshscale 0.1's rule). Pure arithmetic.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from flax import nnx  # noqa: E402
 
 from meshscale import MeshShape, Trainer  # noqa: E402
 from meshscale.model import FunctionalModel  # noqa: E402
+from meshscale.schedule import Schedule  # noqa: E402
+from meshscale.space import candidates, default_microbatches  # noqa: E402
 from models.gpt import GPT, GPTConfig  # noqa: E402
 
 
@@ -103,6 +114,60 @@ def main(argv=None) -> None:
                          ratio_text(r), (m + p - 1) / m])
     print(table(["mesh", "microbatches", "step s", "measured / 1x1 (median, min, max)",
                  "GPipe (m+p-1)/m"], rows))
+
+    print("\nUneven stages and the circular schedule, 8 layers (stage-ticks counted from "
+          "each schedule's tick table; measured on shared cores):\n")
+    shapes = [MeshShape(p, 1, default_microbatches(p, args.batch)) for p in (3, 5, 6, 7)]
+    shapes += [MeshShape(2, 1, 4, 2), MeshShape(2, 1, 4, 4), MeshShape(3, 1, 8, 2),
+               MeshShape(4, 1, 8, 2), MeshShape(4, 1, 8, 1)]
+    rows = []
+    for shape in shapes:
+        sched = Schedule.of(shape, trainer.num_layers)
+        busy = sched.busy()
+        idle = int((~busy).sum())
+        formula = (shape.pipe - 1) / (shape.repeats * shape.microbatches + shape.pipe - 1)
+        pair = interleaved({"one": meshscale_runner(MeshShape(1, 1, 1)),
+                            "p": meshscale_runner(shape)}, rounds=args.repeats)
+        rows.append([str(shape), ",".join(str(n) for n in sched.group_sizes), sched.ticks,
+                     int(busy.sum()), idle, shape.pipe * (shape.pipe - 1),
+                     f"{idle / busy.size:.4f}", f"{formula:.4f}",
+                     idle == shape.pipe * (shape.pipe - 1) and
+                     abs(idle / busy.size - formula) < 1e-12,
+                     sched.padding_slots(), ratio_text(ratio(pair["p"], pair["one"]))])
+    print(table(["mesh", "layers per group", "ticks", "busy stage-ticks", "idle stage-ticks",
+                 "p(p-1)", "idle share counted", "(p-1)/(rm+p-1)", "equal",
+                 "padding slots / step", "measured / 1x1 (median, min, max)"], rows))
+    print(device_use())
+
+
+REAL_LAYERS = {"Llama-3-8B": 32, "Qwen2.5-7B": 28, "Llama-2-13B": 40, "Llama-3-70B": 80}
+
+
+def device_use(p_min: int = 2, batch: int = 256) -> str:
+    """The widest candidate's device use for each real layer count and n = 2..16."""
+    def widest(n, layers, *, divisors_only):
+        found = [c.shape for c in candidates(n, p_min=p_min, num_layers=layers,
+                                             global_batch=batch)
+                 if not divisors_only or layers % c.shape.pipe == 0]
+        return max(found, key=lambda s: (s.num_devices, s.data))
+
+    rows, totals = [], {True: [], False: []}
+    for n in range(2, 17):
+        row = [n]
+        for layers in REAL_LAYERS.values():
+            now, before = (widest(n, layers, divisors_only=d) for d in (False, True))
+            totals[False].append(now.num_devices / n)
+            totals[True].append(before.num_devices / n)
+            row.append(f"{now.pipe}x{now.data}: {now.num_devices}/{n} "
+                       f"(divisors only {before.pipe}x{before.data}: {before.num_devices})")
+        rows.append(row)
+    summary = [[name, f"{100 * sum(v) / len(v):.1f}%", sum(x < 1 for x in v), len(v)]
+               for name, v in (("uneven stages (this rule)", totals[False]),
+                               ("divisors of L only (0.1)", totals[True]))]
+    return ("\nDevice use of the widest candidate, p_min 2, batch 256:\n\n"
+            + table(["n"] + [f"{k} ({v} layers)" for k, v in REAL_LAYERS.items()], rows)
+            + "\n\n" + table(["pipe widths", "mean device use", "cases with idle devices",
+                                "cases"], summary) + "\n")
 
 
 if __name__ == "__main__":

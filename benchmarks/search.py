@@ -11,6 +11,10 @@
    search's chosen shape's samples/s there over the best samples/s there (target >= 0.95),
    both over the rule's space (widest data per pipe, every microbatch choice) and over
    every valid shape.
+4. Awkward device counts (the vertical path): a 32-layer GPT (the tiny preset's width)
+   searched from scratch on 6 and on 7 devices, p_min 2: every candidate's try-run and
+   the decision, and how many of the devices the chosen mesh uses. Before uneven stages
+   only pipe widths dividing 32 were valid (2x3 and 4x1 on 6 devices; 2x1 and 4x1 on 7).
 Simulated devices share this machine's cores: the ratios are the figures to read. They
 also invert one fact of real hardware: fewer simulated devices do less synchronisation
 on the same cores, so a narrower data axis can win, which the rule never tries.
@@ -19,6 +23,7 @@ on the same cores, so a narrower data axis can win, which the rule never tries.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import statistics
 import sys
@@ -43,9 +48,10 @@ from models.text import ByteBatches, stdlib_text  # noqa: E402
 
 
 def every_shape(n: int, *, p_min: int, num_layers: int, global_batch: int) -> list[MeshShape]:
-    """All valid shapes on n devices: any data axis, every microbatch choice (p, 2p, 4p)."""
+    """All valid shapes on n devices: any data axis, every microbatch choice (near p, 2p,
+    4p), every pipe width up to the layer count."""
     return [MeshShape(p, d, m)
-            for p in range(p_min, n + 1) if num_layers % p == 0
+            for p in range(p_min, min(n, num_layers) + 1)
             for d in range(1, n // p + 1) if global_batch % d == 0
             for m in microbatch_choices(p, global_batch // d)]
 
@@ -130,6 +136,36 @@ def main(argv=None) -> None:
          regret >= 0.95],
     ]
     print(table(["figure", "value", "target", "met"], figures))
+    print(awkward_counts(args))
+
+
+def awkward_counts(args) -> str:
+    """Part 4: a 32-layer model searched on 6 and on 7 devices."""
+    cfg = dataclasses.replace(GPTConfig.preset("tiny"), num_layers=32)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    trainer = Trainer(model, optax.adam(1e-3), global_batch=args.batch)
+    data = ByteBatches(stdlib_text(1_000_000), seq_len=cfg.seq_len, batch_size=args.batch,
+                       seed=0)
+    batches = [data.batch(i) for i in range(args.warmup + args.steps)]
+    out, summary = [], []
+    for n in (6, 7):
+        devices = jax.devices()[:n]
+        state = trainer.init_state(MeshShape(args.p_min, 1, args.p_min), devices)
+        start = time.perf_counter()
+        decision = search(trainer, state, batches, devices, p_min=args.p_min,
+                          warmup=args.warmup, steps=args.steps)
+        seconds = time.perf_counter() - start
+        best = decision.best.shape
+        path = "vertical only" if n % args.p_min else "both axes"
+        out.append(f"32-layer GPT on {n} devices ({path}), search {seconds:.1f} s:\n\n" + table(
+                       ["mesh", "kind", "compile", "compile s", "step s", "samples/s",
+                        "status"], rows(decision)))
+        summary.append([n, str(best), f"{best.num_devices}/{n}",
+                        f"{decision.best.samples_per_second:.1f}",
+                        max(r.num_devices for r in decision.results)])
+    return ("\n" + "\n\n".join(out) + "\n\n" + table(
+        ["devices", "chosen", "devices used", "samples/s", "widest candidate's devices"],
+        summary) + "\n")
 
 
 if __name__ == "__main__":
