@@ -8,6 +8,9 @@
    constructor and compiled only (nothing allocated): GB per device for each mode, the
    `p_min` for an 80 GB device (smallest pipe width whose `p x (n/p)` step fits), and
    this process's peak host RSS (target for 70B: < 4 GB).
+3. The vertical path on Llama-3-8B: 32 layers on 3..8 stages (uneven widths store the
+   stack padded to pipe x ceil(32/pipe) rows) and one circular schedule: GB per device and
+   the fully sharded state over its even share (the padding's cost).
 
 Each device count runs in its own process (XLA fixes it at import).
 """
@@ -114,7 +117,7 @@ def step_times(model, optimizer, batch, example, rounds: int = 9) -> str:
 
 
 def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
-                seq_len: int) -> str:
+                seq_len: int, modes: list[str] | None = None) -> str:
     import jax
     import optax
     from flax import nnx
@@ -125,15 +128,19 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
     cfg = dataclasses.replace(LlamaConfig.preset(preset), seq_len=seq_len)
     example = {"tokens": jax.ShapeDtypeStruct((batch, seq_len + 1), "int32")}
     rows, pmin = [], {}
-    for mode in MODES:
+    modes = modes or MODES
+    for mode in modes:
         trainer = Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-4),
                           global_batch=batch, example_batch=example, state_sharding=mode)
         for text in meshes:
             shape = MeshShape.parse(text)
             start = time.perf_counter()
             need = _need(trainer.compile_step(shape))
-            rows.append([mode, text, round(need / GB, 1),
-                         round(trainer.state_bytes_per_device(shape) / GB, 1),
+            state = trainer.state_bytes_per_device(shape)
+            even = trainer.state_bytes_per_device(MeshShape(1, 1)) / shape.num_devices
+            rows.append([mode, text, f"{trainer.rows(shape)}/{trainer.num_layers}",
+                         round(need / GB, 1), round(state / GB, 1),
+                         round(state / even, 2) if mode == "fsdp" else "",
                          round(time.perf_counter() - start, 1)])
             if need <= 80 * GB and mode not in pmin:
                 pmin[mode] = shape.pipe
@@ -143,10 +150,10 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
             f"weights + Adam, global batch {batch} x {seq_len} tokens, {devices} simulated "
             f"devices, compiled from a constructor (nothing allocated).")
     return "\n".join([head, "", table(
-        ["state sharding", "mesh", "GB / device (args + temp)", "state GB / device",
-         "compile s"], rows), "",
+        ["state sharding", "mesh", "stored rows / layers", "GB / device (args + temp)",
+         "state GB / device", "fsdp state / even share", "compile s"], rows), "",
         "p_min for an 80 GB device (smallest pipe width of the meshes above that fits): " +
-        ", ".join(f"{m} {pmin.get(m, 'none')}" for m in MODES),
+        ", ".join(f"{m} {pmin.get(m, 'none')}" for m in modes),
         f"Peak host RSS of this process: {rss:.2f} GiB."])
 
 
@@ -159,7 +166,7 @@ def _child(part: str) -> None:
         print(gpt_table())
     else:
         print(llama_table(spec["preset"], spec["devices"], spec["meshes"], spec["batch"],
-                          spec["seq_len"]))
+                          spec["seq_len"], spec.get("modes")))
 
 
 PARTS = [
@@ -168,6 +175,12 @@ PARTS = [
      "meshes": ["1x8/m2", "2x4/m4", "4x2/m8", "8x1/m16"]},
     {"what": "llama", "preset": "70b", "devices": 64, "batch": 64, "seq_len": 2048,
      "meshes": ["2x32/m2", "4x16/m4", "8x8/m8", "16x4/m16"]},
+    # The vertical path (#11): 32 layers on every pipe width 3..8, uneven ones stored
+    # padded to pipe * ceil(32 / pipe) rows, and a circular schedule (its step also holds
+    # the stage-major copy it regroups into).
+    {"what": "llama", "preset": "8b", "devices": 8, "batch": 16, "seq_len": 2048,
+     "meshes": ["3x1/m8", "4x1/m8", "5x1/m16", "6x1/m16", "7x1/m16", "8x1/m16", "4x1/m8/r2"],
+     "modes": ["replicate", "fsdp"]},
 ]
 
 

@@ -79,7 +79,7 @@ def measure(megabytes: float, repeats: int, workdir: str) -> dict:
     rng = np.random.default_rng(0)  # random moments too: zeros would flatter compression
     host = jax.tree.map(lambda a: rng.standard_normal(a.shape, dtype=np.float32)
                         if a.dtype == np.float32 else np.ones(a.shape, a.dtype),
-                        trainer.abstract_state())
+                        trainer.abstract_state(SOURCE))
     state = jax.block_until_ready(jax.device_put(host, trainer.shardings(SOURCE)))
     del host
     logical = nbytes(state)

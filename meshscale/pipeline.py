@@ -22,7 +22,7 @@ rematerialised part (so again in the backward pass), and their gradients are
 reduce-scattered by the transpose: a device never holds more than one whole layer.
 The stored stack is padded with zero rows to a multiple of the stages
 (`meshscale.schedule`), which the loop skips; for the circular schedule the step
-regroups the stored rows stage-major first (``to_stages``).
+regroups each stage's stored rows into the groups it runs first (``regroup``).
 The backward pass is JAX autodiff through the loop; the result equals
 the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
 
@@ -124,18 +124,24 @@ def pipeline_loss(
     abstract = padded_abstract(fmodel.abstract_params(), fmodel.num_layers, sched.rows)
     specs = sharding.tree_specs(abstract, mesh_shape=shape, num_layers=fmodel.num_layers,
                                 split_over_data=state_sharding == "fsdp")[sharding.BLOCKS]
-    order = sched.slot_rows.reshape(-1)  # stage-major: stage s's groups, round by round
+    send_table, recv_table = (jnp.asarray(t) for t in sched.regroup_tables)
 
-    def to_stages(blocks: Params) -> Params:
-        """What the stages read: the stored stack itself when each stage's layers are its
-        own slice (GPipe); for the circular schedule its rows regrouped stage-major (a
-        gather GSPMD turns into collectives; its transpose sends the gradients back)."""
-        if sched.contiguous:
-            return blocks
-        return jax.tree.map(
-            lambda x, spec: lax.with_sharding_constraint(
-                jnp.take(x, order, axis=0), NamedSharding(mesh, spec)),
-            blocks, specs)
+    def regroup(x: jax.Array) -> jax.Array:
+        """One block leaf's stored slice (``[r c, ...]``: groups ``s r ..``) as the circular
+        schedule runs it (``[r, c, ...]``: groups ``k p + s``), moved by ``ppermute``s
+        (`Schedule.regroup_tables`): beside its own slice a stage holds one group in
+        flight, never the stack. The transpose sends the gradients back the same way."""
+        stage = lax.axis_index(PIPE)
+        stored = x.reshape(r, c, *x.shape[1:])
+        stored = jnp.concatenate([stored, jnp.zeros_like(stored[:1])])  # index r: nothing
+        out = jnp.zeros((r + 1, *stored.shape[1:]), x.dtype)  # slot r: discarded
+        for t in range(p):
+            for u in range(send_table.shape[-1]):
+                piece = stored[send_table[stage, t, u]]
+                if t:
+                    piece = lax.ppermute(piece, PIPE, [(i, (i + t) % p) for i in range(p)])
+                out = lax.dynamic_update_index_in_dim(out, piece, recv_table[stage, t, u], 0)
+        return out[:r]
 
     def run_stage(blocks: Params, h: jax.Array, side, keys, k: jax.Array) -> jax.Array:
         """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h`."""
@@ -179,7 +185,8 @@ def pipeline_loss(
         # different branches deadlocks). The FSDP gathers inside `run_stage` are over
         # data only: those devices share a stage and tick, so they take the same branch.
         blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
-        blocks = jax.tree.map(lambda x: x.reshape(r, c, *x.shape[1:]), blocks)
+        blocks = jax.tree.map(regroup if not sched.contiguous else
+                              lambda x: x.reshape(r, c, *x.shape[1:]), blocks)
         stage = lax.axis_index(PIPE)
         split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
         pick = lambda tree, i: jax.tree.map(
@@ -227,7 +234,7 @@ def pipeline_loss(
         body = jax.shard_map(stages, mesh=mesh,
                              in_specs=(specs, P(DATA), *per_example), out_specs=rows)
         blocks = pad_layers(params, fmodel.num_layers, sched.rows)[sharding.BLOCKS]
-        h = body(to_stages(blocks), h0, side, keys)
+        h = body(blocks, h0, side, keys)
         return mean_loss(model.head_loss(h, batch))
 
     return loss_fn

@@ -123,6 +123,31 @@ class Schedule:
         rows = self.slot_rows
         return np.where(rows < self.num_layers, rows, PADDING).astype(np.int32)
 
+    @functools.cached_property
+    def regroup_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """How the circular schedule's groups travel from where they are stored to the
+        stage that runs them, in ``pipe`` shifts of ``ceil(r / p)`` rounds each.
+
+        Stored, stage ``s`` holds groups ``s r .. s r + r - 1`` (its slice of the padded
+        stack); it runs groups ``k p + s``. In shift ``t``, round ``u``, every stage sends
+        one group to stage ``(s + t) % p`` (a permutation: one ``ppermute``). Returns
+        ``(send, recv)``, both ``[pipe, shifts, rounds]`` int32: the stored group index
+        a stage sends (``repeats``: nothing, a zero group) and the round slot ``k`` the
+        group it receives fills (``repeats``: nothing).
+        """
+        p, r = self.pipe, self.repeats
+        rounds = -(-r // p)
+        send = np.full((p, p, rounds), r, np.int32)
+        recv = np.full((p, p, rounds), r, np.int32)
+        for s in range(p):
+            for t in range(p):
+                dest = (s + t) % p
+                mine = [k for k in range(r) if (s * r + k) % p == dest]
+                for u, k in enumerate(mine):
+                    send[s, t, u] = k
+                    recv[dest, t, u] = (s * r + k) // p
+        return send, recv
+
     def stage_layers(self, stage: int) -> list[int]:
         """The layers `stage` holds, in the order it runs them."""
         row = self.slot_layers[stage].ravel()

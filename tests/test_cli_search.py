@@ -74,3 +74,16 @@ def test_search_runs_a_users_own_model_from_module_and_factory():
     assert "2x1/m" in proc.stdout and "tests.helpers:cli_factory" in proc.stdout
     bad = meshscale_cli("search", "--model", "no_such_module:make", "--devices", "2")
     assert bad.returncode != 0 and "cannot load model 'no_such_module:make'" in bad.stderr
+
+
+def test_repeats_and_microbatches_flags_parse_and_refuse_bad_values(capsys):
+    from meshscale.cli import _counts
+
+    assert _counts("--repeats", "1,2")("auto") is None
+    assert _counts("--repeats", "1,2")("all") == "all"
+    assert _counts("--repeats", "1,2")("1, 2") == [1, 2]
+    for bad in ("two", "0,2", ""):
+        with pytest.raises(SystemExit) as exc:
+            main(["search", "--repeats", bad])
+        assert exc.value.code == 2
+        assert "--repeats takes auto, all or a list like 1,2" in capsys.readouterr().err

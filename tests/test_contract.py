@@ -118,6 +118,24 @@ def test_dropout_draws_the_same_masks_on_every_mesh(shape):
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=DEEP_TOL)
 
 
+@pytest.mark.parametrize("shape", [MeshShape(4, 1, 4), MeshShape(2, 2, 2, repeats=3)],
+                         ids=str)
+def test_dropout_masks_follow_the_layer_on_uneven_and_circular_meshes(shape):
+    """12 layers in 6 (local, global) periods: 4 stages hold 2, 2, 2, 0 periods; the
+    circular 2x2 runs 6 groups. A layer's keys come from its index in the stack, so the
+    masks are the one-device reference's whichever stage and round runs it."""
+    _, _, _, batch = setup()
+    model = Llama(LlamaConfig(**{**DROPOUT.__dict__, "num_layers": 12}), rngs=nnx.Rngs(0))
+    fmodel, params = FunctionalModel.of(model)
+    trainer = Trainer(model, optax.adam(1e-3), global_batch=BATCH, example_batch=batch,
+                      rng_seed=7)
+    key = step_key(7, jnp.int32(0))
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(fmodel.loss))(params, batch, key)
+    loss, grads = jax.jit(jax.value_and_grad(trainer.loss_fn(shape)))(params, batch, key)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=DEEP_TOL)
+    assert_trees_close(jax.device_get(grads), jax.device_get(ref_grads), DEEP_TOL, str(shape))
+
+
 @pytest.mark.parametrize("shape", [MeshShape(2, 4, 2), MeshShape(2, 1, 4)], ids=str)
 def test_bf16_compute_matches_the_bf16_one_device_reference(shape):
     model, _, params, batch = setup()
