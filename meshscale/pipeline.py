@@ -133,15 +133,17 @@ def pipeline_loss(
         flight, never the stack. The transpose sends the gradients back the same way."""
         stage = lax.axis_index(PIPE)
         stored = x.reshape(r, c, *x.shape[1:])
-        stored = jnp.concatenate([stored, jnp.zeros_like(stored[:1])])  # index r: nothing
-        out = jnp.zeros((r + 1, *stored.shape[1:]), x.dtype)  # slot r: discarded
+        out = jnp.zeros_like(stored)
+        pick = lambda a, i: lax.dynamic_index_in_dim(a, jnp.minimum(i, r - 1), keepdims=False)
         for t in range(p):
             for u in range(send_table.shape[-1]):
-                piece = stored[send_table[stage, t, u]]
+                sent, slot = send_table[stage, t, u], recv_table[stage, t, u]
+                piece = jnp.where(sent < r, pick(stored, sent), 0)  # index r: nothing
                 if t:
                     piece = lax.ppermute(piece, PIPE, [(i, (i + t) % p) for i in range(p)])
-                out = lax.dynamic_update_index_in_dim(out, piece, recv_table[stage, t, u], 0)
-        return out[:r]
+                kept = jnp.where(slot < r, piece, pick(out, slot))  # slot r: discarded
+                out = lax.dynamic_update_index_in_dim(out, kept, jnp.minimum(slot, r - 1), 0)
+        return out
 
     def run_stage(blocks: Params, h: jax.Array, side, keys, k: jax.Array) -> jax.Array:
         """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h`."""
