@@ -28,6 +28,12 @@ On-disk layout (Orbax `CheckpointManager`, atomic by temporary directory + renam
     DIR/<step>/state/      Orbax pytree of {"step", "params", "opt_state"} (plain dicts)
     DIR/<step>/meshscale/  JSON: format, model fingerprint, mesh shape, global batch, ...
 
+The layer stack is stored layer-major, row ``i`` = layer ``i``, as the mesh that saved it
+holds it: padded with zero rows past ``num_layers`` up to the mesh's `Schedule.rows`
+(recorded as ``block_rows`` in the metadata). A restore cuts or adds zero rows for the
+target mesh (Orbax ``strict=False``), so any split restores from any other, and from
+checkpoints of unpadded stacks.
+
 The state item needs no meshscale to read: optimizer NamedTuples and tuples are stored
 as dicts keyed by field name / index, e.g. ``opt_state["0"]["mu"]``. With plain Orbax::
 
