@@ -31,7 +31,6 @@ Nothing here touches optimizer state or decides shapes; `meshscale.train` does.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
@@ -161,11 +160,12 @@ def pipeline_loss(
 
         if remat == "layer":  # the backward pass recomputes one layer at a time
             apply = jax.checkpoint(apply)
-        if padded:  # a slot past the end of a smaller group passes h on (devices along
+        if padded:  # a slot past the end of a short group passes h on (devices along
             # data share the stage, so an FSDP gather in the branch runs on all of them)
-            apply = functools.partial(
-                lambda run, h, lp, layer: lax.cond(layer != PADDING, run,
-                                                   lambda h, *_: h, h, lp, layer), apply)
+            run = apply
+
+            def apply(h, layer_params, layer):
+                return lax.cond(layer != PADDING, run, lambda h, *_: h, h, layer_params, layer)
 
         def one_layer(h, xs):
             return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
@@ -196,14 +196,16 @@ def pipeline_loss(
         micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
 
         def tick(carry, t):
-            received, inbox = carry
             if r > 1:
                 # Stage 0's inbox: microbatch slot j holds round 0's input, then the last
                 # stage's output of item t - p (received now) for the next round.
+                received, inbox = carry
                 back = jnp.maximum(t - p, 0) % m
                 kept = jnp.where(t >= p, received, pick(inbox, back))
                 inbox = lax.dynamic_update_index_in_dim(inbox, kept, back, 0)
-            fresh = pick(inbox, t % m if r > 1 else jnp.minimum(t, m - 1))
+                fresh = pick(inbox, t % m)
+            else:  # GPipe: stage 0 takes microbatch t while t < m
+                received, fresh = carry, pick(micro, jnp.minimum(t, m - 1))
             x = jnp.where(stage == 0, fresh, received)
             item = t - stage
             active = (item >= 0) & (item < items)
@@ -211,9 +213,10 @@ def pipeline_loss(
             mine = item % m  # the microbatch this stage holds
             y = stage_or_pass(blocks, x, pick(side, mine), pick(keys, mine), item // m, active)
             sent = lax.ppermute(y, PIPE, links) if p > 1 else y
-            return (sent, inbox), y
+            return ((sent, inbox) if r > 1 else sent), y
 
-        _, outs = lax.scan(tick, (jnp.zeros_like(micro[0]), micro), jnp.arange(sched.ticks))
+        start = jnp.zeros_like(micro[0])
+        _, outs = lax.scan(tick, (start, micro) if r > 1 else start, jnp.arange(sched.ticks))
         # The last stage's outputs of the last round, microbatch order.
         out = outs[items - m + p - 1:].reshape(h0.shape)
         out = jnp.where(stage == p - 1, out, jnp.zeros_like(out))

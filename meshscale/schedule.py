@@ -54,15 +54,15 @@ def check(shape: MeshShape, num_layers: int) -> None:
     p, r = shape.pipe, shape.repeats
     if p > num_layers:
         raise InvalidMeshShape(
-            f"pipe={p} exceeds num_layers={num_layers}: every stage needs a layer; choose "
-            f"pipe <= {num_layers}")
+            f"pipe={p} exceeds num_layers={num_layers}: more stages than layers cannot run "
+            f"faster; choose pipe <= {num_layers}")
     if r > 1 and p == 1:
         raise InvalidMeshShape(
             f"repeats={r} needs pipe > 1 (one stage has no bubble to shrink): use repeats=1")
     if p * r > num_layers:
         raise InvalidMeshShape(
-            f"pipe * repeats = {p} * {r} exceeds num_layers={num_layers}: every layer group "
-            f"needs a layer; choose repeats <= {num_layers // p}")
+            f"pipe * repeats = {p} * {r} exceeds num_layers={num_layers}: more layer groups "
+            f"than layers only add ticks; choose repeats <= {num_layers // p}")
     if r > 1 and shape.microbatches < p:
         raise InvalidMeshShape(
             f"repeats={r} needs microbatches >= pipe={p} (a microbatch must leave the last "

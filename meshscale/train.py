@@ -242,8 +242,7 @@ class Trainer:
             params = jax.jit(lambda t: pad(jax.tree.map(jnp.copy, t)),
                              out_shardings=shardings.params)(self.initial_params)
         elif self.initial_params is not None:
-            params = _from_host(jax.device_get(pad(jax.device_get(self.initial_params))),
-                                shardings.params)
+            params = _from_host(jax.device_get(pad(self.initial_params)), shardings.params)
         else:
             raise ContractError(
                 "this Trainer was built from an abstract model, which has no initial values: "

@@ -129,7 +129,7 @@ def test_models_with_equal_shapes_and_different_forwards_get_their_own_executabl
 def test_schedules_that_cannot_hold_the_layers_are_refused():
     four = Trainer(ResidualMLP(MLPConfig(num_layers=4, features=8, hidden=8),
                                rngs=nnx.Rngs(0)), make_optimizer(), global_batch=GLOBAL_BATCH)
-    with pytest.raises(InvalidMeshShape, match="pipe=5 exceeds num_layers=4: every stage"):
+    with pytest.raises(InvalidMeshShape, match="pipe=5 exceeds num_layers=4: more stages"):
         four.init_state(MeshShape(5, 1))
     with pytest.raises(InvalidMeshShape, match="pipe \\* repeats = 2 \\* 4 exceeds num_layers=4"):
         four.check(MeshShape(2, 1, 4, repeats=4))
