@@ -211,7 +211,8 @@ class Checkpointer:
 
         Args:
           target: a `MeshShape` (shardings from `trainer.shardings(target, devices)`) or a
-            `TrainState` whose leaves are `NamedSharding`s.
+            `TrainState` whose leaves are `NamedSharding`s (the stack is then padded for
+            a GPipe mesh of their ``pipe`` size; pass a `MeshShape` for a circular one).
           step: the step to read; None reads the newest readable one, skipping damaged
             newer steps (recorded in `last_fallback`, with a warning).
           devices: the devices of a `MeshShape` target's mesh.
