@@ -319,19 +319,19 @@ class Checkpointer:
         return state, None
 
     def _restore_args(self, tree: dict) -> dict:
-        """Orbax's restore arguments for `tree`; a block leaf's zero padding rows are cut
-        or added (``strict=False``) to the target mesh's length (`meshscale.schedule`), so
-        a stack saved on any mesh, or unpadded, restores onto any other."""
+        """Orbax's restore arguments for `tree`; zero padding (`meshscale.padding`) is cut
+        or added (``strict=False``) to the target mesh's shapes, so a state saved on any
+        mesh, or unpadded, restores onto any other (the metadata check has already
+        refused another model's checkpoint)."""
         args = ocp.checkpoint_utils.construct_restore_args(tree)
-        num_layers = self.trainer.num_layers
 
-        def relax(path, arg, leaf):
-            if not is_block_leaf(path, leaf.shape, num_layers):
+        def relax(arg, leaf):
+            if not leaf.shape:
                 return arg
             return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
                                         dtype=leaf.dtype, strict=False)
 
-        return jax.tree_util.tree_map_with_path(relax, args, tree)
+        return jax.tree.map(relax, args, tree)
 
     def _check_directory(self) -> None:
         """Before the first save: refuse (on every process alike) a directory whose newest
@@ -376,10 +376,11 @@ class Checkpointer:
         if isinstance(target, MeshShape):
             return self.trainer.targets(target, devices)
         shardings = self._target_shardings(target)
-        rows = {s.mesh.shape.get(PIPE) for s in jax.tree.leaves(shardings)}
+        meshes = {(s.mesh.shape.get(PIPE, 1), s.mesh.shape.get(DATA, 1))
+                   for s in jax.tree.leaves(shardings)}
         abstract = self.trainer.abstract_state()
-        if len(rows) == 1:  # the mesh's GPipe padding (pass a MeshShape for circular ones)
-            abstract = self.trainer.abstract_state(MeshShape(rows.pop(), 1))
+        if len(meshes) == 1:  # that mesh's GPipe padding (pass a MeshShape if circular)
+            abstract = self.trainer.abstract_state(MeshShape(*meshes.pop()))
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 from meshscale import rng as rng_lib
 from meshscale.errors import ContractError
-from meshscale.schedule import layer_params
+from meshscale.padding import fit
 
 Batch = Any  # a pytree of arrays whose leading axis is the example axis
 Params = dict  # nested dict of arrays; params["blocks"] has a leading layer axis
@@ -187,10 +187,10 @@ class FunctionalModel:
         return fmodel, nnx.to_pure_dict(state)
 
     def merge(self, params: Params) -> Any:
-        """The module with `params`; a stack stored padded by a mesh
-        (`meshscale.schedule.layer_params`) is cut back to its real layers."""
+        """The module with `params`; leaves stored padded on a mesh (`meshscale.padding`)
+        are cut back to the model's shapes."""
         return nnx.merge(self.graphdef, _filled(self.template,
-                                                layer_params(params, self.num_layers)))
+                                                fit(params, self.abstract_params())))
 
     def merge_layer(self, layer_params: Params) -> nnx.Module:
         """One layer of the stack, from ``params["blocks"]`` sliced at one layer index."""
@@ -199,7 +199,7 @@ class FunctionalModel:
     def loss(self, params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         """The reference loss: plain forward, no mesh (`rng`: a step's key, or None).
 
-        `params` may come from a padded mesh (`meshscale.schedule.layer_params`)."""
+        `params` may come from any mesh, padded or not (`meshscale.padding`)."""
         model = self.merge(params)
         return model.loss(batch) if rng is None else model.loss(batch, rng)
 

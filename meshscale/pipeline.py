@@ -54,7 +54,8 @@ from meshscale.model import (
     layer_inputs,
     mean_loss,
 )
-from meshscale.schedule import PADDING, Schedule, pad_layers, padded_abstract
+from meshscale.padding import fit
+from meshscale.schedule import PADDING, Schedule
 
 Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
@@ -103,8 +104,8 @@ def pipeline_loss(
 ) -> Callable[[Params, Batch], jax.Array]:
     """``(params, batch, rng=None) -> loss`` computed pipelined on `mesh`; differentiable.
 
-    `params` is the model's tree, its stack as stored on `shape`'s mesh (padded to
-    `Schedule.rows`) or unpadded (padded here; the gradient then has the model's shapes).
+    `params` is the model's tree as stored on `shape`'s mesh (`meshscale.padding`) or with
+    the model's own shapes (padded here; the gradient then has the model's shapes).
 
     `rng` is a step's key (`meshscale.rng`); layers then get per-example keys that do
     not depend on the mesh."""
@@ -120,9 +121,12 @@ def pipeline_loss(
     layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
     padded = bool((sched.slot_layers == PADDING).any())
     # The stored stack, padded to `sched.rows`, is split over pipe on its layer axis.
-    abstract = padded_abstract(fmodel.abstract_params(), fmodel.num_layers, sched.rows)
-    specs = sharding.tree_specs(abstract, mesh_shape=shape, num_layers=fmodel.num_layers,
-                                split_over_data=state_sharding == "fsdp")[sharding.BLOCKS]
+    fsdp = state_sharding == "fsdp"
+    stored = sharding.padded_abstract(fmodel.abstract_params(), mesh_shape=shape,
+                                      num_layers=fmodel.num_layers, rows=sched.rows,
+                                      split_over_data=fsdp)
+    specs = sharding.tree_specs(stored, mesh_shape=shape, num_layers=fmodel.num_layers,
+                                split_over_data=fsdp)[sharding.BLOCKS]
     send_table, recv_table = (jnp.asarray(t) for t in sched.regroup_tables)
 
     def regroup(x: jax.Array) -> jax.Array:
@@ -230,6 +234,7 @@ def pipeline_loss(
                 lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
 
         batch = constrain(batch)
+        params = fit(params, stored)  # as stored on this mesh (a model-shaped tree is padded)
         params = cast_floats(params, compute_dtype)  # float32 master weights stay outside
         model = fmodel.merge(params)
         h0 = constrain(model.embed(batch))
@@ -238,8 +243,7 @@ def pipeline_loss(
         per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
         body = jax.shard_map(stages, mesh=mesh,
                              in_specs=(specs, P(DATA), *per_example), out_specs=rows)
-        blocks = pad_layers(params, fmodel.num_layers, sched.rows)[sharding.BLOCKS]
-        h = body(blocks, h0, side, keys)
+        h = body(params[sharding.BLOCKS], h0, side, keys)
         return mean_loss(model.head_loss(h, batch))
 
     return loss_fn

@@ -68,29 +68,27 @@ def _assemble(x: jax.Array, index: Index, device: jax.Device) -> jax.Array:
     return block(())
 
 
-def _resized(x: jax.Array, rows: int, sharding: Sharding) -> jax.Array:
-    """`x` with `rows` rows on its leading axis: cut, or padded with zero rows (a layer
-    stack moving to a mesh that pads it to another length, `meshscale.schedule`)."""
-    shape = (rows, *x.shape[1:])
+def _resized(x: jax.Array, shape: tuple[int, ...], sharding: Sharding) -> jax.Array:
+    """`x` cut or zero-padded to `shape`, dimension by dimension (a leaf moving to a
+    mesh that stores it with other padding, `meshscale.padding`). Each target shard is
+    the part of `x` it overlaps, from the source shards, padded with zeros on its device.
+    """
     if not (x.is_fully_addressable and sharding.is_fully_addressable):
-        raise ValueError(f"cannot resize a layer stack spanning processes in memory "
-                         f"({x.shape[0]} -> {rows} rows): restore it from a checkpoint")
+        raise ValueError(f"cannot re-pad an array spanning processes in memory "
+                         f"({x.shape} -> {shape}): restore it from a checkpoint")
     pieces = []
     for device, index in sharding.addressable_devices_indices_map(shape).items():
-        (lo, hi), rest = _bounds(index, shape)[0], index[1:]
-        parts = []
-        if lo < x.shape[0]:  # the rows the source has, from its shards
-            have = (slice(lo, min(hi, x.shape[0])), *rest)
-            parts.append(_piece(x, have, device))
-        if hi > max(lo, x.shape[0]):  # the rows it lacks: zeros, made on the device
-            zeros_shape = (hi - max(lo, x.shape[0]), *_extent(rest, x.shape[1:]))
-            parts.append(jnp.zeros(zeros_shape, x.dtype, device=device))
-        pieces.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+        want = _bounds(index, shape)
+        have = [(lo, max(lo, min(hi, n))) for (lo, hi), n in zip(want, x.shape, strict=True)]
+        size = tuple(hi - lo for lo, hi in want)
+        if any(lo == hi for lo, hi in have):  # all padding: zeros, made on the device
+            pieces.append(jnp.zeros(size, x.dtype, device=device))
+            continue
+        piece = _piece(x, tuple(slice(lo, hi) for lo, hi in have), device)
+        if piece.shape != size:
+            piece = jnp.pad(piece, [(0, s - p) for s, p in zip(size, piece.shape, strict=True)])
+        pieces.append(piece)
     return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
-
-
-def _extent(index: Index, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(hi - lo for lo, hi in _bounds(index, shape))
 
 
 def _piece(x: jax.Array, index: Index, device: jax.Device) -> jax.Array:
@@ -113,14 +111,14 @@ def _piece(x: jax.Array, index: Index, device: jax.Device) -> jax.Array:
 def move(x: jax.Array, target: Sharding | jax.ShapeDtypeStruct) -> jax.Array:
     """`x` with `target`'s sharding, built from slices of its own shards.
 
-    `target` is a sharding, or a `jax.ShapeDtypeStruct` with one whose leading length may
-    differ from `x`'s (`_resized`: zero rows are cut or added)."""
+    `target` is a sharding, or a `jax.ShapeDtypeStruct` with one whose shape may differ
+    from `x`'s by zero padding (`_resized`: padding is cut or added)."""
     sharding = getattr(target, "sharding", target)
-    if isinstance(target, jax.ShapeDtypeStruct) and target.shape != x.shape:
-        if target.shape[1:] != x.shape[1:]:
-            raise ValueError(f"cannot move shape {x.shape} to {target.shape}: only the "
-                             "leading (layer) axis may change")
-        return _resized(x, target.shape[0], sharding)
+    if isinstance(target, jax.ShapeDtypeStruct) and tuple(target.shape) != x.shape:
+        if len(target.shape) != x.ndim:
+            raise ValueError(f"cannot move shape {x.shape} to {target.shape}: padding "
+                             "changes sizes, never the rank")
+        return _resized(x, tuple(target.shape), sharding)
     if x.sharding == sharding:
         return x
     if not (x.is_fully_addressable and sharding.is_fully_addressable):

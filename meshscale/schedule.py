@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
-import jax
 import numpy as np
 
 from meshscale.errors import InvalidMeshShape
@@ -181,35 +179,3 @@ class Schedule:
         lockstep ticks wait for beyond the layers themselves."""
         return (self.rows - self.num_layers) * self.microbatches
 
-
-# -- the padded stack ---------------------------------------------------------------------
-def _resize(tree: Any, num_layers: int, rows: int, resize) -> Any:
-    from meshscale.sharding import is_block_leaf  # late: sharding imports this module
-
-    def one(path, x):
-        if is_block_leaf(path, np.shape(x), num_layers):
-            return resize(x, rows)
-        return x
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def padded_abstract(tree: Any, num_layers: int, rows: int) -> Any:
-    """`tree` (params or optimizer state, `jax.ShapeDtypeStruct`s) with every block leaf
-    ``rows`` long."""
-    return _resize(tree, num_layers, rows,
-                   lambda x, n: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype))
-
-
-def pad_layers(tree: Any, num_layers: int, rows: int) -> Any:
-    """Block leaves (arrays, traced or not) padded with zero rows to ``rows``."""
-    import jax.numpy as jnp
-
-    return _resize(tree, num_layers, rows, lambda x, n: x if x.shape[0] == n else jnp.pad(
-        x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1)))
-
-
-def layer_params(tree: Any, num_layers: int) -> Any:
-    """Block leaves cut back to their `num_layers` real layers (drops the zero rows a
-    padded mesh stores): the model's own parameter tree, e.g. to evaluate or compare."""
-    return _resize(tree, num_layers, num_layers, lambda x, n: x[:n])

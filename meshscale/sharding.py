@@ -17,7 +17,10 @@ The rule, per leaf (a parameter or an optimizer-state leaf mirroring one):
   too, are also split over ``data`` on their largest remaining dimension that ``data``
   divides (ZeRO-1 / ZeRO-3, Rajbhandari et al. 2020);
 - a leaf with no divisible dimension stays replicated over that axis (scalars such as
-  the optimizer's step count, odd-sized biases): correct everywhere, just not split.
+  the optimizer's step count, odd-sized leaves on ``data``): correct everywhere, just not
+  split. Over ``pipe`` that would copy an embedding on every stage of an odd pipe width,
+  so such a leaf is stored padded with zeros until one dimension divides
+  (`padded_shape`, `meshscale.padding`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from meshscale.mesh import DATA, PIPE, MeshShape
 StateSharding = Literal["replicate", "zero1", "fsdp"]
 STATE_SHARDINGS: tuple[str, ...] = get_args(StateSharding)
 BLOCKS = "blocks"
+PAD_MIN_ELEMENTS = 2**18  # smaller non-block leaves are never padded (`padded_shape`)
 
 
 def check_state_sharding(mode: str) -> StateSharding:
@@ -75,6 +79,38 @@ def leaf_spec(path: Sequence[Any], shape: Sequence[int], *, mesh_shape: MeshShap
     if split_over_data and not any(DATA in (d if isinstance(d, tuple) else (d,)) for d in dims):
         _split_largest(dims, shape, DATA, mesh_shape.data)
     return P(*dims)
+
+
+def padded_shape(path: Sequence[Any], shape: Sequence[int], *, mesh_shape: MeshShape,
+                 num_layers: int, rows: int, split_over_data: bool) -> tuple[int, ...]:
+    """The shape a parameter leaf is stored with on `mesh_shape` (`meshscale.padding`).
+
+    A block leaf: the stack padded to `rows` (`Schedule.rows`, a multiple of ``pipe``).
+    Any other leaf of at least `PAD_MIN_ELEMENTS` no dimension of which ``pipe`` divides:
+    its largest dimension padded to a multiple of the devices it is split over
+    (``pipe``, or every device with `split_over_data`), so it is split, not copied on
+    every stage. Else as it is (a small leaf's copies cost less than its padding).
+    """
+    shape = tuple(int(d) for d in shape)
+    if is_block_leaf(path, shape, num_layers):
+        return (rows, *shape[1:])
+    pipe = mesh_shape.pipe
+    if (not shape or pipe == 1 or int(np.prod(shape)) < PAD_MIN_ELEMENTS
+            or any(d % pipe == 0 for d in shape)):
+        return shape
+    size = mesh_shape.num_devices if split_over_data else pipe
+    i = max(range(len(shape)), key=lambda i: (shape[i], -i))
+    return (*shape[:i], -(-shape[i] // size) * size, *shape[i + 1:])
+
+
+def padded_abstract(params: Any, *, mesh_shape: MeshShape, num_layers: int, rows: int,
+                    split_over_data: bool) -> Any:
+    """`padded_shape` over a tree of parameter `jax.ShapeDtypeStruct`s (or arrays)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(
+            padded_shape(path, np.shape(x), mesh_shape=mesh_shape, num_layers=num_layers,
+                         rows=rows, split_over_data=split_over_data), x.dtype),
+        params)
 
 
 def tree_specs(tree: Any, *, mesh_shape: MeshShape, num_layers: int,

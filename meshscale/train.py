@@ -20,8 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshscale import padding, schedule, sharding
 from meshscale import rng as rng_lib
-from meshscale import schedule, sharding
 from meshscale.compile_cache import CompileCache
 from meshscale.errors import ContractError, InsufficientDevices, InvalidMeshShape
 from meshscale.mesh import MeshShape, device_ids, make_mesh
@@ -174,7 +174,9 @@ class Trainer:
         """
         params = self.fmodel.abstract_params()
         if shape is not None:
-            params = schedule.padded_abstract(params, self.num_layers, self.rows(shape))
+            params = sharding.padded_abstract(
+                params, mesh_shape=shape, num_layers=self.num_layers, rows=self.rows(shape),
+                split_over_data=self.state_sharding == "fsdp")
         return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                           jax.eval_shape(self.optimizer.init, params))
 
@@ -182,10 +184,14 @@ class Trainer:
         """The block leaves' leading length on `shape`'s mesh (`Schedule.rows`)."""
         return schedule.Schedule.of(shape, self.num_layers).rows
 
-    def layer_params(self, params: Params) -> Params:
-        """`params` from any mesh with the stack's zero padding rows dropped: the model's
-        own parameter tree (e.g. ``FunctionalModel.merge``, comparing runs)."""
-        return schedule.layer_params(params, self.num_layers)
+    def model_params(self, params: Params) -> Params:
+        """`params` from any mesh with the zero padding dropped (`meshscale.padding`): the
+        model's own parameter shapes (to evaluate, export or compare runs)."""
+        return padding.fit(params, self.fmodel.abstract_params())
+
+    def unpadded_state(self, state: TrainState) -> TrainState:
+        """`state` from any mesh with the zero padding dropped, optimizer state included."""
+        return padding.fit(state, self.abstract_state())
 
     def specs(self, shape: MeshShape) -> TrainState:
         """The `PartitionSpec` of every train-state leaf on `shape` (`meshscale.sharding`)."""
@@ -232,8 +238,8 @@ class Trainer:
         From a constructor the parameters are created directly in their shards.
         """
         shardings = self.shardings(shape, devices)
-        rows = self.rows(shape)
-        pad = lambda params: schedule.pad_layers(params, self.num_layers, rows)
+        stored = self.abstract_state(shape).params
+        pad = lambda params: padding.fit(params, stored)
         if self._constructor is not None:
             make = lambda: pad(nnx.to_pure_dict(nnx.state(self._constructor(), nnx.Param)))
             params = jax.jit(make, out_shardings=shardings.params)()

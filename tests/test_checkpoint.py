@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from meshscale import Checkpointer, IncompatibleCheckpoint, MeshShape, Trainer, TrainState
-from meshscale.schedule import pad_layers
+from meshscale.padding import fit
 from meshscale.state_tree import state_to_tree, tree_to_state
 from models.mlp import MLPConfig, ResidualMLP
 
@@ -46,24 +46,20 @@ def trainer():
 
 def random_state(trainer, shape, seed):
     """A state on `shape`'s mesh whose every leaf (step included) is random, not initial;
-    the layer stack's padding rows (`meshscale.schedule`) are zeros, as training keeps them."""
+    the padding (`meshscale.padding`) is zeros, as training keeps it."""
     rng = np.random.default_rng(seed)
     host = jax.tree.map(
         lambda a: (rng.standard_normal(a.shape).astype(a.dtype)
                    if np.issubdtype(a.dtype, np.floating)
                    else rng.integers(1, 1000, a.shape).astype(a.dtype)),
         trainer.abstract_state())
-    rows = trainer.rows(shape)
-    host = jax.device_get(TrainState(host.step, pad_layers(host.params, SMALL.num_layers, rows),
-                                     pad_layers(host.opt_state, SMALL.num_layers, rows)))
+    host = jax.device_get(fit(host, trainer.abstract_state(shape)))
     return jax.device_put(host, trainer.shardings(shape))
 
 
 def layers_only(trainer, state):
     """`state` on the host without the stack's padding rows: comparable across meshes."""
-    host = jax.device_get(state)
-    return TrainState(host.step, trainer.layer_params(host.params),
-                      trainer.layer_params(host.opt_state))
+    return trainer.unpadded_state(jax.device_get(state))
 
 
 def assert_same_values(actual, expected):

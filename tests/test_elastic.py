@@ -99,7 +99,7 @@ def test_device_changes_keep_every_loss_with_real_try_runs(tmp_path):
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+    assert_trees_close(trainer.trainer.model_params(jax.device_get(state.params)), params,
                        DEEP_TOL, "final params")
     changes = events(trainer, "devices_changed")
     assert [e["after"] for e in changes] == [8, 6, 3, 8]
@@ -132,7 +132,7 @@ def test_switching_at_every_change_keeps_every_loss_when_devices_are_not_a_multi
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+    assert_trees_close(trainer.trainer.model_params(jax.device_get(state.params)), params,
                        DEEP_TOL, "final params")
     searches = events(trainer, "search")
     six = next(e for e in searches if e["num_devices"] == 6)
@@ -160,7 +160,7 @@ def test_switches_between_even_uneven_and_circular_meshes_keep_every_loss(tmp_pa
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+    assert_trees_close(trainer.trainer.model_params(jax.device_get(state.params)), params,
                        DEEP_TOL, "final params")
     meshes = [e["after"] for e in events(trainer, "switch")]
     assert meshes == ["2x2/m4", "7x1/m24", "3x2/m6", "2x4/m6/r2", "5x1/m12"]
@@ -180,7 +180,7 @@ def test_try_runs_that_fit_only_without_the_live_state_release_and_restore_it(tm
     state, losses = run(trainer, schedule, 10)
     expected, params = fixed_mesh_run(10)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert_trees_close(trainer.trainer.layer_params(jax.device_get(state.params)), params,
+    assert_trees_close(trainer.trainer.model_params(jax.device_get(state.params)), params,
                        DEEP_TOL, "final params")
     assert len(events(trainer, "restore")) == 2  # at start-up and at the change
 

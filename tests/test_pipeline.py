@@ -104,7 +104,7 @@ def test_three_compiled_steps_match_three_reference_steps(name, shape, mode):
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, ref_losses, rtol=TOL[name])
     assert int(state.step) == 3
-    assert_trees_close(trainer.layer_params(jax.device_get(state.params)), ref_params,
+    assert_trees_close(trainer.model_params(jax.device_get(state.params)), ref_params,
                        TOL[name], f"{name} {shape}")
 
 
@@ -210,7 +210,7 @@ def test_a_user_model_with_seven_layers_trains_exactly_on_uneven_and_circular_me
         state, metrics = step(state, trainer.put_batch(batch, shape))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, ref_losses, rtol=SIMPLE_TOL)
-    assert_trees_close(trainer.layer_params(jax.device_get(state.params)),
+    assert_trees_close(trainer.model_params(jax.device_get(state.params)),
                        jax.device_get(ref_params), SIMPLE_TOL,
                        str(shape))
 

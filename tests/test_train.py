@@ -37,16 +37,14 @@ def perturbed_state(trainer, shape):
     """A state that is not the initial one (so a move that resets values would show); the
     stack's padding rows stay zero."""
     state = trainer.init_state(shape)
-    params = jax.tree.map(lambda x: x + jnp.ones_like(x) * 0.125, trainer.layer_params(
+    params = jax.tree.map(lambda x: x + jnp.ones_like(x) * 0.125, trainer.model_params(
         state.params))
     return trainer.place(TrainState(state.step + 1, params, state.opt_state), shape)
 
 
 def layer_state(trainer, state):
-    """`state` on the host without the stack's padding rows (comparable across meshes)."""
-    host = jax.device_get(state)
-    return TrainState(host.step, trainer.layer_params(host.params),
-                      trainer.layer_params(host.opt_state))
+    """`state` on the host without its padding (comparable across meshes)."""
+    return trainer.unpadded_state(jax.device_get(state))
 
 
 def test_init_state_is_the_same_start_on_every_mesh(trainer):
