@@ -168,9 +168,9 @@ class Trainer:
     def abstract_state(self, shape: MeshShape | None = None) -> TrainState:
         """Shapes and dtypes of the train state (no shardings, nothing allocated).
 
-        On `shape`'s mesh the block leaves are the layer stack padded with zero rows to
-        `Schedule.rows` (a multiple of the stages; `meshscale.schedule`); without a
-        shape, the model's own ``num_layers``.
+        On `shape`'s mesh, as stored there (`meshscale.padding`): the layer stack padded
+        with zero rows to `Schedule.rows`, and a large leaf no dimension of which the pipe
+        width divides padded until one does. Without a shape: the model's own shapes.
         """
         params = self.fmodel.abstract_params()
         if shape is not None:
@@ -260,7 +260,7 @@ class Trainer:
 
     def place(self, state: TrainState, shape: MeshShape, devices: Devices = None) -> TrainState:
         """`state` moved onto `shape`'s mesh in memory (values unchanged, bit for bit; the
-        stack's zero padding rows follow the target mesh's `rows`).
+        zero padding follows the target mesh's, `meshscale.padding`).
 
         Leaves whose placement already matches are returned as they are (not copied).
         """
