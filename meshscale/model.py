@@ -32,7 +32,7 @@ from flax import nnx
 
 from meshscale import rng as rng_lib
 from meshscale.errors import ContractError
-from meshscale.padding import fit
+from meshscale.padding import cut
 
 Batch = Any  # a pytree of arrays whose leading axis is the example axis
 Params = dict  # nested dict of arrays; params["blocks"] has a leading layer axis
@@ -190,7 +190,7 @@ class FunctionalModel:
         """The module with `params`; leaves stored padded on a mesh (`meshscale.padding`)
         are cut back to the model's shapes."""
         return nnx.merge(self.graphdef, _filled(self.template,
-                                                fit(params, self.abstract_params())))
+                                                cut(params, self.abstract_params())))
 
     def merge_layer(self, layer_params: Params) -> nnx.Module:
         """One layer of the stack, from ``params["blocks"]`` sliced at one layer index."""

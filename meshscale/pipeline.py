@@ -54,7 +54,7 @@ from meshscale.model import (
     layer_inputs,
     mean_loss,
 )
-from meshscale.padding import fit
+from meshscale.padding import pad
 from meshscale.schedule import PADDING, Schedule
 
 Remat = Literal["none", "layer", "stage"]
@@ -234,7 +234,7 @@ def pipeline_loss(
                 lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
 
         batch = constrain(batch)
-        params = fit(params, stored)  # as stored on this mesh (a model-shaped tree is padded)
+        params = pad(params, stored)  # as stored on this mesh (a model-shaped tree is padded)
         params = cast_floats(params, compute_dtype)  # float32 master weights stay outside
         model = fmodel.merge(params)
         h0 = constrain(model.embed(batch))

@@ -187,11 +187,11 @@ class Trainer:
     def model_params(self, params: Params) -> Params:
         """`params` from any mesh with the zero padding dropped (`meshscale.padding`): the
         model's own parameter shapes (to evaluate, export or compare runs)."""
-        return padding.fit(params, self.fmodel.abstract_params())
+        return padding.cut(params, self.fmodel.abstract_params())
 
     def unpadded_state(self, state: TrainState) -> TrainState:
         """`state` from any mesh with the zero padding dropped, optimizer state included."""
-        return padding.fit(state, self.abstract_state())
+        return padding.cut(state, self.abstract_state())
 
     def specs(self, shape: MeshShape) -> TrainState:
         """The `PartitionSpec` of every train-state leaf on `shape` (`meshscale.sharding`)."""
@@ -239,7 +239,7 @@ class Trainer:
         """
         shardings = self.shardings(shape, devices)
         stored = self.abstract_state(shape).params
-        pad = lambda params: padding.fit(params, stored)
+        pad = lambda params: padding.pad(params, stored)
         if self._constructor is not None:
             make = lambda: pad(nnx.to_pure_dict(nnx.state(self._constructor(), nnx.Param)))
             params = jax.jit(make, out_shardings=shardings.params)()

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from meshscale import Checkpointer, IncompatibleCheckpoint, MeshShape, Trainer, TrainState
-from meshscale.padding import fit
+from meshscale.padding import pad
 from meshscale.state_tree import state_to_tree, tree_to_state
 from models.mlp import MLPConfig, ResidualMLP
 
@@ -53,7 +53,7 @@ def random_state(trainer, shape, seed):
                    if np.issubdtype(a.dtype, np.floating)
                    else rng.integers(1, 1000, a.shape).astype(a.dtype)),
         trainer.abstract_state())
-    host = jax.device_get(fit(host, trainer.abstract_state(shape)))
+    host = jax.device_get(pad(host, trainer.abstract_state(shape)))
     return jax.device_put(host, trainer.shardings(shape))
 
 

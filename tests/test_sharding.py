@@ -176,3 +176,18 @@ def test_padded_leaves_train_exactly_and_move_and_restore_across_meshes(tmp_path
                 target).params["tok"]["embedding"].shape
             assert_trees_close(trainer.unpadded_state(jax.device_get(restored)),
                                trainer.unpadded_state(jax.device_get(state)), 0.0, str(target))
+
+
+def test_parameters_of_another_shape_are_refused_not_padded():
+    """Padding only ever fills a mesh's stored shape: a tree that is neither the model's
+    shape nor its padded form (another model's, another mesh's) raises."""
+    trainer = Trainer(GPT(ODD_VOCAB, rngs=nnx.Rngs(0)), make_optimizer(),
+                      global_batch=GLOBAL_BATCH)
+    other = FunctionalModel.of(GPT(WIDE_VOCAB, rngs=nnx.Rngs(0)))[1]  # vocab 4096 < 8192
+    batch = jax.device_get(GPT(ODD_VOCAB, rngs=nnx.Rngs(0)).example_batch(GLOBAL_BATCH))
+    with pytest.raises(ContractError, match=r"parameter \['tok'\]\['embedding'\] has shape "
+                                            r"\(4096, 32\), expected \(8192, 32\)"):
+        trainer.model_params(other)
+    stored_elsewhere = trainer.init_state(MeshShape(7, 1, 8)).params  # 14 rows, 8197 vocab
+    with pytest.raises(ContractError, match="or a state placed on this mesh"):
+        jax.eval_shape(trainer.loss_fn(MeshShape(3, 1, 8)), stored_elsewhere, batch)
