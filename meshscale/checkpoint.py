@@ -16,6 +16,14 @@ Saves are asynchronous: `save` returns once the state is copied off the devices 
 Orbax writes it in the background, so periodic checkpoints overlap training. What must
 be on disk is waited for where it is read: every restore and metadata read, `wait()`,
 `close()`, and the next save (Orbax finishes one save before it starts another).
+A write that fails in the background is never silent: `write_failure()` says which step
+is missing and why (without waiting), and `wait()` raises `CheckpointWriteError` (Orbax
+itself only logs it, `meshscale.writes`).
+
+Contents are verified: `save` records a 64-bit checksum of every leaf (computed on the
+devices, `meshscale.integrity`) and refuses a state holding nan or inf
+(`NonFiniteStep`), so a kept checkpoint is always finite; `restore` checks the sums of
+what it read, and a mismatch (flipped bytes) is a damaged step like a missing file.
 
 With several processes, every local view of the directory that decides what the
 processes do next is agreed (`meshscale.distributed`): the step list is process 0's, a
@@ -49,6 +57,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import jax
@@ -57,8 +66,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from meshscale import distributed
-from meshscale.errors import IncompatibleCheckpoint
+from meshscale import distributed, integrity, writes
+from meshscale.errors import CheckpointWriteError, IncompatibleCheckpoint, NonFiniteStep
 from meshscale.mesh import DATA, PIPE, MeshShape
 from meshscale.paths import run_path
 from meshscale.sharding import is_block_leaf
@@ -120,6 +129,8 @@ class Checkpointer:
         self._damaged: set[int] = set()  # steps a restore found unreadable
         self._opt_fingerprint = tree_fingerprint(trainer.abstract_state().opt_state)
         self._directory_checked = False
+        self._pending: list[tuple[int, float]] = []  # (step, start) of writes not yet checked
+        writes.quiet_orbax()
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -134,7 +145,9 @@ class Checkpointer:
 
         Returns False, writing nothing, when that step is already saved (the state at a
         step is what training made of it; rewriting it would only cost time).
-        Raises `IncompatibleCheckpoint` if the directory holds another model's steps.
+        Raises `IncompatibleCheckpoint` if the directory holds another model's steps,
+        `NonFiniteStep` (writing nothing) if the state holds nan or inf, and
+        `CheckpointWriteError` if an earlier write of this process failed.
         """
         step = int(state.step) if step is None else int(step)
         if not self._directory_checked:
@@ -146,6 +159,11 @@ class Checkpointer:
                          self.directory)
                 return False
             self._set_aside(step)
+        digests, finite = integrity.check(state)  # waits for the step that made `state`
+        if not finite:
+            raise NonFiniteStep(
+                f"the state at step {step} holds nan or inf: not saved to {self.directory}",
+                step=step, checkpoint_step=self.latest_step(committed=False))
         meta = {
             "format": FORMAT,
             "meshscale_version": _version(),
@@ -158,14 +176,46 @@ class Checkpointer:
                                    jax.tree.leaves(self.trainer.abstract_state().params))),
             "block_rows": _block_rows(state, self.trainer.num_layers),
             "step": step,
+            "digests": digests,
         }
+        # The previous write first: Orbax would wait for it here anyway, and it is checked
+        # before this save can rotate it out (max_to_keep).
+        self._raise_failed_write(block=True)
+        self._pending.append((step, time.monotonic()))
         return self._manager.save(step, force=force, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.PyTreeSave(state_to_tree(state)),
             META_ITEM: ocp.args.JsonSave(meta)}))
 
     def wait(self) -> None:
-        """Block until every started save is on disk (committed or failed)."""
-        self._manager.wait_until_finished()
+        """Block until every started save is on disk; raise `CheckpointWriteError` (one
+        line: the step, the directory, the cause) if one of them failed."""
+        self._raise_failed_write(block=True)
+
+    def write_failure(self, *, block: bool = False) -> str | None:
+        """Why a write this process started is not on disk, or None (also while writes
+        are still running, unless `block`). Each failure is reported once. After one, the
+        Orbax threads that would wait for it are released (the process can exit)."""
+        if not self._pending:
+            return None
+        if block:
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:  # Orbax re-raises some failures here; read them below
+                log.debug("orbax wait: %s", e)
+        elif self.saving:
+            return None
+        pending, self._pending = self._pending, []
+        for step, start in pending:
+            if not (self.directory / str(step) / COMMIT_MARKER).exists():
+                writes.release_stuck_threads()
+                self._manager.reload()
+                cause = writes.OrbaxErrors.since(start) or "no commit marker after the write"
+                return f"checkpoint step {step} was not written to {self.directory}: {cause}"
+        return None
+
+    def _raise_failed_write(self, *, block: bool = False) -> None:
+        if (problem := self.write_failure(block=block)) is not None:
+            raise CheckpointWriteError(problem)
 
     @property
     def saving(self) -> bool:
@@ -173,7 +223,15 @@ class Checkpointer:
         return self._manager.is_saving_in_progress()
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the writes (raising `CheckpointWriteError` if one failed), then
+        release Orbax's threads. Always closes, even when a write failed."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as e:  # already reported by wait()
+                log.debug("orbax close: %s", e)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -297,7 +355,8 @@ class Checkpointer:
             if not (self.directory / str(step) / COMMIT_MARKER).exists():
                 raise FileNotFoundError(f"step {step} has no {COMMIT_MARKER} (never "
                                         "committed)")
-            self._check(self._read_metadata(step))
+            meta = self._read_metadata(step)
+            self._check(meta)
         except IncompatibleCheckpoint as e:
             problem = f"{_INCOMPATIBLE}{e}"
         except Exception as e:
@@ -314,6 +373,11 @@ class Checkpointer:
             state = tree_to_state(restored[STATE_ITEM], abstract)
         except Exception as e:
             problem = _reason(e)
+        if (problem := distributed.failed_anywhere(problem)) is not None:
+            return None, problem
+        stored = meta.get("digests")  # steps written before checksums have none
+        if stored is not None:  # every process alike: the sums are one collective
+            problem = integrity.compare(stored, integrity.check(state)[0])
         if (problem := distributed.failed_anywhere(problem)) is not None:
             return None, problem
         return state, None
