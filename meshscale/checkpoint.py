@@ -213,6 +213,11 @@ class Checkpointer:
                 return f"checkpoint step {step} was not written to {self.directory}: {cause}"
         return None
 
+    @property
+    def unchecked(self) -> bool:
+        """Whether a write this process started is not yet checked (`write_failure`)."""
+        return bool(self._pending)
+
     def _raise_failed_write(self, *, block: bool = False) -> None:
         if (problem := self.write_failure(block=block)) is not None:
             raise CheckpointWriteError(problem)

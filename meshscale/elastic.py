@@ -23,7 +23,17 @@ for them only before a search (a switch restores from disk) and in `close()`.
 History is bounded: the newest `history_limit` events and step records are kept, and
 `totals` sums the whole run.
 
-Never: change the live state during a search, or touch devices the source did not grant.
+A run keeps every step it promises (DESIGN.md, "Never lose work"): `close()` (or the end
+of ``with trainer:``, or the interpreter's exit when neither came) saves the last step
+and waits for every write; SIGTERM / SIGINT save at the next step boundary, agreed
+across processes, then raise `Interrupted`; a step whose loss or gradient norm is not
+finite is found with its timing window's fetch (no extra sync) and handled by
+`on_nonfinite`, and no non-finite state is ever saved, so every kept checkpoint is
+finite; a failed background write is raised from the next `step`; one job at a time
+writes a `checkpoint_dir` (`meshscale.run_lock`).
+
+Never: change the live state during a search, touch devices the source did not grant,
+or save a state holding nan or inf.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,15 +54,24 @@ import jax
 import optax
 from flax import nnx
 
-from meshscale import distributed, memory
+from meshscale import distributed, memory, writes
 from meshscale import resources as resources_lib
 from meshscale.checkpoint import Checkpointer
 from meshscale.compile_cache import CompileCache, enable_persistent_cache
-from meshscale.errors import IncompatibleCheckpoint, InsufficientDevices, InvalidMeshShape
+from meshscale.errors import (
+    CheckpointWriteError,
+    IncompatibleCheckpoint,
+    InsufficientDevices,
+    Interrupted,
+    InvalidMeshShape,
+    NonFiniteStep,
+)
+from meshscale.interrupts import Interrupts
 from meshscale.mesh import MeshShape, device_ids
 from meshscale.model import Batch
 from meshscale.paths import run_path
 from meshscale.precompile import Precompiler, likely_next_counts, resolve_mode
+from meshscale.run_lock import RunLock
 from meshscale.search import Baseline, Decision, search
 from meshscale.steplog import StepLog, StepRecord
 from meshscale.train import Trainer, TrainState
@@ -62,6 +83,10 @@ Event = dict[str, Any]
 _WARMUP_STEPS = 2  # the first steps on a new mesh (first-run allocation) are not timed
 _BASELINE_WINDOWS = 2  # clean timing windows a baseline from ordinary steps needs
 _COUNTED = {"switch": "switches", "search": "searches", "checkpoint": "checkpoints"}
+# Saves every 100 steps cost ~1% of step time (benchmarks/elastic_step.py: every 10 steps
+# measured <= 1.10x the bare step, the blocking copy off the devices being the cost).
+DEFAULT_CHECKPOINT_EVERY = 100
+NONFINITE_POLICIES = ("stop", "skip_step", "rewind")
 
 
 class ElasticTrainer:
@@ -79,7 +104,17 @@ class ElasticTrainer:
       switch_via: "checkpoint" (restore with the new shardings; works across hosts) or
         "memory" (`Trainer.place`; one process only: with several, the checkpoint).
         Either way the checkpoint is written first.
-      checkpoint_every: also save every this many steps (for resuming after a crash).
+      checkpoint_every: save every this many steps (for resuming after a crash), and the
+        last step at `close()`; None: no checkpoints but those a switch needs.
+      on_nonfinite: what a step whose loss or gradient norm is nan or inf does:
+        ``"stop"`` (raise `NonFiniteStep` at the end of its timing window; nothing after
+        the last finite step is saved), ``"skip_step"`` (the step leaves parameters and
+        optimizer state unchanged, decided on the device; a ``nonfinite`` event says
+        which) or ``"rewind"`` (restore the newest checkpoint, always finite, and go on
+        with the batches that come next, as large runs skip the data around a loss
+        spike; the returned ``step`` says where training is).
+      handle_signals: on SIGTERM / SIGINT, save at the next step boundary and raise
+        `Interrupted` (installed from the main thread by `init`, removed by `close`).
       on_event: called with every event as it happens (the CLI prints them); on process 0
         only when the job has several processes.
       precompile: "auto" (on for GPU/TPU, off on CPU), "on", "off", or the device counts
@@ -99,7 +134,8 @@ class ElasticTrainer:
                  resources: resources_lib.ResourceSource | Sequence[jax.Device] | int,
                  threshold: float = 0.05, check_every: int = 50,
                  total_steps: int | None = None, switch_via: str = "checkpoint",
-                 checkpoint_every: int | None = None, max_to_keep: int = 3,
+                 checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY,
+                 max_to_keep: int = 3, on_nonfinite: str = "stop", handle_signals: bool = True,
                  example_batch: Batch | None = None, remat: str | bool = "layer",
                  state_sharding: str = "fsdp",
                  compile_cache: CompileCache | None = None, persistent_cache: bool = True,
@@ -110,13 +146,21 @@ class ElasticTrainer:
         if switch_via not in ("checkpoint", "memory"):
             raise InvalidMeshShape(
                 f"switch_via must be 'checkpoint' or 'memory', got {switch_via!r}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise InvalidMeshShape(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got "
+                                   f"{on_nonfinite!r}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise InvalidMeshShape(f"checkpoint_every must be a positive int or None (no "
+                                   f"checkpoints), got {checkpoint_every!r}")
         for name, value in (("check_every", check_every), ("timing_window", timing_window),
                             ("history_limit", history_limit)):
             if not isinstance(value, int) or value < 1:
                 raise InvalidMeshShape(f"{name} must be a positive int, got {value!r}")
         self.trainer = Trainer(model, optimizer, global_batch=global_batch,
                                example_batch=example_batch, remat=remat,
-                               state_sharding=state_sharding, cache=compile_cache)
+                               state_sharding=state_sharding, cache=compile_cache,
+                               skip_nonfinite=on_nonfinite == "skip_step")
         if not isinstance(p_min, int) or p_min < 1:
             raise InvalidMeshShape(f"p_min must be a positive int, got {p_min!r}")
         if p_min > self.trainer.num_layers:
@@ -125,6 +169,8 @@ class ElasticTrainer:
                 f"a stage needs at least one layer, lower p_min")
         self.p_min = p_min
         self.checkpoint_dir = run_path(checkpoint_dir)  # local, or gs://... kept as given
+        self.run_lock = RunLock(self.checkpoint_dir)
+        self.run_lock.acquire()  # before anything is written: one job per directory
         if persistent_cache:
             enable_persistent_cache(self.checkpoint_dir / "jax_cache")
         self.checkpointer = Checkpointer(self.checkpoint_dir / "state", self.trainer,
@@ -133,6 +179,12 @@ class ElasticTrainer:
                           else resources_lib.Static(resources))
         self.threshold, self.check_every, self.total_steps = threshold, check_every, total_steps
         self.switch_via, self.checkpoint_every = switch_via, checkpoint_every
+        self.on_nonfinite = on_nonfinite
+        self.interrupts = Interrupts() if handle_signals else None
+        self._state: TrainState | None = None  # the newest state: what close() saves
+        self._nonfinite: int | None = None  # first non-finite step not yet acted on
+        self._write_unchecked = False  # a write started, its outcome not yet agreed
+        self._exit_key = writes.at_exit(self._close_at_exit)
         self.on_event = on_event
         self.search_options = dict(search_options or {})
         self.shape: MeshShape | None = None
@@ -197,6 +249,9 @@ class ElasticTrainer:
             raise InsufficientDevices(f"no mesh could run on {len(devices)} devices: "
                                       f"{decision.reason}")
         state = self._switch(state, best.shape, devices, reason="start")
+        self._state = state
+        if self.interrupts is not None:
+            self.interrupts.install()
         return state
 
     def _require(self, devices: Sequence[jax.Device]) -> None:
@@ -235,8 +290,11 @@ class ElasticTrainer:
         so read it only when needed), ``step`` and ``mesh`` (host values), and
         ``samples_per_second`` of the last closed timing window (nan before the first).
         """
-        if self._step_fn is None:
-            raise RuntimeError("call ElasticTrainer.init(example_batch) before step()")
+        if self._step_fn is None or self._closed:
+            raise RuntimeError("call ElasticTrainer.init(example_batch) before step()"
+                               if not self._closed else "this ElasticTrainer is closed")
+        self.trainer.check_batch(batch)
+        self._raise_failed_write()
         if not self.step_log.open:
             self._open_window()
         placed = self.trainer.put_batch(batch, self.shape, self.devices,
@@ -245,15 +303,98 @@ class ElasticTrainer:
         self._step += 1
         self._stepped = True
         self._since_switch += 1
-        if self.step_log.add(self._step, metrics["loss"]):
-            self.step_log.end(self._quiet)
-        out = {"loss": metrics["loss"], "step": self._step, "mesh": str(self.shape),
-               "samples_per_second": self.step_log.last_samples_per_second}
+        self._state = state
+        if self.step_log.add(self._step, metrics["loss"], metrics["grad_norm"]):
+            self._found(self.step_log.end(self._quiet))
         if self.checkpoint_every and self._step % self.checkpoint_every == 0:
             self._save(state, reason="periodic")
+        if self._nonfinite is not None:
+            state = self._after_nonfinite(state)
+        if self.interrupts is not None and \
+                (number := self.interrupts.requested(self._step)) is not None:
+            self._stop_on_signal(state, number)
         if self._step % self.check_every == 0:
             state = self.check(state, batch)
+        out = {"loss": metrics["loss"], "step": self._step, "mesh": str(self.shape),
+               "samples_per_second": self.step_log.last_samples_per_second}
         return state, out
+
+    # -- never lose work ----------------------------------------------------------------
+    def _found(self, steps: list[int]) -> None:
+        """Act on the non-finite steps a closed timing window found."""
+        if not steps:
+            return
+        if self.on_nonfinite == "skip_step":
+            log.warning("steps %s had a non-finite loss or gradient norm: their updates were "
+                        "skipped", steps)
+            self._emit("nonfinite", steps=steps, action="skipped")
+        elif self._nonfinite is None:
+            self._nonfinite = steps[0]
+
+    def _after_nonfinite(self, state: TrainState) -> TrainState:
+        """Stop, or rewind to the newest checkpoint (all kept ones are finite)."""
+        bad, latest = self._nonfinite, self.checkpointer.latest_step()
+        where = (f"the newest checkpoint, step {latest} in {self.checkpointer.directory}, "
+                 "is finite" if latest is not None else "no checkpoint was saved")
+        if self.on_nonfinite == "stop" or latest is None:
+            self._state = None  # never saved, not even by close()
+            self._emit("nonfinite", steps=[bad], action="stop")
+            raise NonFiniteStep(
+                f"step {bad} had a non-finite loss or gradient norm; {where}: lower the "
+                "learning rate or check the data, or pass on_nonfinite='skip_step' or "
+                "'rewind'", step=bad, checkpoint_step=latest)
+        self._break_window()
+        jax.tree.map(lambda x: x.delete(), state)  # garbage: make room for the restore
+        state = self.checkpointer.restore(self.shape, devices=self.devices)
+        fallback = self.checkpointer.last_fallback
+        self._step = fallback.restored_step if fallback else latest
+        self._nonfinite, self._state = None, state
+        log.warning("step %d was not finite: rewound to checkpoint step %d", bad, self._step)
+        self._emit("rewind", nonfinite_step=bad, checkpoint_step=self._step)
+        return state
+
+    def _stop_on_signal(self, state: TrainState, number: int) -> None:
+        """Save this step, wait for it, and raise `Interrupted` (SIGTERM / SIGINT)."""
+        name = signal.Signals(number).name
+        self._save(state, reason=name)
+        self.wait()
+        if self._nonfinite is not None:
+            self._after_nonfinite(state)  # stop raises; rewind restores the saved step
+        saved = self.checkpointer.latest_step()
+        message = (f"stopped by {name} after step {self._step}; step {saved} is saved in "
+                   f"{self.checkpointer.directory}: run the same job again to resume (init "
+                   f"restores step {saved})")
+        print(f"meshscale: {message}", file=sys.stderr, flush=True)
+        self._emit("interrupted", signal=name, checkpoint_step=saved)
+        self.close()
+        raise Interrupted(message, step=saved, signal_number=number,
+                          directory=str(self.checkpointer.directory))
+
+    def _raise_failed_write(self) -> None:
+        """Raise `CheckpointWriteError` for a background write that failed (no wait).
+
+        With several processes the writes end at different times, so the check is
+        agreed (a collective) once a timing window, while a write is not yet checked."""
+        if jax.process_count() == 1:
+            problem = self.checkpointer.write_failure()
+        elif self._write_unchecked and self._step % self.step_log.timing_window == 0:
+            problem = distributed.failed_anywhere(self.checkpointer.write_failure())
+            running = float(self.checkpointer.unchecked)  # this process's write still runs
+            self._write_unchecked = bool(distributed.slowest(running))
+        else:
+            return
+        if problem is not None:
+            self._emit("checkpoint_failed", reason=problem)
+            raise CheckpointWriteError(f"{problem}: fix the storage, then resume from the "
+                                       "newest saved step")
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit without `close()`: finish (save the last step, wait for the
+        writes); a step that cannot be saved is said in one line, never a traceback."""
+        try:
+            self.close()
+        except Exception as e:
+            print(f"meshscale: at exit: {e}", file=sys.stderr, flush=True)
 
     # -- timing windows and step records ---------------------------------------------
     def _open_window(self) -> None:
@@ -271,7 +412,7 @@ class ElasticTrainer:
             and not self.checkpointer.saving
 
     def _break_window(self) -> None:
-        self.step_log.interrupt(self._quiet)
+        self._found(self.step_log.interrupt(self._quiet))
 
     @property
     def last_record(self) -> StepRecord | None:
@@ -301,16 +442,33 @@ class ElasticTrainer:
         self.checkpointer.wait()
 
     def close(self) -> None:
-        """Finish: record the steps in flight, wait for the checkpoint writes, stop the
-        precompiler. Call before the process exits (or use the trainer as a context
-        manager), or the newest checkpoint may be lost. A second call does nothing."""
+        """Finish: record the steps in flight, save the last step (unless it is on disk,
+        not finite, or ``checkpoint_every=None``), wait for every write, stop the
+        precompiler, release the run directory. Runs by itself at interpreter exit when
+        not called (or use ``with trainer:``). A second call does nothing.
+
+        Raises `CheckpointWriteError` when a write failed (the step is not on disk)."""
         if self._closed:
             return
         self._closed = True
-        self.wait()
-        self.checkpointer.close()
-        if self.precompiler is not None:
-            self.precompiler.close()
+        writes.cancel_at_exit(self._exit_key)
+        try:
+            self.flush()
+            state = self._state
+            if self.checkpoint_every is not None and self._stepped and state is not None \
+                    and self._nonfinite is None and not state_deleted(state):
+                self._save(state, reason="final")
+            elif self._nonfinite is not None:
+                log.warning("step %d was not finite: the last step is not saved",
+                            self._nonfinite)
+            self.checkpointer.close()  # waits; raises for a failed write
+        finally:
+            self._state = None
+            if self.precompiler is not None:
+                self.precompiler.close()
+            if self.interrupts is not None:
+                self.interrupts.uninstall()
+            self.run_lock.release()
 
     def __enter__(self) -> ElasticTrainer:
         return self
@@ -325,6 +483,8 @@ class ElasticTrainer:
             self._plan_precompile()
             return state
         self._break_window()
+        if self._nonfinite is not None:  # handled first (step); the change is seen again
+            return state
         self._emit("devices_changed", before=len(self._granted), after=len(devices),
                    device_ids=list(device_ids(devices)))
         self._save(state, reason="before search")
@@ -381,9 +541,17 @@ class ElasticTrainer:
         `seconds` is the blocking part, copying the state off the devices)."""
         step = self._step
         self.step_log.spoil()  # the save's blocking part is in this window
+        self._found(self.step_log.nonfinite())  # a non-finite step is never saved
+        if self._nonfinite is not None:
+            return
         start = time.perf_counter()
-        if not self.checkpointer.save(state, shape=self.shape, step=step):
-            return  # this step is on disk already (a damaged copy is replaced)
+        try:
+            if not self.checkpointer.save(state, shape=self.shape, step=step):
+                return  # this step is on disk already (a damaged copy is replaced)
+        except NonFiniteStep:  # finite loss and gradients, yet nan/inf in the state
+            self._nonfinite = step
+            return
+        self._write_unchecked = True
         self._emit("checkpoint", checkpoint_step=step, reason=reason,
                    seconds=time.perf_counter() - start)
 

@@ -5,10 +5,11 @@ made with ``O_CREAT | O_EXCL`` (atomic on local disks and NFS); a daemon thread 
 its mtime every ``heartbeat_seconds``. Another job's lock is refused (`RunDirectoryLocked`)
 unless stale: its pid is gone (same host) or its heartbeat stopped for a lease (any host).
 A stale lock is renamed aside (``.stale-<token>``), then ours made with ``O_EXCL``: of two
-takers one wins. Re-entrant: a lock of this pid (a notebook building a new trainer) is
-taken over with a new token (INFO). Multi-process: process 0 alone touches the file; all
-raise or none. URLs (``gs://``), best-effort: no ``O_EXCL`` on object stores, so two jobs
-checking at one moment may both write (the later wins); the heartbeat rewrites the file.
+takers one wins. Re-entrant: RunLocks of one process on one directory (a notebook
+building a new trainer) share the file; the last release removes it. Multi-process:
+process 0 alone touches the file; all raise or none. URLs (``gs://``), best-effort: no
+``O_EXCL`` on object stores, so two jobs checking at one moment may both write (the
+later wins); the heartbeat rewrites the file.
 
 Never: take a lock a live job holds; delete any file but our own lock (stale ones are
 renamed aside; `release` removes it only while it holds our token); keep the process alive.
@@ -67,6 +68,11 @@ class RunLock:
         naming the live holder, on every process (process 0's other errors, elsewhere)."""
         if self._token is not None:
             return
+        owner = _OWNERS.get(self.path)
+        if owner is not None:  # this process holds it already (another trainer): share it
+            _REFS[self.path] += 1
+            self._token = owner._file_token
+            return
         problem, error = None, None
         if jax.process_index() == 0:
             try:
@@ -84,8 +90,16 @@ class RunLock:
         token, self._token = self._token, None
         if token is None:
             return
-        self._stop.set()
-        self._thread.join(timeout=5.0)
+        _REFS[self.path] -= 1
+        if _REFS[self.path] > 0:  # another RunLock of this process still holds it
+            return
+        del _REFS[self.path]
+        owner = _OWNERS.pop(self.path)  # the object whose heartbeat keeps the file
+        owner._stop.set()
+        owner._thread.join(timeout=5.0)
+        self._release_file(token)
+
+    def _release_file(self, token: str) -> None:
         now = self.holder()
         if (now or {}).get("token") != token:
             log.log(logging.INFO if _this_process(now) else logging.WARNING,
@@ -151,7 +165,8 @@ class RunLock:
                 break
         else:
             self._refuse(self.holder(), time.time())
-        self._token, self._stop = token, threading.Event()
+        self._token, self._file_token, self._stop = token, token, threading.Event()
+        _OWNERS[self.path], _REFS[self.path] = self, 1
         self._thread = threading.Thread(target=self._beat, args=(self._stop, token, text),
                                         name=f"meshscale-run-lock-{token[:8]}", daemon=True)
         self._thread.start()
@@ -197,3 +212,9 @@ def _describe(record: dict | None) -> str:
 
 def _this_process(record: dict | None) -> bool:
     return (record or {}).get("pid") == os.getpid() and record["host"] == socket.gethostname()
+
+
+# The lock files this process holds, by path: the RunLock that made the file (and runs
+# its heartbeat) and how many RunLock objects hold it (a notebook re-creating a trainer).
+_OWNERS: dict[str, RunLock] = {}
+_REFS: dict[str, int] = {}

@@ -6,6 +6,9 @@ queue), so its wall time / steps is an honest step time, and records every step 
 its fetched loss. Windows the owner marks clean (past warm-up, nothing else running
 beside them) feed the baseline. Records are bounded; `Totals` counts the whole run.
 
+The same block finds non-finite steps: `end` returns the steps of the window whose loss
+or gradient norm is nan or inf, so the owner checks every step for free.
+
 Never: block on the device except when a window closes.
 """
 
@@ -54,7 +57,8 @@ class _Window:
     num_devices: int
     clean: bool  # counts for the baseline: past warm-up, no save, no background compile
     activity: int  # the owner's background-activity counter at the start
-    losses: list = dataclasses.field(default_factory=list)
+    losses: list = dataclasses.field(default_factory=list)  # (step, loss, grad norm)
+    checked: int = 0  # the first `checked` steps were already checked for finiteness
 
 
 class StepLog:
@@ -79,9 +83,9 @@ class StepLog:
         """Start timing the next steps (`clean`: may count for the baseline)."""
         self._window = _Window(time.perf_counter(), mesh, num_devices, clean, activity)
 
-    def add(self, step: int, loss: jax.Array) -> bool:
+    def add(self, step: int, loss: jax.Array, grad_norm: jax.Array | None = None) -> bool:
         """Record a dispatched step; True when the window is full (then `end` it)."""
-        self._window.losses.append((step, loss))
+        self._window.losses.append((step, loss, grad_norm))
         return len(self._window.losses) >= self.timing_window
 
     def spoil(self) -> None:
@@ -89,19 +93,30 @@ class StepLog:
         if self._window is not None:
             self._window.clean = False
 
-    def end(self, quiet: Callable[[int], bool] = lambda activity: True) -> None:
+    def nonfinite(self) -> list[int]:
+        """The open window's steps not yet checked whose loss or gradient norm is not
+        finite (fetching them: waits for the newest step; `end` does not fetch them
+        again, a fetched jax.Array keeps its host copy)."""
+        if self._window is None:
+            return []
+        new = self._window.losses[self._window.checked:]
+        self._window.checked = len(self._window.losses)
+        return _nonfinite(new)
+
+    def end(self, quiet: Callable[[int], bool] = lambda activity: True) -> list[int]:
         """Block on the window's last step, time it, record its steps with their losses.
-        A clean, full window whose `quiet(activity)` holds adds its step time to `recent`."""
+        A clean, full window whose `quiet(activity)` holds adds its step time to `recent`.
+        Returns the window's steps whose loss or gradient norm is not finite."""
         window, self._window = self._window, None
         if window is None or not window.losses:
-            return
-        losses = jax.device_get([loss for _, loss in window.losses])  # waits for the last
+            return []
+        losses = jax.device_get([loss for _, loss, _ in window.losses])  # waits: last step
         seconds = (time.perf_counter() - window.start) / len(losses)
         if window.clean and len(losses) >= self.timing_window and quiet(window.activity):
             self.recent.append(seconds)
         sps = self.global_batch / seconds if seconds > 0 else math.inf
         self.last_samples_per_second = sps
-        for (step, _), loss in zip(window.losses, losses, strict=True):
+        for (step, _, _), loss in zip(window.losses, losses, strict=True):
             self.records.append(StepRecord(step, float(loss), seconds, sps, window.mesh,
                                            window.num_devices))
         t = self.totals
@@ -109,9 +124,18 @@ class StepLog:
         t.seconds_per_mesh[window.mesh] = t.seconds_per_mesh.get(window.mesh, 0.0) \
             + seconds * len(losses)
         t.steps_per_mesh[window.mesh] = t.steps_per_mesh.get(window.mesh, 0) + len(losses)
+        return _nonfinite(window.losses[window.checked:])
 
-    def interrupt(self, quiet: Callable[[int], bool] = lambda activity: True) -> None:
+    def interrupt(self, quiet: Callable[[int], bool] = lambda activity: True) -> list[int]:
         """End the open window early (a save, search or switch interrupts it): its steps
-        are recorded, its time does not count for the baseline."""
+        are recorded, its time does not count for the baseline. Returns `end`'s."""
         self.spoil()
-        self.end(quiet)
+        return self.end(quiet)
+
+
+def _nonfinite(losses: list) -> list[int]:
+    """The steps of (step, loss, grad norm) whose loss or gradient norm is not finite."""
+    fetched = jax.device_get([(loss, norm) for _, loss, norm in losses])
+    return [step for (step, _, _), (loss, norm) in zip(losses, fetched, strict=True)
+            if not math.isfinite(float(loss)) or (norm is not None
+                                                   and not math.isfinite(float(norm)))]

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from meshscale import padding, schedule, sharding
 from meshscale import rng as rng_lib
 from meshscale.compile_cache import CompileCache
-from meshscale.errors import ContractError, InsufficientDevices, InvalidMeshShape
+from meshscale.errors import ContractError, InsufficientDevices, InvalidBatch, InvalidMeshShape
 from meshscale.mesh import MeshShape, device_ids, make_mesh
 from meshscale.model import Batch, FunctionalModel, Params
 from meshscale.pipeline import Remat, check_remat, pipeline_loss
@@ -76,6 +76,9 @@ class Trainer:
         a step draws the same on every mesh. None: layers get no keys.
       donate: let the compiled step reuse the input state's buffers (the state passed to a
         step must not be used again).
+      skip_nonfinite: a step whose loss or gradient norm is nan or inf leaves parameters
+        and optimizer state as they were (decided on the device, no host sync; the step
+        counter still advances). Every step reports ``loss`` and ``grad_norm``.
       cache: where compiled steps are kept (shared with try-runs).
     """
 
@@ -84,7 +87,7 @@ class Trainer:
                  example_batch: Batch | None = None,
                  state_sharding: sharding.StateSharding = "fsdp", remat: Remat | bool = "layer",
                  compute_dtype: Any = None, rng_seed: int | None = None, donate: bool = True,
-                 cache: CompileCache | None = None):
+                 skip_nonfinite: bool = False, cache: CompileCache | None = None):
         self._constructor = None
         if not isinstance(model, nnx.Module):
             if not callable(model):
@@ -117,6 +120,7 @@ class Trainer:
         if example_batch is not None:
             self.set_example_batch(example_batch)
         self.donate = donate
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.cache = cache if cache is not None else CompileCache()
         self.fingerprint = self.fmodel.fingerprint()
 
@@ -144,6 +148,30 @@ class Trainer:
                     f"got shape {leaf.shape}")
         self.fmodel.check_forward(spec, self._name, rng=self.rng_seed is not None)
         self._batch_spec = spec
+
+    def check_batch(self, batch: Batch) -> None:
+        """Raise `InvalidBatch` (one line: the leaf, what was expected, `global_batch`)
+        unless `batch` has the structure, shapes and dtypes the step was compiled for.
+        With several processes a batch may also hold only this process's rows."""
+        spec = self.batch_spec
+        expected = jax.tree_util.tree_flatten_with_path(spec)
+        got, got_tree = jax.tree.flatten(batch)
+        if got_tree != expected[1]:
+            raise InvalidBatch(
+                f"batch structure {got_tree} differs from the one the step was compiled for, "
+                f"{expected[1]}: pass batches shaped like example_batch")
+        for (path, want), x in zip(expected[0], got, strict=True):
+            shape = tuple(np.shape(x))
+            dtype = jax.dtypes.canonicalize_dtype(getattr(x, "dtype", None)
+                                                  or np.asarray(x).dtype)
+            rows_ok = shape[:1] == want.shape[:1] or jax.process_count() > 1
+            if not rows_ok or shape[1:] != want.shape[1:] or \
+                    dtype != jax.dtypes.canonicalize_dtype(want.dtype):
+                raise InvalidBatch(
+                    f"batch leaf {jax.tree_util.keystr(path) or '(root)'} is {dtype.name}"
+                    f"{list(shape)}, the step was compiled for {want.dtype.name}"
+                    f"{list(want.shape)}: every leaf needs global_batch={self.global_batch} "
+                    "rows and the example batch's trailing shape and dtype")
 
     # -- validity ---------------------------------------------------------------------
     def check(self, shape: MeshShape, devices: Devices = None) -> None:
@@ -306,9 +334,16 @@ class Trainer:
         def train_step(state: TrainState, batch: Batch):
             rng = rng_lib.step_key(self.rng_seed, state.step)
             loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
+            grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+            if self.skip_nonfinite:  # keep the old values: a select, no host sync
+                finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                 (params, opt_state),
+                                                 (state.params, state.opt_state))
+            return (TrainState(state.step + 1, params, opt_state),
+                    {"loss": loss, "grad_norm": grad_norm})
 
         return train_step
 
@@ -319,7 +354,7 @@ class Trainer:
         # parameter shapes or a recycled id can never select another program.
         return ("train_step", shape, device_ids(devs[: shape.num_devices]), self.fingerprint,
                 self.fmodel.graphdef, self.optimizer, spec, self.state_sharding, self.remat,
-                str(self.compute_dtype), self.rng_seed, self.donate)
+                str(self.compute_dtype), self.rng_seed, self.donate, self.skip_nonfinite)
 
     def lower_step(self, shape: MeshShape, devices: Devices = None) -> jax.stages.Lowered:
         state_sh = self.shardings(shape, devices)
@@ -333,7 +368,8 @@ class Trainer:
 
     def compile_step(self, shape: MeshShape, devices: Devices = None, *,
                      origin: str = "on-demand") -> jax.stages.Compiled:
-        """The AOT-compiled ``(state, batch) -> (state, {"loss"})`` for `shape` (cached)."""
+        """The AOT-compiled ``(state, batch) -> (state, {"loss", "grad_norm"})`` for
+        `shape` (cached)."""
         self.check(shape, devices)
         return self.cache.get(self.step_key(shape, devices),
                               lambda: self.lower_step(shape, devices).compile(), origin=origin)

@@ -27,11 +27,11 @@ Never: swallow an error without recording it, or keep a process from exiting.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -103,19 +103,37 @@ def release_stuck_threads() -> int:
     return len(stuck)
 
 
-def at_exit(callback: Callable[[], None], owner: object) -> None:
-    """Call `callback()` at interpreter exit, before thread pools refuse work, unless
-    `owner` (held weakly) is gone by then."""
-    ref = weakref.ref(owner)
+_at_exit: dict[int, Callable[[], None]] = {}  # what still runs at exit, by key
 
-    def run():
-        if ref() is not None:
-            callback()
 
-    register = getattr(threading, "_register_atexit", None)
-    if register is None:  # not CPython >= 3.9: plain atexit, after the thread pools
-        import atexit
+def _run_at_exit() -> None:
+    while _at_exit:
+        _, callback = _at_exit.popitem()
+        callback()
 
-        atexit.register(run)
-    else:
-        register(run)
+
+def at_exit(callback: Callable[[], None]) -> int:
+    """Call `callback()` at interpreter exit, before thread pools refuse work (Python's
+    threading shutdown hooks), unless `cancel_at_exit(key)` with the returned key came
+    first. The callback is held strongly: what it closes stays alive until then."""
+    global _registered
+    if not _registered:
+        _registered = True
+        register = getattr(threading, "_register_atexit", None)
+        if register is None:  # not CPython >= 3.9: plain atexit, after the thread pools
+            import atexit
+
+            atexit.register(_run_at_exit)
+        else:
+            register(_run_at_exit)
+    key = next(_keys)
+    _at_exit[key] = callback
+    return key
+
+
+def cancel_at_exit(key: int) -> None:
+    _at_exit.pop(key, None)
+
+
+_registered = False
+_keys = itertools.count()
