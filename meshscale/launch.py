@@ -4,9 +4,12 @@
 `meshscale.distributed.initialize` reads (coordinator on a free loopback port, process
 count and index) and ``--xla_force_host_platform_device_count`` simulated CPU devices
 per process. It streams every child's output prefixed with ``[pK]``, and ends them all
-as soon as one fails, on timeout or on Ctrl-C. On a real cluster there is no launcher:
-the scheduler starts one process per host and `jax.distributed.initialize()` finds its
-peers on its own.
+as soon as one fails or on timeout. SIGTERM or Ctrl-C to the launcher is passed on to
+every child as SIGTERM, as a cluster's preemption notice reaches every host: JAX's
+preemption service lets them save at one step (`meshscale.interrupts`); they get
+`SAVE_GRACE` seconds before SIGKILL, and a second Ctrl-C kills them at once. On a real
+cluster there is no launcher: the scheduler starts one process per host and
+`jax.distributed.initialize()` finds its peers on its own.
 
 Never imports jax: the children must start their JAX backends with their own flags.
 """
@@ -19,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,6 +32,7 @@ ENV_PROCESS_ID = "MESHSCALE_PROCESS_ID"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 TIMED_OUT = 124  # exit status on timeout, as coreutils' timeout(1)
 INTERRUPTED = 130
+SAVE_GRACE = 60.0  # seconds the children get to save and exit after a forwarded SIGTERM
 
 
 def free_port() -> int:
@@ -50,7 +55,8 @@ def child_env(process_id: int, num_processes: int, coordinator: str,
 
 
 def _stop(children: Sequence[subprocess.Popen], grace: float = 5.0) -> None:
-    """SIGTERM each running child's process group, then SIGKILL what is left."""
+    """SIGTERM each running child's process group, then SIGKILL what is left after
+    `grace` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [c for c in children if c.poll() is None]
         for child in alive:
@@ -102,6 +108,20 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int,
     selector = selectors.DefaultSelector()
     partial: dict[int, bytes] = {}
     status = 0
+    signalled: list[int] = []
+
+    def forward(number, frame):  # a notice for the whole job: every child saves
+        signalled.append(number)
+        if len(signalled) > 1 and number == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        for child in children:
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGTERM)
+        write(f"[launch] {signal.Signals(number).name}: every process saves and stops "
+              f"(up to {SAVE_GRACE:g} s)")
+
+    previous = {n: signal.signal(n, forward) for n in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         for pid in range(processes):
             child = subprocess.Popen(
@@ -115,8 +135,12 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int,
         deadline = None if timeout is None else time.monotonic() + timeout
         while selector.get_map() and status == 0:
             left = None if deadline is None else deadline - time.monotonic()
+            if signalled and (deadline is None or left > SAVE_GRACE):
+                deadline, left = time.monotonic() + SAVE_GRACE, SAVE_GRACE
             if left is not None and left <= 0:
-                write(f"[launch] timed out after {timeout:g} s: stopping {processes} processes")
+                write(f"[launch] timed out after {timeout:g} s: stopping {processes} processes"
+                      if not signalled else f"[launch] still running {SAVE_GRACE:g} s after "
+                      "the signal: killing every process")
                 status = TIMED_OUT
                 break
             for key, _ in selector.select(timeout=min(1.0, left) if left is not None else 1.0):
@@ -134,13 +158,15 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int,
                     code = children[pid].wait(timeout=10)
                 except subprocess.TimeoutExpired:  # closed its output, still running
                     continue
-                if code != 0:
+                if code != 0 and not signalled:  # after a signal, each stops on its own
                     write(f"[launch] process {pid} exited with {code}: stopping the others")
                     status = code
     except KeyboardInterrupt:
         write("[launch] interrupted: stopping every process")
         status = INTERRUPTED
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         _stop(children)
         selector.close()
         for child in children:

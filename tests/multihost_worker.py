@@ -2,6 +2,8 @@
 
     python -m tests.multihost_worker job    OUT RUN   # steps, searches, an elastic run
     python -m tests.multihost_worker resume OUT RUN   # ElasticTrainer.init resumes, trains on
+    python -m tests.multihost_worker preempt OUT RUN  # trains slowly until SIGTERM saves it
+    python -m tests.multihost_worker finish OUT RUN   # resumes the preempted run to the end
 
 Each process writes ``OUT/<mode>-<process index>.json``; process 0 also writes the full
 train state it checkpointed (job) or restored (resume) as ``OUT/<mode>-state.npz``.
@@ -259,6 +261,53 @@ def resume(out: Path, run: Path) -> None:
           restored)
 
 
+PREEMPT_END = 12  # the preempted run's last step (it is stopped well before)
+
+
+def preempt(out: Path, run: Path) -> None:
+    """Train slowly (the test's SIGTERM must arrive mid-run); after step 2 process 0
+    writes OUT/training. The launcher passes the SIGTERM on to every process, JAX's
+    preemption service picks one step for all, the trainer saves it and raises
+    Interrupted (exit status 143); each process first writes what it trained."""
+    import jax
+
+    from meshscale import resources
+    from meshscale.errors import Interrupted
+
+    batches = host_batches(PREEMPT_END)
+    elastic = elastic_trainer(run, resources.Static(jax.device_count()), measure=most_replicas)
+    state = elastic.init(batches[0])
+    losses = []
+    try:
+        for i in range(PREEMPT_END):
+            state, metrics = elastic.step(state, batches[i])
+            losses.append(float(metrics["loss"]))
+            if i == 2 and distributed.is_main():
+                (out / "training").write_text("training")
+            time.sleep(0.5)
+    except Interrupted as stop:
+        write(out, "preempt", {"losses": losses, "saved": stop.step, "code": stop.code})
+        raise
+    write(out, "preempt", {"losses": losses, "saved": None, "code": 0})
+
+
+def finish(out: Path, run: Path) -> None:
+    """Resume the preempted run (another process count) and train to PREEMPT_END."""
+    import jax
+
+    from meshscale import resources
+
+    batches = host_batches(PREEMPT_END)
+    with elastic_trainer(run, resources.Static(jax.device_count()),
+                         measure=most_replicas) as elastic:
+        state = elastic.init(batches[0])
+        first, losses = int(state.step), []
+        for i in range(first, PREEMPT_END):
+            state, metrics = elastic.step(state, batches[i])
+            losses.append(float(metrics["loss"]))
+    write(out, "finish", {"first_step": first, "losses": losses})
+
+
 def main(argv: list[str]) -> None:
     # A process stuck (say, in a collective a peer never joins) prints every thread's
     # stack and exits, so the launcher stops the rest and the test shows where.
@@ -267,7 +316,8 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     say(f"{argv[0]}: process 0 of {__import__('jax').process_count()} started")
     mode, out, run = argv
-    {"job": job, "resume": resume}[mode](Path(out), Path(run))
+    {"job": job, "resume": resume, "preempt": preempt, "finish": finish}[mode](Path(out),
+                                                                              Path(run))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -42,7 +44,8 @@ def run_job(mode, out, run, *, processes, devices_per_process, cache_dir, status
     assert ended == status, f"{mode} on {processes}x{devices_per_process} exited {ended}:\n" \
                             f"{text[-6000:]}"
     results = [json.loads((out / f"{mode}-{p}.json").read_text()) for p in range(processes)]
-    return results, dict(np.load(out / f"{mode}-state.npz"))
+    state = out / f"{mode}-state.npz"
+    return results, dict(np.load(state)) if state.exists() else {}
 
 
 # Session scope: xdist may run other modules' tests between this module's, and a module
@@ -206,3 +209,60 @@ def test_launch_command_passes_its_script_and_exit_status(tmp_path, capsys):
     assert out.count("--xla_force_host_platform_device_count=3") == 2
     assert main(["launch", "--processes", "1", "--", str(script), "5"]) == 5
     assert main(["launch", "--processes", "2"]) == 2
+
+
+@functools.cache
+def one_process_losses_to(steps):
+    """`steps` losses of the same training on one process with 8 devices, 2x4 mesh."""
+    shape = MeshShape(2, 4, 2)
+    trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=worker.BATCH)
+    state, step, losses = trainer.init_state(shape), trainer.compile_step(shape), []
+    for batch in worker.host_batches(steps):
+        state, metrics = step(state, trainer.put_batch(batch, shape))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_sigterm_to_a_two_process_job_saves_one_step_and_a_restart_resumes_exactly(
+        tmp_path, cache_dir):
+    """SIGTERM to `meshscale launch` reaches both processes; they stop at the same step,
+    save it, exit 143 within the grace time; 1 process x 4 devices then resumes from
+    that step with the losses of an uninterrupted run."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    out, run = tmp_path, tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "meshscale.cli", "launch", "--processes", "2",
+         "--devices-per-process", "4", "--timeout", str(JOB_TIMEOUT), "--",
+         "-m", "tests.multihost_worker", "preempt", str(out), str(run)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + JOB_TIMEOUT
+        while not (out / "training").exists():
+            assert job.poll() is None, job.stdout.read()[-4000:]
+            assert time.time() < deadline, "the job never started training"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        text, _ = job.communicate(timeout=90)
+        assert time.time() - signalled < 70, "the job did not stop within the grace time"
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 128 + signal.SIGTERM, text[-4000:]
+    results = [json.loads((out / f"preempt-{p}.json").read_text()) for p in (0, 1)]
+    saved = results[0]["saved"]
+    assert saved is not None and results[1]["saved"] == saved, results
+    assert 3 <= saved < worker.PREEMPT_END
+    # step() trained and saved step `saved`, then raised: its loss never reached the loop
+    assert results[0]["losses"] == results[1]["losses"]
+    assert len(results[0]["losses"]) == saved - 1
+    assert "stopped by SIGTERM after step" in text and "Traceback" not in text
+    finished, _ = run_job("finish", out, run, processes=1, devices_per_process=4,
+                          cache_dir=cache_dir)
+    assert finished[0]["first_step"] == saved
+    reference = one_process_losses_to(worker.PREEMPT_END)
+    np.testing.assert_allclose(results[0]["losses"], reference[:saved - 1], rtol=1e-5)
+    np.testing.assert_allclose(finished[0]["losses"], reference[saved:], rtol=1e-5)
