@@ -225,3 +225,32 @@ def test_thirty_two_layers_on_three_stages_match_the_reference():
         actual = jax.jit(jax.value_and_grad(trainer.loss_fn(shape)))(params, batch)
         assert_trees_close(jax.device_get(actual), jax.device_get(expected), DEEP_TOL,
                            str(shape))
+
+
+def test_grad_norm_matches_the_reference_and_skip_nonfinite_keeps_the_state():
+    """Every step reports the gradient norm of the one-device reference; with
+    skip_nonfinite a nan batch leaves parameters and optimizer state bit for bit as they
+    were (decided on the device) and the next finite batch trains as if it never came."""
+    _, fmodel, params, batch = setup("mlp")
+    _, ref_grads, _, _ = reference("mlp")
+    ref_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(ref_grads))))
+    shape = MeshShape(2, 4, 2)
+    trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=GLOBAL_BATCH,
+                      skip_nonfinite=True)
+    step = trainer.compile_step(shape)
+    state = trainer.init_state(shape)
+    before = jax.device_get(state)
+    bad = {k: np.array(v) for k, v in batch.items()}
+    first = next(k for k, v in bad.items() if np.issubdtype(v.dtype, np.floating))
+    bad[first].flat[0] = np.nan
+    state, metrics = step(state, trainer.put_batch(bad, shape))
+    assert not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state)
+    assert int(after.step) == 1
+    assert_trees_close((after.params, after.opt_state), (before.params, before.opt_state), 0.0)
+    state, metrics = step(state, trainer.put_batch(batch, shape))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), ref_norm, rtol=SIMPLE_TOL)
+    _, _, ref_params, ref_losses = reference("mlp", steps=1)
+    np.testing.assert_allclose(float(metrics["loss"]), ref_losses[0], rtol=SIMPLE_TOL)
+    assert_trees_close(trainer.model_params(jax.device_get(state.params)), ref_params,
+                       SIMPLE_TOL, "after a skipped step")
