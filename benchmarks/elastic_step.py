@@ -4,11 +4,16 @@ Three loops over the same GPT tiny batches, each round `--steps` steps ended by 
 block, the loops taking turns round by round (`benchmarks.common.interleaved`):
 
 1. bare: the compiled step the trainer runs, fed with `jax.device_put(batch, sharding)`;
-2. `ElasticTrainer.step` (device polls every `check_every`, a block every
-   `timing_window` steps for the loss records and the timing);
-3. the same with `checkpoint_every=10` (asynchronous Orbax saves of the whole state).
+2. `ElasticTrainer.step` without checkpoints (device polls every `check_every`, a block
+   every `timing_window` steps for the loss records, the timing and the non-finite
+   check of every step's loss and gradient norm; the batch checked against the
+   compiled structure; the preemption check);
+3. the same with `on_nonfinite="skip_step"` (a select on the device per step);
+4. the same as (2) with `checkpoint_every=10` (asynchronous Orbax saves of the whole
+   state, each with its checksums and finiteness pass on the devices);
+5. the same with the default `checkpoint_every` (100).
 
-Targets: (2) / (1) <= 1.05 and (3) / (1) <= 1.10 (median of the round ratios; min and
+Targets: (2) / (1) <= 1.05 and (4) / (1) <= 1.10 (median of the round ratios; min and
 max shown). Every loop runs on a 2x1/m2 mesh of 2 simulated devices (p_min 2, one
 candidate), so the three compare the same executable.
 """
@@ -54,9 +59,13 @@ def main(argv=None) -> None:
             compile_cache=cache, persistent_cache=False, max_to_keep=2,
             search_options=SEARCH, **options)
 
-    plain, saving = elastic("plain"), elastic("saving", checkpoint_every=10)
-    states = {"plain": plain.init(batches[0]), "saving": saving.init(batches[0])}
-    assert plain.shape == saving.shape, (plain.shape, saving.shape)
+    trainers = {"plain": elastic("plain", checkpoint_every=None),
+                "skip": elastic("skip", checkpoint_every=None, on_nonfinite="skip_step"),
+                "saving": elastic("saving", checkpoint_every=10),
+                "default": elastic("default")}
+    plain, saving = trainers["plain"], trainers["saving"]
+    states = {name: t.init(batches[0]) for name, t in trainers.items()}
+    assert len({t.shape for t in trainers.values()}) == 1
     shape, devices = plain.shape, plain.devices
     step = plain.trainer.compile_step(shape, devices)
     sharding = plain.trainer.batch_sharding(shape, devices)
@@ -78,25 +87,31 @@ def main(argv=None) -> None:
             jax.block_until_ready(metrics["loss"])
         return run
 
-    times = interleaved({"bare": run_bare, "step": runner(plain, "plain"),
-                         "step+ckpt": runner(saving, "saving")}, rounds=args.rounds)
-    saving.close()
-    plain.close()
+    times = interleaved({"bare": run_bare, **{name: runner(t, name)
+                                              for name, t in trainers.items()}},
+                        rounds=args.rounds)
+    for t in trainers.values():
+        t.close()
     scratch.cleanup()
-    step_ratio = ratio(times["step"], times["bare"])
-    ckpt_ratio = ratio(times["step+ckpt"], times["bare"])
+    step_ratio = ratio(times["plain"], times["bare"])
+    ckpt_ratio = ratio(times["saving"], times["bare"])
     per_step = lambda name: sorted(t / args.steps for t in times[name])[len(times[name]) // 2]
     print(f"GPT tiny, global batch {args.batch}, mesh {shape} on {len(devices)} simulated "
           f"{jax.devices()[0].platform} devices, jax {jax.__version__}; {args.rounds} "
           f"interleaved rounds of {args.steps} steps; saves: "
-          f"{saving.totals.checkpoints} (checkpoint_every=10)\n")
+          f"{saving.totals.checkpoints} (checkpoint_every=10), "
+          f"{trainers['default'].totals.checkpoints} (default)\n")
     print(table(["loop", "median s/step", "ratio to bare (median, min, max)", "target",
                  "met"], [
         ["bare compiled step", per_step("bare"), "1", "", ""],
-        ["ElasticTrainer.step", per_step("step"), ratio_text(step_ratio), "<= 1.05",
-         str(step_ratio["median"] <= 1.05)],
-        ["ElasticTrainer.step, checkpoint_every=10", per_step("step+ckpt"),
+        ["ElasticTrainer.step (non-finite check on)", per_step("plain"),
+         ratio_text(step_ratio), "<= 1.05", str(step_ratio["median"] <= 1.05)],
+        ["ElasticTrainer.step, on_nonfinite=skip_step", per_step("skip"),
+         ratio_text(ratio(times["skip"], times["bare"])), "", ""],
+        ["ElasticTrainer.step, checkpoint_every=10", per_step("saving"),
          ratio_text(ckpt_ratio), "<= 1.10", str(ckpt_ratio["median"] <= 1.10)],
+        ["ElasticTrainer.step, default checkpoint_every", per_step("default"),
+         ratio_text(ratio(times["default"], times["bare"])), "", ""],
     ]))
 
 

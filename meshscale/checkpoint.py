@@ -119,16 +119,19 @@ class Checkpointer:
       async_save: write in the background (`save` returns once the state is copied off
         the devices); `wait()`, the next save, and every read block until the write is
         done.
+      checksums: record each leaf's checksum at save and verify it on restore (steps
+        saved without them restore unverified). Off only to measure what they cost.
     """
 
     def __init__(self, directory: str | os.PathLike, trainer: Trainer, *,
-                 max_to_keep: int = 3, async_save: bool = True):
+                 max_to_keep: int = 3, async_save: bool = True, checksums: bool = True):
         self.directory = run_path(directory)
         self.trainer = trainer
         self.last_fallback: Fallback | None = None
         self._damaged: set[int] = set()  # steps a restore found unreadable
         self._opt_fingerprint = tree_fingerprint(trainer.abstract_state().opt_state)
         self._directory_checked = False
+        self.checksums = checksums
         self._pending: list[tuple[int, float]] = []  # (step, start) of writes not yet checked
         writes.quiet_orbax()
         self._manager = ocp.CheckpointManager(
@@ -160,6 +163,8 @@ class Checkpointer:
                 return False
             self._set_aside(step)
         digests, finite = integrity.check(state)  # waits for the step that made `state`
+        if not self.checksums:
+            digests = None
         if not finite:
             raise NonFiniteStep(
                 f"the state at step {step} holds nan or inf: not saved to {self.directory}",
@@ -176,8 +181,9 @@ class Checkpointer:
                                    jax.tree.leaves(self.trainer.abstract_state().params))),
             "block_rows": _block_rows(state, self.trainer.num_layers),
             "step": step,
-            "digests": digests,
         }
+        if digests is not None:
+            meta["digests"] = digests
         # The previous write first: Orbax would wait for it here anyway, and it is checked
         # before this save can rotate it out (max_to_keep).
         self._raise_failed_write(block=True)
@@ -380,7 +386,7 @@ class Checkpointer:
             problem = _reason(e)
         if (problem := distributed.failed_anywhere(problem)) is not None:
             return None, problem
-        stored = meta.get("digests")  # steps written before checksums have none
+        stored = meta.get("digests") if self.checksums else None  # older steps: none
         if stored is not None:  # every process alike: the sums are one collective
             problem = integrity.compare(stored, integrity.check(state)[0])
         if (problem := distributed.failed_anywhere(problem)) is not None:
