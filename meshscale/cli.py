@@ -258,7 +258,8 @@ def add_demo(subparsers) -> None:
     p.add_argument("--check-every", type=_positive, default=d.check_every,
                    help="poll the device file every this many steps")
     p.add_argument("--resume", action="store_true",
-                   help="continue from RUN_DIR's last checkpoint instead of starting over")
+                   help="continue the run in RUN_DIR from its last checkpoint (default: off; "
+                        "refused when RUN_DIR holds no checkpoint)")
     p.set_defaults(run=run_demo)
 
 
@@ -267,7 +268,14 @@ def _add_run_options(p: argparse.ArgumentParser, d, *, schedule_help: str) -> No
     p.add_argument("--steps", type=_positive, default=d.steps)
     p.add_argument("--schedule", default=d.schedule, help=schedule_help)
     p.add_argument("--p-min", type=_positive, default=d.p_min)
-    p.add_argument("--run-dir", default=d.run_dir)
+    p.add_argument("--run-dir", default=d.run_dir,
+                   help=f"where the run writes everything: checkpoints, report, compile cache "
+                        f"(default {d.run_dir}; refused when it holds anything, unless "
+                        f"{'--resume or ' if hasattr(d, 'resume') else ''}--overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a RUN_DIR that holds a previous run or other files: "
+                        "it is first moved aside to RUN_DIR.old-N, nothing is deleted "
+                        "(default: off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch", type=_positive, default=d.global_batch, help="global batch")
     p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
@@ -293,17 +301,17 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     with device_environment(args.devices, "cpu"):
         from meshscale import demo
+        from meshscale.errors import Interrupted
 
         try:
             demo.run(DemoConfig(steps=args.steps, schedule=args.schedule, devices=args.devices,
                                 p_min=args.p_min, model=args.model, run_dir=args.run_dir,
-                                seed=args.seed, resume=args.resume, global_batch=args.batch,
-                                check_every=args.check_every,
+                                seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                                global_batch=args.batch, check_every=args.check_every,
                                 checkpoint_every=args.checkpoint_every,
                                 state_sharding=args.state_sharding))
-        except FileExistsError as e:
-            print(f"meshscale demo: error: {e}", file=sys.stderr)
-            return 2
+        except Interrupted as e:  # saved, and the resume line printed: 128 + signal
+            return e.code
     return 0
 
 
@@ -387,8 +395,9 @@ def run_ray_demo(args: argparse.Namespace) -> int:
         ray_demo.run(ray_demo.RayDemoConfig(
             steps=args.steps, schedule=args.schedule, devices_per_worker=args.devices_per_worker,
             p_min=args.p_min, model=args.model, run_dir=args.run_dir, seed=args.seed,
-            global_batch=args.batch, checkpoint_every=args.checkpoint_every))
-    except (FileExistsError, ImportError) as e:
+            global_batch=args.batch, checkpoint_every=args.checkpoint_every,
+            overwrite=args.overwrite))
+    except ImportError as e:
         print(f"meshscale ray-demo: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import shlex
 import sys
 
 # 7 devices (not a multiple of p_min 2) go down the vertical path: 8 layers on 7 stages.
@@ -29,6 +29,7 @@ class DemoConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # move an existing run_dir aside to run_dir.old-N first
     global_batch: int = 24
     check_every: int = 10
     checkpoint_every: int = 40
@@ -60,25 +61,36 @@ def devices_at(schedule: list[tuple[int, int]], step: int) -> int:
 
 
 def run(cfg: DemoConfig) -> dict:
-    """Run the demo; returns the report data (also written to RUN_DIR/report.json)."""
+    """Run the demo; returns the report data (also written to RUN_DIR/report.json).
+
+    Everything it writes lives in ``cfg.run_dir``, which must be new or empty unless
+    ``cfg.resume`` (continue its run) or ``cfg.overwrite`` (move it aside first): see
+    `meshscale.run_dir`. A SIGTERM or SIGINT that makes the trainer stop (`Interrupted`,
+    raised from `ElasticTrainer.step` once the step is saved) writes the report, prints
+    how to resume, and is raised again.
+    """
     import jax
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from meshscale import report
+    from meshscale import run_dir as run_dirs
     from meshscale.compile_cache import enable_persistent_cache
+    from meshscale.errors import Interrupted
     from meshscale.model import FunctionalModel
     from meshscale.resources import FileSource
     from models import registry
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
-    # Beside the run dir, so a fresh run (which replaces the run dir) still finds it.
-    enable_persistent_cache(os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)),
-                                         ".jax_cache"))
-    model, batch_fn = registry.build(cfg.model, cfg.seed)
-    _prepare_run_dir(cfg.run_dir, resume=cfg.resume)
-    previous = _previous_report(cfg.run_dir) if cfg.resume else None
+    planned = run_dirs.plan(cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    model, batch_fn = registry.build(cfg.model, cfg.seed)  # before anything is written
+    moved = run_dirs.take(planned, reuse=("jax_cache",))  # its compiles, not its run
+    if moved is not None:
+        console.print(f"moved the previous {cfg.run_dir} to {moved} (nothing deleted)",
+                      markup=False, highlight=False, soft_wrap=True)
+    previous = _read_report(cfg.run_dir) if cfg.resume else None
+    enable_persistent_cache(os.path.join(cfg.run_dir, "jax_cache"))
 
     device_file = os.path.join(cfg.run_dir, "devices.txt")
     FileSource.write(device_file, devices_at(schedule, 0))
@@ -108,9 +120,13 @@ def run(cfg: DemoConfig) -> dict:
     state = elastic.init(batch_fn(cfg.global_batch, 0))
     first = int(state.step)
     config = dataclasses.asdict(cfg)
+    if previous is not None and not _same_run(previous, cfg, first):
+        previous = None
+    stopped: list[dict] = []  # the interrupt, once one stops the job
 
     def save_report():
         out = report.run_data(elastic, config=config)
+        out["events"] += stopped
         if cfg.resume:
             before = previous or {"steps": [], "events": []}
             out["steps"] = [s for s in before["steps"] if s["step"] <= first] + out["steps"]
@@ -123,19 +139,30 @@ def run(cfg: DemoConfig) -> dict:
 
     columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=cfg.steps, completed=first, info="")
-        for i in range(first, cfg.steps):
-            count = devices_at(schedule, i)
-            if i > first and count != devices_at(schedule, i - 1):
-                FileSource.write(device_file, count)
-            state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
-            last = elastic.last_record  # the newest fetched loss: no wait on this step
-            progress.update(task, completed=i + 1, info=(
-                f"loss {last.loss if last else math.nan:.3f} (step {last.step if last else '-'})"
-                f"  {metrics['samples_per_second']:7.1f} samples/s  mesh {metrics['mesh']}"))
-            if (i + 1) % 20 == 0:
-                save_report()
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("train", total=cfg.steps, completed=first, info="")
+            for i in range(first, cfg.steps):
+                count = devices_at(schedule, i)
+                if i > first and count != devices_at(schedule, i - 1):
+                    FileSource.write(device_file, count)
+                state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
+                last = elastic.last_record  # the newest fetched loss: no wait on this step
+                progress.update(task, completed=i + 1, info=(
+                    f"loss {last.loss if last else math.nan:.3f} "
+                    f"(step {last.step if last else '-'})  "
+                    f"{metrics['samples_per_second']:7.1f} samples/s  mesh {metrics['mesh']}"))
+                if (i + 1) % 20 == 0:
+                    save_report()
+    except Interrupted as stop:
+        elastic.close()  # the saved step's write finished (a second close does nothing)
+        stopped.append({"event": "interrupted", "step": stop.step,
+                        "signal": stop.signal_name, "directory": str(stop.directory)})
+        save_report()
+        print(f"stopped by {stop.signal_name} at step {stop.step} (saved in "
+              f"{stop.directory}): resume with: {resume_command(cfg)}", file=sys.stderr,
+              flush=True)
+        raise
     elastic.close()  # the last checkpoint on disk
     out = save_report()
     if cfg.model == "gpt-tiny":
@@ -170,24 +197,50 @@ def elastic_trainer(cfg: DemoConfig, model, resources, *, on_event=None,
         state_sharding=cfg.state_sharding)
 
 
-RUN_DIR_MARKERS = ("report.json", "devices.txt", "checkpoints")
+# `DemoConfig` field -> `meshscale demo` flag (learning_rate has none)
+FLAGS = {"steps": "--steps", "schedule": "--schedule", "devices": "--devices",
+         "p_min": "--p-min", "model": "--model", "seed": "--seed", "global_batch": "--batch",
+         "check_every": "--check-every", "checkpoint_every": "--checkpoint-every",
+         "state_sharding": "--state-sharding"}
 
 
-def _prepare_run_dir(run_dir: str, *, resume: bool) -> None:
-    """A fresh run replaces a previous demo run's directory, never anything else."""
-    if not resume and os.path.isdir(run_dir) and os.listdir(run_dir):
-        if not any(os.path.exists(os.path.join(run_dir, m)) for m in RUN_DIR_MARKERS):
-            raise FileExistsError(f"--run-dir {run_dir} is not empty and holds no demo run: "
-                                  f"choose another --run-dir")
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+def resume_command(cfg: DemoConfig) -> str:
+    """The `meshscale demo` command line that continues `cfg`'s run (its other flags)."""
+    default = DemoConfig()
+    words = ["meshscale", "demo", "--resume", "--run-dir", cfg.run_dir]
+    for field, flag in FLAGS.items():
+        if getattr(cfg, field) != getattr(default, field):
+            words += [flag, str(getattr(cfg, field))]
+    return shlex.join(words)
 
 
-def _previous_report(run_dir: str) -> dict | None:
+def _read_report(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, "report.json")
-    if not os.path.exists(path):
-        logging.getLogger(__name__).warning("no report.json in %s: starting its record anew",
-                                            run_dir)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        logging.getLogger(__name__).warning("cannot read %s (%s): starting its record anew",
+                                            path, e)
         return None
-    with open(path) as f:
-        return json.load(f)
+
+
+def _same_run(previous: dict, cfg: DemoConfig, first: int) -> bool:
+    """Whether `previous` (a report.json) records the run resumed at step `first`: the
+    same model and global batch, and a checkpoint it saved (or an interrupt) at `first`.
+    Otherwise its events are another run's and are not carried over (with a warning)."""
+    config = previous.get("config", {})
+    saved = {e.get("checkpoint_step") for e in previous.get("events", [])
+             if e.get("event") == "checkpoint"}
+    saved |= {e.get("step") for e in previous.get("events", []) if e.get("event") in
+              ("interrupted", "restart")}
+    why = (f"model {config.get('model')!r}, not {cfg.model!r}"
+           if config.get("model") != cfg.model else
+           f"global batch {config.get('global_batch')}, not {cfg.global_batch}"
+           if config.get("global_batch") != cfg.global_batch else
+           f"no checkpoint at step {first}, the one resumed" if first not in saved else None)
+    if why is not None:
+        logging.getLogger(__name__).warning(
+            "%s records another run (%s): starting its record anew",
+            os.path.join(cfg.run_dir, "report.json"), why)
+    return why is None

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import subprocess
+
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from models.gpt import GPT, GPTConfig
@@ -70,3 +76,29 @@ def cli_factory():
     """A user's own model for `meshscale search --model tests.helpers:cli_factory`."""
     model = make_model("mlp")
     return model, jax.device_get(model.example_batch(8))
+
+
+def contents(root) -> dict[str, str]:
+    """Every file under `root` with the sha256 of its bytes (a byte-for-byte record)."""
+    record = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                record[os.path.relpath(os.path.join(folder, name), root)] = \
+                    hashlib.sha256(f.read()).hexdigest()
+    return record
+
+
+@contextlib.contextmanager
+def read_only_tmpfs(where):
+    """A small tmpfs mounted read-only at `where` (chmod does not stop root); skips the
+    test where mounting is not allowed, and always unmounts."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,ro", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)

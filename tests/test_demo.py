@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +13,11 @@ import pytest
 
 from meshscale import MeshShape, cli, resources
 from meshscale.demo import DEFAULT_SCHEDULE, DemoConfig, elastic_trainer, parse_schedule, run
+from meshscale.elastic import ElasticTrainer
+from meshscale.errors import Interrupted
+from meshscale.run_dir import RunDirRefused
 from models import registry
-from tests.helpers import prefer_more_devices
+from tests.helpers import contents, prefer_more_devices, read_only_tmpfs
 
 # One worker runs the module, so the uninterrupted demo (module fixture) runs once.
 pytestmark = pytest.mark.xdist_group("demo")
@@ -21,6 +25,9 @@ pytestmark = pytest.mark.xdist_group("demo")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--model", "mlp", "--steps", "40", "--schedule", "4@0,8@10,6@20,3@30",
         "--check-every", "5", "--checkpoint-every", "5", "--batch", "24"]
+# The shortest run that checkpoints (for the run-directory tests)
+TINY = ["--model", "mlp", "--steps", "10", "--schedule", "4@0", "--check-every", "5",
+        "--checkpoint-every", "5"]
 
 
 @pytest.fixture(scope="session")  # once, even when xdist interleaves other modules
@@ -45,6 +52,9 @@ def test_demo_report_holds_every_change_decision_and_step(full_run):
     assert report["machine"]["versions"]["jax"]
     png = (run_dir / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    # everything the run wrote is inside its run directory, the compile cache too
+    assert any((run_dir / "jax_cache").iterdir())
+    assert not (run_dir.parent / ".jax_cache").exists()
 
 
 def test_report_command_re_renders_from_the_json(full_run, capsys):
@@ -58,9 +68,7 @@ def test_report_command_re_renders_from_the_json(full_run, capsys):
 
 def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run):
     full_dir, uninterrupted = full_run
-    # beside the first run: it finds the compile cache that run left there, as a second
-    # demo run on a user's machine does
-    run_dir = full_dir.parent / "killed"
+    run_dir = full_dir.parent / "killed"  # its own compile cache: RUN_DIR/jax_cache
     child = subprocess.Popen(
         [sys.executable, "-m", "meshscale.cli", "demo", *ARGS, "--run-dir", str(run_dir)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -105,9 +113,118 @@ def test_bad_demo_flags_are_refused(capsys, tmp_path):
 def test_a_fresh_demo_never_deletes_a_directory_it_did_not_make(tmp_path):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    with pytest.raises(FileExistsError, match="holds no demo run"):
+    with pytest.raises(RunDirRefused, match=r"holds 1 entry \(precious.txt\): choose another "
+                                            r"--run-dir, or pass --overwrite"):
         run(DemoConfig(model="mlp", run_dir=str(tmp_path)))
+    assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
     assert precious.read_text() == "keep me"
+
+
+def test_a_re_run_into_a_previous_run_is_refused_and_the_run_kept_byte_for_byte(full_run,
+                                                                               capsys):
+    run_dir, _ = full_run
+    before = contents(run_dir)
+    assert cli.main(["demo", *ARGS, "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"meshscale demo: error: --run-dir {run_dir} holds a run (checkpoints up to "
+                   f"step 40): pass --resume to continue it, or --overwrite to start over (the "
+                   f"old run is moved to {run_dir}.old-1, nothing is deleted)\n")
+    assert contents(run_dir) == before
+    assert not pathlib.Path(f"{run_dir}.old-1").exists()
+
+
+def test_overwrite_moves_the_previous_run_aside_and_starts_a_new_one(full_run, tmp_path,
+                                                                     capsys):
+    old = tmp_path / "run"
+    shutil.copytree(full_run[0], old)  # a previous run (its compile cache spares compiles)
+    before = contents(old)
+    assert cli.main(["demo", *TINY, "--run-dir", str(old), "--overwrite"]) == 0
+    assert f"moved the previous {old} to {old}.old-1 (nothing deleted)" in capsys.readouterr().out
+    assert contents(tmp_path / "run.old-1") == before
+    report = json.loads((old / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == list(range(1, 11))  # the new run alone
+    assert report["config"]["model"] == "mlp" and report["config"]["steps"] == 10
+    assert any((old / "jax_cache").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.old-1"]
+
+
+def test_resume_with_nothing_to_resume_is_refused_and_creates_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "nowhere"
+    assert cli.main(["demo", *TINY, "--run-dir", str(run_dir), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"meshscale demo: error: --resume: nothing to resume: --run-dir {run_dir} does not "
+        f"exist: run without --resume to start a new run\n")
+    run_dir.mkdir()
+    (run_dir / "devices.txt").write_text("4\n")  # a run that stopped before its checkpoint
+    assert cli.main(["demo", *TINY, "--run-dir", str(run_dir), "--resume"]) == 2
+    assert "holds a run with no checkpoint: pass --overwrite instead" in capsys.readouterr().err
+    assert cli.main(["demo", *TINY, "--run-dir", str(run_dir), "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite together" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["nowhere"]
+    assert [p.name for p in run_dir.iterdir()] == ["devices.txt"]
+
+
+def test_a_run_dir_that_cannot_be_written_is_refused_naming_run_dir(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    assert cli.main(["demo", *TINY, "--run-dir", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == (
+        f"meshscale demo: error: --run-dir {tmp_path / 'file'}: it is a file, not a "
+        f"directory: choose a writable directory\n")
+    with read_only_tmpfs(tmp_path / "ro") as ro:
+        assert cli.main(["demo", *TINY, "--run-dir", str(ro / "run")]) == 2
+        assert capsys.readouterr().err == (
+            f"meshscale demo: error: --run-dir {ro / 'run'}: {ro} is on a read-only file "
+            f"system: choose a writable directory\n")
+
+
+def test_an_interrupted_demo_writes_its_report_says_how_to_resume_and_exits_128_plus_signal(
+        tmp_path, capsys, monkeypatch):
+    """`ElasticTrainer.step` raises `Interrupted` once it has saved the step a SIGINT
+    stopped at (faked here: the step is 5, a periodic checkpoint)."""
+    run_dir = tmp_path / "run"
+    step = ElasticTrainer.step
+
+    def interrupted_at_5(self, state, batch):
+        state, metrics = step(self, state, batch)
+        if int(state.step) == 5:
+            raise Interrupted("stopped", step=5, signal_number=signal.SIGINT,
+                              directory=str(self.checkpoint_dir))
+        return state, metrics
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ElasticTrainer, "step", interrupted_at_5)
+        assert cli.main(["demo", *TINY, "--run-dir", str(run_dir)]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"stopped by SIGINT at step 5 (saved in {run_dir / 'checkpoints'}): "
+                       f"resume with: meshscale demo --resume --run-dir {run_dir} --steps 10 "
+                       f"--schedule 4@0 --model mlp --check-every 5 --checkpoint-every 5")
+    stopped = json.loads((run_dir / "report.json").read_text())
+    assert stopped["events"][-1]["event"] == "interrupted"
+    assert [s["step"] for s in stopped["steps"]] == list(range(1, 6))
+    # the printed command continues it, and the record runs on from the same run's
+    resume = err[-1].split("resume with: meshscale ")[1].split()
+    assert cli.main(resume) == 0
+    resumed = json.loads((run_dir / "report.json").read_text())
+    assert [s["step"] for s in resumed["steps"]] == list(range(1, 11))
+    kinds = [e["event"] for e in resumed["events"]]
+    assert kinds.index("interrupted") < kinds.index("restart")
+    assert resumed["events"][kinds.index("restart")]["step"] == 5
+
+
+def test_a_resumed_report_never_carries_another_runs_record(full_run, tmp_path, caplog):
+    """A report.json that does not record the checkpoint resumed (here: another run's,
+    copied in) is not prepended: the record starts anew, with a warning."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run[0], run_dir)
+    foreign = json.loads((run_dir / "report.json").read_text())
+    foreign["config"]["model"] = "gpt-tiny"
+    (run_dir / "report.json").write_text(json.dumps(foreign))
+    assert cli.main(["demo", *ARGS, "--steps", "42", "--run-dir", str(run_dir),
+                     "--resume"]) == 0
+    assert "records another run (model 'gpt-tiny', not 'mlp')" in caplog.text
+    resumed = json.loads((run_dir / "report.json").read_text())
+    assert [s["step"] for s in resumed["steps"]] == [41, 42]
+    assert [e["event"] for e in resumed["events"]][0] == "restart"
 
 
 def test_the_demo_uses_seven_devices_when_that_is_the_fastest_try_run(tmp_path):

@@ -263,6 +263,25 @@ def test_ray_demo_command_refuses_a_bad_schedule(capsys):
     assert "the first entry must be at step 0" in capsys.readouterr().err
 
 
+def test_ray_demo_never_deletes_a_previous_run(tmp_path, capsys):
+    """A run directory holding a ray-demo run is refused before any cluster starts (the
+    command has no --resume: --overwrite moves the old run aside); the run is untouched."""
+    from meshscale.cli import main
+    from tests.helpers import contents
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "state" / "30").mkdir(parents=True)
+    (run_dir / "checkpoints" / "state" / "30" / "array").write_bytes(b"saved")
+    (run_dir / "progress.jsonl").write_text('{"event": "step", "step": 30}\n')
+    before = contents(run_dir)
+    assert main(["ray-demo", "--run-dir", str(run_dir)]) == 2
+    assert capsys.readouterr().err == (
+        f"meshscale ray-demo: error: --run-dir {run_dir} holds a run (checkpoints up to step "
+        f"30): pass --overwrite to start over (the old run is moved to {run_dir}.old-1, "
+        f"nothing is deleted)\n")
+    assert contents(run_dir) == before and os.listdir(tmp_path) == ["run"]
+
+
 def test_missing_ray_names_the_extra(monkeypatch):
     from meshscale.integrations import ray as meshscale_ray
 

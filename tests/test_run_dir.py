@@ -1,21 +1,12 @@
 """A run directory is refused, moved aside or reopened, and nothing in it is ever deleted."""
 
-import contextlib
-import hashlib
 import os
-import subprocess
 
 import pytest
 
 from meshscale.errors import MeshscaleError
 from meshscale.run_dir import RunDirRefused, aside_path, checkpoint_steps, plan, take
-
-
-def contents(root):
-    """Every file under `root` with the sha256 of its bytes (the byte-for-byte record)."""
-    return {os.path.relpath(os.path.join(d, f), root):
-            hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(root) for f in files}
+from tests.helpers import contents, read_only_tmpfs
 
 
 def make_run(root, steps=(40, 80, 120)):
@@ -26,20 +17,6 @@ def make_run(root, steps=(40, 80, 120)):
     (root / "checkpoints" / "state" / "130.orbax-checkpoint-tmp-1").mkdir()
     (root / "report.json").write_text('{"steps": [], "events": []}')
     return root
-
-
-@contextlib.contextmanager
-def read_only_tmpfs(where):
-    """A small tmpfs mounted read-only at `where` (root is not stopped by chmod)."""
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,ro", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 def test_committed_steps_are_the_bare_step_directories(tmp_path):

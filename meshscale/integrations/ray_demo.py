@@ -11,7 +11,8 @@ So that a change lands at its step, the workers wait before each step until the 
 allows it (``RUN_DIR/allow``); process 0 appends what happens to ``RUN_DIR/progress.jsonl``.
 The loop is otherwise an ordinary meshscale loop.
 
-Never: run outside this demo's own run directory, or leave the cluster running.
+Never: write outside this demo's own run directory (Ray's own session files aside), delete
+a previous run (`meshscale.run_dir`), or leave the cluster running.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -48,6 +48,7 @@ class RayDemoConfig:
     checkpoint_every: int = 10
     learning_rate: float = 3e-3
     timeout: float = 300.0  # seconds one phase (a restart, a stretch of steps) may take
+    overwrite: bool = False  # move an existing run_dir aside to run_dir.old-N first
 
 
 def parse_schedule(text: str, *, max_workers: int = 8) -> list[tuple[int, int]]:
@@ -110,6 +111,7 @@ def run(cfg: RayDemoConfig) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
+    from meshscale import run_dir as run_dirs
     from meshscale.integrations import ray as meshscale_ray
 
     meshscale_ray.require_ray()
@@ -118,13 +120,12 @@ def run(cfg: RayDemoConfig) -> list[dict]:
 
     schedule = parse_schedule(cfg.schedule)
     console = Console(width=None if sys.stdout.isatty() else 120)
+    # no --resume here: the driver's schedule and progress file start at step 0
+    moved = run_dirs.take(run_dirs.plan(cfg.run_dir, resume=None, overwrite=cfg.overwrite))
+    if moved is not None:
+        console.print(f"moved the previous {cfg.run_dir} to {moved} (nothing deleted)",
+                      markup=False, highlight=False, soft_wrap=True)
     run_dir = Path(cfg.run_dir).resolve()
-    if run_dir.exists() and (run_dir / "progress.jsonl").exists():
-        shutil.rmtree(run_dir)  # a previous ray-demo run
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"--run-dir {cfg.run_dir} is not empty and holds no ray-demo "
-                              f"run: choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(RAY_SETTINGS)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": {SLOT: 1}, "object_store_memory": 100 * MB,
