@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/meshscale demo
+	$(VENV)/bin/meshscale demo --overwrite  # a previous runs/demo is moved to runs/demo.old-N
 
 lint: venv
 	$(VENV)/bin/ruff check meshscale models tests benchmarks examples
