@@ -393,3 +393,32 @@ def test_reading_the_step_list_does_not_wait_for_a_write(trainer, tmp_path, monk
         assert ckpt.all_steps() == [1] and waits == []  # the write may still be running
         assert ckpt.latest_step() == 1 and waits == [1]  # on disk: waited for
         assert_same_values(ckpt.restore(MeshShape(2, 4)), state)
+
+
+TRUNCATED_RESTORE = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, sys.argv[2])
+    from meshscale import Checkpointer, MeshShape
+    from tests.test_checkpoint import make_trainer
+    state = Checkpointer(sys.argv[1], make_trainer()).restore(MeshShape(4, 2))
+    print("restored step", int(state.step))
+""")
+
+
+def test_a_truncated_step_costs_one_warning_line_not_an_orbax_traceback(trainer, tmp_path):
+    """What a user's terminal shows when the newest step is truncated: meshscale's one
+    warning (Orbax's tracebacks and tensorstore's ignored-coroutine reports are at
+    DEBUG), then training goes on from the previous step."""
+    _save_steps(trainer, tmp_path, seeds=(6, 7))
+    _truncate_array_files(tmp_path / "2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", TRUNCATED_RESTORE, str(tmp_path), root],
+                         capture_output=True, text=True, timeout=180, cwd=root,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "restored step" in out.stdout
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert not any("Traceback" in line or "Exception ignored" in line for line in lines), \
+        out.stderr[-3000:]
+    assert len(lines) <= 3 and any("unreadable" in line for line in lines), out.stderr
