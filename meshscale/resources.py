@@ -6,9 +6,9 @@ for compiling ahead). Three sources: `Static` (a fixed list), `FileSource` (a te
 scheduler or operator rewrites) and `Callback` (any function).
 
 What a source must never do: hand the trainer a device list it cannot use. Bad input
-(unparsable text, zero devices, more than exist, unknown ids, a failing callback) is
-logged as a warning and the last good answer is kept, so a typo in a file never stops
-or shrinks a running job. Only a source that has never had a good answer raises
+(unparsable text, zero devices, more than exist, unknown or repeated devices, a failing
+callback) is logged as a warning and the last good answer is kept, so a typo in a file
+never stops or shrinks a running job. Only a source that has never had a good answer raises
 `ResourceError`.
 """
 
@@ -76,7 +76,18 @@ def _resolve(spec: DeviceSpec, pool: list[jax.Device]) -> list[jax.Device]:
         raise ValueError("empty device list")
     if not all(isinstance(d, jax.Device) for d in devices):
         raise ValueError(f"expected jax devices or a count, got {spec!r}")
+    ids = [int(d.id) for d in devices]
+    repeated = next((d for d in devices if ids.count(int(d.id)) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"device {repeated} appears {ids.count(int(repeated.id))} times "
+                         f"in device ids {ids}")
     return devices
+
+
+def _name(fn: Callable) -> str:
+    """A function's name for a message (its repr when it has none)."""
+    name = getattr(fn, "__qualname__", None)
+    return f"{getattr(fn, '__module__', None) or '?'}.{name}" if name else repr(fn)
 
 
 class Static(ResourceSource):
@@ -86,8 +97,8 @@ class Static(ResourceSource):
         try:
             self._devices = _resolve(devices, _pool(None))
         except ValueError as e:
-            raise ResourceError(f"Static resources: {e}: pass 1..{len(jax.devices())} "
-                                "devices") from e
+            raise ResourceError(f"Static resources: {e}: pass a count 1..{len(jax.devices())} "
+                                "or distinct devices") from e
 
     def poll(self) -> list[jax.Device]:
         return list(self._devices)
@@ -226,17 +237,23 @@ class Callback(ResourceSource):
         self._announced = announced
         self._pool = _pool(devices)
         try:
-            self._devices = _resolve(fn(), self._pool)
+            answer = fn()
         except Exception as e:
-            raise ResourceError(f"resource callback {fn!r} failed on its first call: {e}: "
-                                "return jax devices or a positive count") from e
+            raise ResourceError(f"resource callback {_name(fn)} failed on its first call: "
+                                f"{e}: return distinct jax devices or a positive count") from e
+        try:
+            self._devices = _resolve(answer, self._pool)
+        except ValueError as e:
+            raise ResourceError(f"resource callback {_name(fn)} gave an unusable answer on "
+                                f"its first call: {e}: return distinct jax devices or a "
+                                "positive count") from e
 
     def poll(self) -> list[jax.Device]:
         try:
             self._devices = _resolve(self._fn(), self._pool)
         except Exception as e:
-            log.warning("resource callback %r: %s; keeping the last good value (%d devices)",
-                        self._fn, e, len(self._devices))
+            log.warning("resource callback %s: %s; keeping the last good value (%d devices)",
+                        _name(self._fn), e, len(self._devices))
         return list(self._devices)
 
     def announced(self) -> list[int]:

@@ -178,3 +178,30 @@ def test_callback_failure_keeps_the_last_good_value_with_a_warning(devices, capl
 def test_callback_that_fails_on_its_first_call_raises():
     with pytest.raises(ResourceError, match="first call"):
         Callback(lambda: 0)
+
+
+def test_callback_returning_a_repeated_device_is_refused_naming_callback_and_device(devices):
+    def two_of_device_1():
+        return [devices[0], devices[1], devices[1]]
+
+    with pytest.raises(ResourceError) as refused:
+        Callback(two_of_device_1)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "two_of_device_1" in message  # the callback
+    assert f"device {devices[1]} appears 2 times in device ids [0, 1, 1]" in message
+    assert "return distinct jax devices or a positive count" in message
+
+
+def test_callback_repeating_a_device_later_keeps_the_last_good_value(devices, caplog):
+    answers = iter([[devices[2], devices[3]], [devices[3], devices[3]]])
+    source = Callback(lambda: next(answers))
+    with caplog.at_level(logging.WARNING, logger="meshscale.resources"):
+        assert source.poll() == [devices[2], devices[3]]
+    assert f"device {devices[3]} appears 2 times" in warnings_of(caplog)[0]
+
+
+def test_static_refuses_a_repeated_device(devices):
+    with pytest.raises(ResourceError, match=rf"Static resources: device {devices[5]} appears 2 "
+                                            r"times in device ids \[5, 2, 5\]: pass"):
+        Static([devices[5], devices[2], devices[5]])
