@@ -4,6 +4,7 @@
     python -m tests.multihost_worker resume OUT RUN   # ElasticTrainer.init resumes, trains on
     python -m tests.multihost_worker preempt OUT RUN  # trains slowly until SIGTERM saves it
     python -m tests.multihost_worker finish OUT RUN   # resumes the preempted run to the end
+    python -m tests.multihost_worker unclosed OUT RUN # TRAIN_STEPS, then exits without close
 
 Each process writes ``OUT/<mode>-<process index>.json``; process 0 also writes the full
 train state it checkpointed (job) or restored (resume) as ``OUT/<mode>-state.npz``.
@@ -291,6 +292,21 @@ def preempt(out: Path, run: Path) -> None:
     write(out, "preempt", {"losses": losses, "saved": None, "code": 0})
 
 
+def unclosed(out: Path, run: Path) -> None:
+    """TRAIN_STEPS steps (a checkpoint at SAVED_STEP only), then return without
+    `close()`: the exit hook of every process saves the last step together."""
+    import jax
+
+    from meshscale import resources
+
+    batches = host_batches(TRAIN_STEPS)
+    elastic = elastic_trainer(run, resources.Static(jax.device_count()), measure=most_replicas)
+    state = elastic.init(batches[0])
+    for i in range(TRAIN_STEPS):
+        state, _ = elastic.step(state, batches[i])
+    write(out, "unclosed", {"steps": TRAIN_STEPS})
+
+
 def finish(out: Path, run: Path) -> None:
     """Resume the preempted run (another process count) and train to PREEMPT_END."""
     import jax
@@ -316,8 +332,9 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     say(f"{argv[0]}: process 0 of {__import__('jax').process_count()} started")
     mode, out, run = argv
-    {"job": job, "resume": resume, "preempt": preempt, "finish": finish}[mode](Path(out),
-                                                                              Path(run))
+    modes = {"job": job, "resume": resume, "preempt": preempt, "finish": finish,
+             "unclosed": unclosed}
+    modes[mode](Path(out), Path(run))
 
 
 if __name__ == "__main__":

@@ -266,3 +266,24 @@ def test_sigterm_to_a_two_process_job_saves_one_step_and_a_restart_resumes_exact
     reference = one_process_losses_to(worker.PREEMPT_END)
     np.testing.assert_allclose(results[0]["losses"], reference[:saved - 1], rtol=1e-5)
     np.testing.assert_allclose(finished[0]["losses"], reference[saved:], rtol=1e-5)
+
+
+def test_a_two_process_job_that_exits_without_close_keeps_its_last_step(tmp_path, cache_dir):
+    """Both processes return from their script without close(): their exit hooks save
+    step TRAIN_STEPS together (the periodic checkpoint was at SAVED_STEP); a restart on
+    1 process resumes there with the uninterrupted losses."""
+    out, run = tmp_path, tmp_path / "run"
+    lines = []
+    status = launch(["-m", "tests.multihost_worker", "unclosed", str(out), str(run)],
+                    processes=2, devices_per_process=4, timeout=JOB_TIMEOUT,
+                    output=lines.append, cwd=ROOT,
+                    env={"JAX_COMPILATION_CACHE_DIR": str(cache_dir)})
+    text = "\n".join(lines)
+    assert status == 0, text[-4000:]
+    assert "Traceback" not in text and "cannot schedule new futures" not in text, text[-4000:]
+    finished, _ = run_job("finish", out, run, processes=1, devices_per_process=4,
+                          cache_dir=cache_dir)
+    assert finished[0]["first_step"] == worker.TRAIN_STEPS
+    np.testing.assert_allclose(finished[0]["losses"],
+                               one_process_losses_to(worker.PREEMPT_END)[worker.TRAIN_STEPS:],
+                               rtol=1e-5)
