@@ -36,4 +36,4 @@ def test_ray_elastic_trains_the_steps_asked_on_one_device_and_exits_cleanly(tmp_
     printed = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
     assert printed == ["10"]  # the loop prints every 10th step, and stopped at 12
     assert "Traceback" not in done.stderr
-    assert (tmp_path / "ex" / "state").is_dir()
+    assert (tmp_path / "ex" / "state" / "12" / "commit_success.txt").is_file()  # close()
