@@ -169,10 +169,16 @@ class ElasticTrainer:
                 f"a stage needs at least one layer, lower p_min")
         self.p_min = p_min
         self.checkpoint_dir = run_path(checkpoint_dir)  # local, or gs://... kept as given
-        if persistent_cache:
-            enable_persistent_cache(self.checkpoint_dir / "jax_cache")
-        self.checkpointer = Checkpointer(self.checkpoint_dir / "state", self.trainer,
-                                         max_to_keep=max_to_keep)
+        self.run_lock = RunLock(self.checkpoint_dir)
+        self.run_lock.acquire()  # before anything opens the directory: one job at a time
+        try:
+            if persistent_cache:
+                enable_persistent_cache(self.checkpoint_dir / "jax_cache")
+            self.checkpointer = Checkpointer(self.checkpoint_dir / "state", self.trainer,
+                                             max_to_keep=max_to_keep)
+        except BaseException:
+            self.run_lock.release()
+            raise
         self.resources = (resources if isinstance(resources, resources_lib.ResourceSource)
                           else resources_lib.Static(resources))
         self.threshold, self.check_every, self.total_steps = threshold, check_every, total_steps
@@ -182,8 +188,6 @@ class ElasticTrainer:
         self._state: TrainState | None = None  # the newest state: what close() saves
         self._nonfinite: int | None = None  # first non-finite step not yet acted on
         self._write_unchecked = False  # a write started, its outcome not yet agreed
-        self.run_lock = RunLock(self.checkpoint_dir)
-        self.run_lock.acquire()  # before any step is written: one job per directory
         self._exit_key = writes.at_exit(self._close_at_exit)
         self.on_event = on_event
         self.search_options = dict(search_options or {})

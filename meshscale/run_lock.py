@@ -105,8 +105,13 @@ class RunLock:
             log.log(logging.INFO if _this_process(now) else logging.WARNING,
                     "run lock %s is held by %s now: left as it is", self.path, _describe(now))
             return
-        with contextlib.suppress(FileNotFoundError):
+        try:
             run_path(self.path).unlink() if self._url else os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # a read-only or vanished disk: the job ends regardless
+            log.warning("could not remove run lock %s (%s): a later job takes it over "
+                        "once this process is gone", self.path, error)
 
     def _read(self, path: str) -> tuple[str, float]:
         if self._url:

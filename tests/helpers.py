@@ -102,3 +102,17 @@ def read_only_tmpfs(where):
         yield where
     finally:
         subprocess.run(["umount", str(where)], check=True)
+
+
+def random_host_state(trainer, shape, seed=0):
+    """A train state on the host whose every leaf (step included) is random, not initial;
+    padded with zeros for `shape`'s mesh (`meshscale.padding`), as training keeps it."""
+    from meshscale.padding import pad
+
+    rng = np.random.default_rng(seed)
+    host = jax.tree.map(
+        lambda a: (rng.standard_normal(a.shape).astype(a.dtype)
+                   if np.issubdtype(a.dtype, np.floating)
+                   else rng.integers(1, 1000, a.shape).astype(a.dtype)),
+        trainer.abstract_state())
+    return jax.tree.map(np.array, jax.device_get(pad(host, trainer.abstract_state(shape))))

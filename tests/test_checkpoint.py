@@ -20,9 +20,9 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from meshscale import Checkpointer, IncompatibleCheckpoint, MeshShape, Trainer, TrainState
-from meshscale.padding import pad
 from meshscale.state_tree import state_to_tree, tree_to_state
 from models.mlp import MLPConfig, ResidualMLP
+from tests.helpers import random_host_state
 
 # A failed Orbax read (the damage tests) leaves tensorstore callbacks aimed at the closed
 # event loop of that read; Python reports them later, in whichever test is running.
@@ -45,16 +45,8 @@ def trainer():
 
 
 def random_state(trainer, shape, seed):
-    """A state on `shape`'s mesh whose every leaf (step included) is random, not initial;
-    the padding (`meshscale.padding`) is zeros, as training keeps it."""
-    rng = np.random.default_rng(seed)
-    host = jax.tree.map(
-        lambda a: (rng.standard_normal(a.shape).astype(a.dtype)
-                   if np.issubdtype(a.dtype, np.floating)
-                   else rng.integers(1, 1000, a.shape).astype(a.dtype)),
-        trainer.abstract_state())
-    host = jax.device_get(pad(host, trainer.abstract_state(shape)))
-    return jax.device_put(host, trainer.shardings(shape))
+    """A random state (`random_host_state`) placed on `shape`'s mesh."""
+    return jax.device_put(random_host_state(trainer, shape, seed), trainer.shardings(shape))
 
 
 def layers_only(trainer, state):

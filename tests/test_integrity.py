@@ -11,9 +11,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshscale import MeshShape, Trainer, integrity
-from meshscale.padding import pad
 from meshscale.state_tree import state_to_tree, tree_to_state
 from models.mlp import MLPConfig, ResidualMLP
+from tests.helpers import random_host_state
 
 SMALL = MLPConfig(num_layers=8, features=8, hidden=16, inputs=4, outputs=2)
 SHAPE = MeshShape(2, 4)
@@ -23,17 +23,6 @@ KERNEL = "params/blocks/up/kernel"
 @pytest.fixture(scope="module")
 def trainer():
     return Trainer(ResidualMLP(SMALL, rngs=nnx.Rngs(0)), optax.adam(1e-3), global_batch=8)
-
-
-def random_host_state(trainer, shape, seed=0):
-    """A state on the host, every leaf random, padded with zeros for `shape`'s mesh."""
-    rng = np.random.default_rng(seed)
-    host = jax.tree.map(
-        lambda a: (rng.standard_normal(a.shape).astype(a.dtype)
-                   if np.issubdtype(a.dtype, np.floating)
-                   else rng.integers(1, 1000, a.shape).astype(a.dtype)),
-        trainer.abstract_state())
-    return jax.tree.map(np.array, jax.device_get(pad(host, trainer.abstract_state(shape))))
 
 
 def on_mesh(trainer, host, shape=SHAPE):

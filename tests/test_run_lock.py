@@ -63,8 +63,11 @@ def write_lock(run, *, host, pid, token, lease_seconds, age):
     return path
 
 
-def heartbeat_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("meshscale-run-lock-")]
+def heartbeat_threads(lock):
+    """`lock`'s heartbeat thread, if running (other tests' trainers in this process may
+    hold locks of their own)."""
+    name = f"meshscale-run-lock-{lock.holder()['token'][:8]}" if lock.holder() else None
+    return [t for t in threading.enumerate() if t.name == name]
 
 
 def test_lock_held_by_a_live_process_is_refused_naming_its_pid_and_host(child_holder):
@@ -123,19 +126,22 @@ def test_heartbeat_refreshes_mtime_and_release_stops_it_and_removes_only_our_fil
         while path.stat().st_mtime < past + 20 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert path.stat().st_mtime >= past + 20, "the heartbeat did not refresh the mtime"
-        assert [t.daemon for t in heartbeat_threads()] == [True]
+        assert [t.daemon for t in heartbeat_threads(lock)] == [True]
+        token = lock.holder()["token"]
         (run / "kept.txt").write_text("a run's own file")
     finally:
         lock.release()
-    assert not heartbeat_threads()
+    assert not [t for t in threading.enumerate() if t.name.endswith(token[:8])]
     assert [p.name for p in run.iterdir()] == ["kept.txt"]
     lock.release()  # idempotent
 
     slow = RunLock(run, lease_seconds=600)  # heartbeat every 150 s: release must not wait
     slow.acquire()
+    token = slow.holder()["token"]
     started = time.monotonic()
     slow.release()
-    assert time.monotonic() - started < 1 and not heartbeat_threads()
+    assert time.monotonic() - started < 1
+    assert not [t for t in threading.enumerate() if t.name.endswith(token[:8])]
 
 
 def test_release_leaves_a_lock_that_another_token_holds(tmp_path):
