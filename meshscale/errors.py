@@ -36,6 +36,10 @@ class RunDirectoryLocked(MeshscaleError):
     """A run directory another live job writes to (one writer per run directory)."""
 
 
+class RunDirRefused(MeshscaleError):
+    """A ``--run-dir`` a command cannot use as asked; the message says what to pass."""
+
+
 class InvalidBatch(MeshscaleError):
     """A batch whose structure, shapes or dtypes differ from the one the step compiled for."""
 

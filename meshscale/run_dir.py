@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 
-from meshscale.errors import MeshscaleError
+from meshscale.errors import RunDirRefused
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ CHECKPOINTS = "checkpoints"  # the demos' checkpoint_dir inside a run directory
 STEPS = "state"  # where ElasticTrainer keeps its steps inside checkpoint_dir
 # Files that only a run writes: a directory holding one of them holds a run.
 RUN_MARKERS = (CHECKPOINTS, "report.json", "devices.txt", "progress.jsonl", "jax_cache")
-
-
-class RunDirRefused(MeshscaleError):
-    """A ``--run-dir`` the command cannot use as asked; the message says what to pass."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -328,6 +328,9 @@ def test_a_directory_made_read_only_mid_run_fails_the_next_step_and_the_process_
         message = stdout.strip().splitlines()[-1]
         assert str(run / "state") in message and "Read-only file system" in message, message
         assert "Traceback" not in stderr, stderr[-3000:]
+        # the exit hook tried to save the last step too, and said in one line it could not
+        lost = [line for line in stderr.splitlines() if line.startswith("meshscale: at exit")]
+        assert len(lost) == 1 and "was not written" in lost[0], stderr[-3000:]
         assert (run / "state" / "4" / "commit_success.txt").is_file()
     finally:
         subprocess.run(["umount", "-l", str(run)], capture_output=True)
