@@ -187,10 +187,17 @@ class Checkpointer:
         # The previous write first: Orbax would wait for it here anyway, and it is checked
         # before this save can rotate it out (max_to_keep).
         self._raise_failed_write(block=True)
-        self._pending.append((step, time.monotonic()))
-        return self._manager.save(step, force=force, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.PyTreeSave(state_to_tree(state)),
-            META_ITEM: ocp.args.JsonSave(meta)}))
+        begun = time.monotonic()  # Orbax's errors about this write come after this
+        try:
+            started = self._manager.save(step, force=force, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.PyTreeSave(state_to_tree(state)),
+                META_ITEM: ocp.args.JsonSave(meta)}))
+        except OSError as e:  # the directory refused at once (read-only, full, removed)
+            writes.release_stuck_threads()
+            raise CheckpointWriteError(f"checkpoint step {step} was not written to "
+                                       f"{self.directory}: {_reason(e)}") from e
+        self._pending.append((step, begun))
+        return started
 
     def wait(self) -> None:
         """Block until every started save is on disk; raise `CheckpointWriteError` (one

@@ -266,10 +266,10 @@ PREEMPT_END = 12  # the preempted run's last step (it is stopped well before)
 
 
 def preempt(out: Path, run: Path) -> None:
-    """Train slowly (the test's SIGTERM must arrive mid-run); after step 2 process 0
-    writes OUT/training. The launcher passes the SIGTERM on to every process, JAX's
-    preemption service picks one step for all, the trainer saves it and raises
-    Interrupted (exit status 143); each process first writes what it trained."""
+    """Resume RUN and train slowly (the test's SIGTERM must arrive mid-run); after its
+    first step process 0 writes OUT/training. The launcher passes the SIGTERM on to every
+    process, JAX's preemption service picks one step for all, the trainer saves it and
+    raises Interrupted (exit status 143); each process first writes what it trained."""
     import jax
 
     from meshscale import resources
@@ -278,18 +278,19 @@ def preempt(out: Path, run: Path) -> None:
     batches = host_batches(PREEMPT_END)
     elastic = elastic_trainer(run, resources.Static(jax.device_count()), measure=most_replicas)
     state = elastic.init(batches[0])
-    losses = []
+    first, losses = int(state.step), []
     try:
-        for i in range(PREEMPT_END):
+        for i in range(first, PREEMPT_END):
             state, metrics = elastic.step(state, batches[i])
             losses.append(float(metrics["loss"]))
-            if i == 2 and distributed.is_main():
+            if i == first and distributed.is_main():
                 (out / "training").write_text("training")
             time.sleep(0.5)
     except Interrupted as stop:
-        write(out, "preempt", {"losses": losses, "saved": stop.step, "code": stop.code})
+        write(out, "preempt", {"first_step": first, "losses": losses, "saved": stop.step,
+                               "code": stop.code})
         raise
-    write(out, "preempt", {"losses": losses, "saved": None, "code": 0})
+    write(out, "preempt", {"first_step": first, "losses": losses, "saved": None, "code": 0})
 
 
 def unclosed(out: Path, run: Path) -> None:

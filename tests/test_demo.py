@@ -68,9 +68,11 @@ def test_report_command_re_renders_from_the_json(full_run, capsys):
 
 def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run):
     full_dir, uninterrupted = full_run
-    run_dir = full_dir.parent / "killed"  # its own compile cache: RUN_DIR/jax_cache
+    run_dir = full_dir.parent / "killed"
+    shutil.copytree(full_dir, run_dir)  # --overwrite moves it aside, keeps its compiles
     child = subprocess.Popen(
-        [sys.executable, "-m", "meshscale.cli", "demo", *ARGS, "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "meshscale.cli", "demo", *ARGS, "--run-dir", str(run_dir),
+         "--overwrite"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state_dir = run_dir / "checkpoints" / "state"
     try:

@@ -223,15 +223,28 @@ def one_process_losses_to(steps):
     return losses
 
 
-def test_sigterm_to_a_two_process_job_saves_one_step_and_a_restart_resumes_exactly(
+def test_exit_without_close_then_sigterm_keep_every_step_of_a_two_process_job(
         tmp_path, cache_dir):
-    """SIGTERM to `meshscale launch` reaches both processes; they stop at the same step,
-    save it, exit 143 within the grace time; 1 process x 4 devices then resumes from
-    that step with the losses of an uninterrupted run."""
+    """Three jobs on one run directory, as a cluster would run them:
+    1. 2 processes return from their script without close(): their exit hooks save step
+       TRAIN_STEPS together (the periodic checkpoint was at SAVED_STEP);
+    2. 2 processes resume there; SIGTERM to `meshscale launch` reaches both, they stop
+       at the same step, save it and exit 143 within the grace time;
+    3. 1 process x 4 devices resumes from that step.
+    Every loss equals an uninterrupted run's."""
+    out, run = tmp_path, tmp_path / "run"
+    lines = []
+    status = launch(["-m", "tests.multihost_worker", "unclosed", str(out), str(run)],
+                    processes=2, devices_per_process=4, timeout=JOB_TIMEOUT,
+                    output=lines.append, cwd=ROOT,
+                    env={"JAX_COMPILATION_CACHE_DIR": str(cache_dir)})
+    text = "\n".join(lines)
+    assert status == 0, text[-4000:]
+    assert "Traceback" not in text and "cannot schedule new futures" not in text, text[-4000:]
+
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    out, run = tmp_path, tmp_path / "run"
     job = subprocess.Popen(
         [sys.executable, "-m", "meshscale.cli", "launch", "--processes", "2",
          "--devices-per-process", "4", "--timeout", str(JOB_TIMEOUT), "--",
@@ -253,37 +266,18 @@ def test_sigterm_to_a_two_process_job_saves_one_step_and_a_restart_resumes_exact
             job.wait()
     assert job.returncode == 128 + signal.SIGTERM, text[-4000:]
     results = [json.loads((out / f"preempt-{p}.json").read_text()) for p in (0, 1)]
-    saved = results[0]["saved"]
+    first, saved = results[0]["first_step"], results[0]["saved"]
+    assert first == worker.TRAIN_STEPS  # job 1's last step, saved at its exit
     assert saved is not None and results[1]["saved"] == saved, results
-    assert 3 <= saved < worker.PREEMPT_END
+    assert first < saved < worker.PREEMPT_END
     # step() trained and saved step `saved`, then raised: its loss never reached the loop
     assert results[0]["losses"] == results[1]["losses"]
-    assert len(results[0]["losses"]) == saved - 1
+    assert len(results[0]["losses"]) == saved - first - 1
     assert "stopped by SIGTERM after step" in text and "Traceback" not in text
+
     finished, _ = run_job("finish", out, run, processes=1, devices_per_process=4,
                           cache_dir=cache_dir)
     assert finished[0]["first_step"] == saved
     reference = one_process_losses_to(worker.PREEMPT_END)
-    np.testing.assert_allclose(results[0]["losses"], reference[:saved - 1], rtol=1e-5)
+    np.testing.assert_allclose(results[0]["losses"], reference[first:saved - 1], rtol=1e-5)
     np.testing.assert_allclose(finished[0]["losses"], reference[saved:], rtol=1e-5)
-
-
-def test_a_two_process_job_that_exits_without_close_keeps_its_last_step(tmp_path, cache_dir):
-    """Both processes return from their script without close(): their exit hooks save
-    step TRAIN_STEPS together (the periodic checkpoint was at SAVED_STEP); a restart on
-    1 process resumes there with the uninterrupted losses."""
-    out, run = tmp_path, tmp_path / "run"
-    lines = []
-    status = launch(["-m", "tests.multihost_worker", "unclosed", str(out), str(run)],
-                    processes=2, devices_per_process=4, timeout=JOB_TIMEOUT,
-                    output=lines.append, cwd=ROOT,
-                    env={"JAX_COMPILATION_CACHE_DIR": str(cache_dir)})
-    text = "\n".join(lines)
-    assert status == 0, text[-4000:]
-    assert "Traceback" not in text and "cannot schedule new futures" not in text, text[-4000:]
-    finished, _ = run_job("finish", out, run, processes=1, devices_per_process=4,
-                          cache_dir=cache_dir)
-    assert finished[0]["first_step"] == worker.TRAIN_STEPS
-    np.testing.assert_allclose(finished[0]["losses"],
-                               one_process_losses_to(worker.PREEMPT_END)[worker.TRAIN_STEPS:],
-                               rtol=1e-5)

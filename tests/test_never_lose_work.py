@@ -116,7 +116,11 @@ def child(tmp_path, body, name="child"):
     script = tmp_path / f"{name}.py"
     script.write_text(PREAMBLE.format(root=str(ROOT), tmp=str(tmp_path))
                       + textwrap.dedent(body))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS: conftest's 8 devices
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS: conftest's 8 devices
+           # the children compile the same few programs: one cache for them all
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "children_jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
         process = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env,
                                    stdout=out, stderr=err)
