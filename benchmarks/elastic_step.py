@@ -30,11 +30,11 @@ simulate_devices(8)
 import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from meshscale.models.gpt import GPT, GPTConfig  # noqa: E402
+from meshscale.models.text import ByteBatches, stdlib_text  # noqa: E402
 
 from meshscale import CompileCache, resources  # noqa: E402
-from meshscale.elastic import ElasticTrainer  # noqa: E402
-from models.gpt import GPT, GPTConfig  # noqa: E402
-from models.text import ByteBatches, stdlib_text  # noqa: E402
+from meshscale.elastic.trainer import ElasticTrainer  # noqa: E402
 
 SEARCH = {"max_pipe": 2, "microbatches": [2], "warmup": 1, "steps": 1}
 

@@ -41,11 +41,11 @@ def gpt_table() -> str:
     import jax
     import optax
     from flax import nnx
+    from meshscale.models.gpt import GPT, GPTConfig
 
     from meshscale import MeshShape, Trainer
-    from meshscale.model import FunctionalModel
-    from meshscale.space import default_microbatches
-    from models.gpt import GPT, GPTConfig
+    from meshscale.model.contract import FunctionalModel
+    from meshscale.planning.space import default_microbatches
 
     cfg = dataclasses.replace(GPTConfig.preset("tiny"), vocab=16384)
     batch = 32
@@ -121,9 +121,9 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
     import jax
     import optax
     from flax import nnx
+    from meshscale.models.llama import Llama, LlamaConfig
 
     from meshscale import MeshShape, Trainer
-    from models.llama import Llama, LlamaConfig
 
     cfg = dataclasses.replace(LlamaConfig.preset(preset), seq_len=seq_len)
     example = {"tokens": jax.ShapeDtypeStruct((batch, seq_len + 1), "int32")}

@@ -36,12 +36,12 @@ simulate_devices(8)
 import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from meshscale.models.gpt import GPT, GPTConfig  # noqa: E402
 
 from meshscale import MeshShape, Trainer  # noqa: E402
-from meshscale.model import FunctionalModel  # noqa: E402
-from meshscale.schedule import Schedule  # noqa: E402
-from meshscale.space import candidates, default_microbatches  # noqa: E402
-from models.gpt import GPT, GPTConfig  # noqa: E402
+from meshscale.layout.schedule import Schedule  # noqa: E402
+from meshscale.model.contract import FunctionalModel  # noqa: E402
+from meshscale.planning.space import candidates, default_microbatches  # noqa: E402
 
 
 def main(argv=None) -> None:

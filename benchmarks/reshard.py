@@ -34,9 +34,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from meshscale.models.mlp import MLPConfig, ResidualMLP  # noqa: E402
 
 from meshscale import Checkpointer, MeshShape, Trainer  # noqa: E402
-from models.mlp import MLPConfig, ResidualMLP  # noqa: E402
 
 SOURCE, TARGET = MeshShape(2, 4), MeshShape(4, 2)
 LAYERS, FEATURES = 8, 512

@@ -40,11 +40,11 @@ simulate_devices(8)
 import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from meshscale.models.gpt import GPT, GPTConfig  # noqa: E402
+from meshscale.models.text import ByteBatches, stdlib_text  # noqa: E402
 
 from meshscale import Candidate, MeshShape, Trainer, search, try_run  # noqa: E402
-from meshscale.space import candidates, microbatch_choices  # noqa: E402
-from models.gpt import GPT, GPTConfig  # noqa: E402
-from models.text import ByteBatches, stdlib_text  # noqa: E402
+from meshscale.planning.space import candidates, microbatch_choices  # noqa: E402
 
 
 def every_shape(n: int, *, p_min: int, num_layers: int, global_batch: int) -> list[MeshShape]:

@@ -23,14 +23,14 @@ simulate_devices(8)
 import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from meshscale.models.gpt import GPT, GPTConfig  # noqa: E402
+from meshscale.models.text import ByteBatches, stdlib_text  # noqa: E402
 
 from meshscale import CompileCache, Trainer, resources  # noqa: E402
-from meshscale.checkpoint import Checkpointer  # noqa: E402
-from meshscale.elastic import ElasticTrainer  # noqa: E402
-from meshscale.mesh import MeshShape  # noqa: E402
-from meshscale.precompile import Precompiler  # noqa: E402
-from models.gpt import GPT, GPTConfig  # noqa: E402
-from models.text import ByteBatches, stdlib_text  # noqa: E402
+from meshscale.elastic.trainer import ElasticTrainer  # noqa: E402
+from meshscale.layout.mesh import MeshShape  # noqa: E402
+from meshscale.planning.precompile import Precompiler  # noqa: E402
+from meshscale.store.checkpoint import Checkpointer  # noqa: E402
 
 SEARCH = {"warmup": 1, "steps": 2, "max_pipe": 4}
 

@@ -29,9 +29,11 @@ def loop(config: dict) -> None:
     """The training loop: the same code in every way of running it."""
     import jax
     import optax
+    from meshscale.models import registry
 
-    from meshscale import ElasticTrainer, distributed, resources
-    from models import registry
+    from meshscale import ElasticTrainer
+    from meshscale.elastic import resources
+    from meshscale.runtime import distributed
 
     model, batch_fn = registry.build(config.get("model", "gpt-tiny"), seed=0)
     steps = config.get("steps", STEPS)
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     config = {"checkpoint_dir": args.checkpoint_dir, "model": args.model,
               "steps": args.steps, "p_min": args.p_min}
     if not args.ray:  # plain process, `meshscale launch`, SLURM, Kubernetes
-        from meshscale import distributed
-        from meshscale.launch import ENV_COORDINATOR
+        from meshscale.runtime import distributed
+        from meshscale.runtime.launch import ENV_COORDINATOR
 
         if args.distributed or os.environ.get(ENV_COORDINATOR):
             distributed.initialize()

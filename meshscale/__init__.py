@@ -4,10 +4,8 @@ The public surface is re-exported here; implementation lives in one module per c
 (see the module map in the README).
 """
 
-from meshscale import distributed, resources
-from meshscale.checkpoint import Checkpointer
-from meshscale.compile_cache import CompileCache, enable_persistent_cache
-from meshscale.elastic import ElasticTrainer
+from meshscale.elastic import resources
+from meshscale.elastic.trainer import ElasticTrainer
 from meshscale.errors import (
     ContractError,
     IncompatibleCheckpoint,
@@ -17,12 +15,15 @@ from meshscale.errors import (
     ResourceError,
     StorageNotShared,
 )
-from meshscale.mesh import MeshShape, make_mesh
-from meshscale.model import LayerStack, ReshardableModel, run_layers, stack_layers
-from meshscale.search import Baseline, Decision, search
-from meshscale.space import Candidate, candidates
-from meshscale.train import Trainer, TrainState
-from meshscale.tryrun import TryRunResult, try_run
+from meshscale.layout.mesh import MeshShape, make_mesh
+from meshscale.model.contract import LayerStack, ReshardableModel, run_layers, stack_layers
+from meshscale.planning.search import Baseline, Decision, search
+from meshscale.planning.space import Candidate, candidates
+from meshscale.planning.tryrun import TryRunResult, try_run
+from meshscale.runtime import distributed
+from meshscale.store.checkpoint import Checkpointer
+from meshscale.training.compile_cache import CompileCache, enable_persistent_cache
+from meshscale.training.trainer import Trainer, TrainState
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ class InvalidMeshShape(MeshscaleError):
 
 
 class ContractError(MeshscaleError):
-    """A model that does not follow the reshardable-model contract (`meshscale.model`)."""
+    """A model that does not follow the reshardable-model contract (`meshscale.model.contract`)."""
 
 
 class IncompatibleCheckpoint(MeshscaleError):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from meshscale.model import LayerStack, run_layers, stack_layers
+from meshscale.model.contract import LayerStack, run_layers, stack_layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from meshscale.model import LayerStack, stack_layers
-from meshscale.rng import dropout
+from meshscale.model.contract import LayerStack, stack_layers
+from meshscale.model.rng import dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Block(nnx.Module):
         return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
 
     def __call__(self, h: jax.Array, side: dict, rng: jax.Array | None = None) -> jax.Array:
-        """`rng`: one key per example (`meshscale.rng`), or None for no dropout."""
+        """`rng`: one key per example (`meshscale.model.rng`), or None for no dropout."""
         keys = [None, None] if rng is None else [
             jax.vmap(jax.random.fold_in, (0, None))(rng, i) for i in range(2)]
         rate = self.cfg.dropout

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meshscale.model import LayerStack, stack_layers
+from meshscale.model.contract import LayerStack, stack_layers
 
 
 @dataclasses.dataclass(frozen=True)

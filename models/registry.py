@@ -21,23 +21,23 @@ def build(name: str, seed: int = 0) -> tuple[object, BatchFn]:
     if ":" in name:
         return from_factory(name)
     if name == "llama-tiny":
-        from models.llama import Llama, LlamaConfig
-        from models.text import ByteBatches, stdlib_text
+        from meshscale.models.llama import Llama, LlamaConfig
+        from meshscale.models.text import ByteBatches, stdlib_text
 
         model = Llama(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(seed))
         text = stdlib_text(1_000_000)
         return model, lambda size, i: ByteBatches(
             text, seq_len=model.config.seq_len, batch_size=size, seed=seed).batch(i)
     if name.startswith("gpt-"):
-        from models.gpt import GPT, GPTConfig
-        from models.text import ByteBatches, stdlib_text
+        from meshscale.models.gpt import GPT, GPTConfig
+        from meshscale.models.text import ByteBatches, stdlib_text
 
         model = GPT(GPTConfig.preset(name.removeprefix("gpt-")), rngs=nnx.Rngs(seed))
         text = stdlib_text(1_000_000)
         return model, lambda size, i: ByteBatches(
             text, seq_len=model.config.seq_len, batch_size=size, seed=seed).batch(i)
     if name == "mlp":
-        from models.mlp import MLPConfig, ResidualMLP
+        from meshscale.models.mlp import MLPConfig, ResidualMLP
 
         model = ResidualMLP(MLPConfig(), rngs=nnx.Rngs(seed))
         return model, lambda size, i: jax.device_get(

@@ -12,9 +12,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-from models.gpt import GPT, GPTConfig
-from models.mlp import MLPConfig, ResidualMLP
+from meshscale.models.gpt import GPT, GPTConfig
+from meshscale.models.mlp import MLPConfig, ResidualMLP
 
 GLOBAL_BATCH = 32
 SIMPLE_TOL = 1e-5  # chosen once (STYLE.md); never loosened to make a test pass
@@ -39,7 +38,7 @@ def make_optimizer():
 def prefer_more_devices(candidate, global_batch: int = 24):
     """An injected try-run measurement (no timing decides a test): more devices, then
     more data replicas, is faster."""
-    from meshscale.tryrun import TryRunResult
+    from meshscale.planning.tryrun import TryRunResult
 
     shape = candidate.shape
     speed = 1e9 * (shape.num_devices + 0.1 * shape.data)
@@ -106,8 +105,8 @@ def read_only_tmpfs(where):
 
 def random_host_state(trainer, shape, seed=0):
     """A train state on the host whose every leaf (step included) is random, not initial;
-    padded with zeros for `shape`'s mesh (`meshscale.padding`), as training keeps it."""
-    from meshscale.padding import pad
+    padded with zeros for `shape`'s mesh (`meshscale.layout.padding`), as training keeps it."""
+    from meshscale.layout.padding import pad
 
     rng = np.random.default_rng(seed)
     host = jax.tree.map(

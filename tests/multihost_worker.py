@@ -1,4 +1,4 @@
-"""One process of a multi-process job in tests/test_multihost.py (run under meshscale.launch).
+"""One process of a multi-process job in tests/test_multihost.py (under runtime.launch).
 
     python -m tests.multihost_worker job    OUT RUN   # steps, searches, an elastic run
     python -m tests.multihost_worker resume OUT RUN   # ElasticTrainer.init resumes, trains on
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from meshscale import distributed
+from meshscale.runtime import distributed
 
 BATCH = 24
 SHAPES = ("2x4/m2", "4x2/m2")  # both span every process of 2 x 4 and 4 x 2 devices
@@ -95,7 +95,7 @@ def searches(trainer, state) -> tuple:
     import jax
 
     from meshscale import search
-    from meshscale.tryrun import TryRunResult
+    from meshscale.planning.tryrun import TryRunResult
 
     batches = host_batches(TRAIN_STEPS)[:2]
     measured = search(trainer, state, batches, jax.devices(), p_min=2, **SEARCH)
@@ -117,7 +117,8 @@ def one_sided_failure(trainer, state, batches):
     step into that candidate's collectives alone (it would wait forever)."""
     import jax
 
-    from meshscale import search, tryrun
+    from meshscale import search
+    from meshscale.planning import tryrun
 
     place = tryrun.copy_state
 
@@ -160,7 +161,7 @@ def damaged_on_one_process(trainer, state, run: Path) -> dict:
 
 
 def elastic_trainer(run: Path, source, trainer=None, **search):
-    from meshscale.elastic import ElasticTrainer
+    from meshscale.elastic.trainer import ElasticTrainer
     from tests.helpers import make_model, make_optimizer
 
     return ElasticTrainer(
@@ -174,8 +175,9 @@ def elastic_trainer(run: Path, source, trainer=None, **search):
 def job(out: Path, run: Path) -> None:
     """Plain steps on meshes spanning the processes, two searches, then an elastic run of
     TRAIN_STEPS that checkpoints the state at SAVED_STEP and then loses two devices."""
-    from meshscale import Trainer, resources
-    from meshscale.report import to_plain
+    from meshscale import Trainer
+    from meshscale.app.report import to_plain
+    from meshscale.elastic import resources
     from tests.helpers import make_model, make_optimizer
 
     trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=BATCH)
@@ -233,7 +235,7 @@ def killed_mid_step(out: Path, trainer, elastic, state, batch) -> None:
 
 def most_replicas(candidate):
     """A deterministic measurement for restarts: more data replicas are faster."""
-    from meshscale.tryrun import TryRunResult
+    from meshscale.planning.tryrun import TryRunResult
 
     speed = 100.0 * candidate.shape.data
     return TryRunResult(candidate.shape, candidate.kind, "ok", step_seconds=BATCH / speed,
@@ -244,7 +246,7 @@ def resume(out: Path, run: Path) -> None:
     """A new job (another process count) resumes from the checkpoint and trains on."""
     import jax
 
-    from meshscale import resources
+    from meshscale.elastic import resources
 
     batches = host_batches(TRAIN_STEPS)
     elastic = elastic_trainer(run, resources.Static(jax.device_count()), measure=most_replicas)
@@ -272,7 +274,7 @@ def preempt(out: Path, run: Path) -> None:
     raises Interrupted (exit status 143); each process first writes what it trained."""
     import jax
 
-    from meshscale import resources
+    from meshscale.elastic import resources
     from meshscale.errors import Interrupted
 
     batches = host_batches(PREEMPT_END)
@@ -298,7 +300,7 @@ def unclosed(out: Path, run: Path) -> None:
     `close()`: the exit hook of every process saves the last step together."""
     import jax
 
-    from meshscale import resources
+    from meshscale.elastic import resources
 
     batches = host_batches(TRAIN_STEPS)
     elastic = elastic_trainer(run, resources.Static(jax.device_count()), measure=most_replicas)
@@ -312,7 +314,7 @@ def finish(out: Path, run: Path) -> None:
     """Resume the preempted run (another process count) and train to PREEMPT_END."""
     import jax
 
-    from meshscale import resources
+    from meshscale.elastic import resources
 
     batches = host_batches(PREEMPT_END)
     with elastic_trainer(run, resources.Static(jax.device_count()),

@@ -47,8 +47,10 @@ def allowed(out: Path) -> int:
 def loop(config: dict) -> None:
     import jax
 
-    from meshscale import ElasticTrainer, distributed, resources
+    from meshscale import ElasticTrainer
+    from meshscale.elastic import resources
     from meshscale.integrations import ray as meshscale_ray
+    from meshscale.runtime import distributed
     from tests.helpers import make_model, make_optimizer, prefer_more_devices
 
     out = Path(config["out"])

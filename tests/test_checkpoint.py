@@ -18,10 +18,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
+from meshscale.models.mlp import MLPConfig, ResidualMLP
 
 from meshscale import Checkpointer, IncompatibleCheckpoint, MeshShape, Trainer, TrainState
-from meshscale.state_tree import state_to_tree, tree_to_state
-from models.mlp import MLPConfig, ResidualMLP
+from meshscale.store.state_tree import state_to_tree, tree_to_state
 from tests.helpers import random_host_state
 
 # A failed Orbax read (the damage tests) leaves tensorstore callbacks aimed at the closed
@@ -251,7 +251,7 @@ def test_damaged_newest_step_falls_back_to_previous_with_warning(trainer, tmp_pa
     damage(tmp_path / "2")
     before = listing(tmp_path)
     with Checkpointer(tmp_path, trainer) as ckpt:
-        with caplog.at_level(logging.WARNING, logger="meshscale.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="meshscale.store.checkpoint"):
             restored = ckpt.restore(MeshShape(4, 2))
         assert_same_values(restored, good)
         assert ckpt.last_fallback is not None
@@ -366,7 +366,7 @@ def test_run_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch
     /cwd/gs:/...); local ones are absolute, so a later chdir cannot move them."""
     from etils import epath
 
-    from meshscale.paths import run_path
+    from meshscale.runtime.paths import run_path
 
     url = run_path("gs://bucket/runs/a")
     assert isinstance(url, epath.Path) and str(url) == "gs://bucket/runs/a"

@@ -8,16 +8,16 @@ import sys
 
 import pytest
 
-from meshscale.cli import DEVICE_COUNT_FLAG, device_environment, main
+from meshscale.app.cli import DEVICE_COUNT_FLAG, device_environment, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def meshscale_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m meshscale.cli` in a fresh process with no device flags of our own."""
+    """Run `python -m meshscale.app.cli` in a fresh process with no device flags of our own."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["COLUMNS"] = "200"
-    return subprocess.run([sys.executable, "-m", "meshscale.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "meshscale", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -77,7 +77,7 @@ def test_search_runs_a_users_own_model_from_module_and_factory():
 
 
 def test_repeats_and_microbatches_flags_parse_and_refuse_bad_values(capsys):
-    from meshscale.cli import _counts
+    from meshscale.app.cli import _counts
 
     assert _counts("--repeats", "1,2")("auto") is None
     assert _counts("--repeats", "1,2")("all") == "all"

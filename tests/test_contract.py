@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from meshscale.models.llama import Llama, LlamaConfig
 
 from meshscale import ContractError, LayerStack, MeshShape, Trainer, stack_layers
-from meshscale.model import FunctionalModel, cast_floats
-from meshscale.rng import step_key
-from models.llama import Llama, LlamaConfig
+from meshscale.model.contract import FunctionalModel, cast_floats
+from meshscale.model.rng import step_key
 from tests.helpers import DEEP_TOL, assert_trees_close
 
 BATCH = 16

@@ -10,13 +10,15 @@ import time
 
 import numpy as np
 import pytest
+from meshscale.models import registry
 
-from meshscale import MeshShape, cli, resources
-from meshscale.demo import DEFAULT_SCHEDULE, DemoConfig, elastic_trainer, parse_schedule, run
-from meshscale.elastic import ElasticTrainer
+from meshscale import MeshShape
+from meshscale.app import cli
+from meshscale.app.demo import DEFAULT_SCHEDULE, DemoConfig, elastic_trainer, parse_schedule, run
+from meshscale.app.run_dir import RunDirRefused
+from meshscale.elastic import resources
+from meshscale.elastic.trainer import ElasticTrainer
 from meshscale.errors import Interrupted
-from meshscale.run_dir import RunDirRefused
-from models import registry
 from tests.helpers import contents, prefer_more_devices, read_only_tmpfs
 
 # One worker runs the module, so the uninterrupted demo (module fixture) runs once.
@@ -71,7 +73,7 @@ def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run):
     run_dir = full_dir.parent / "killed"
     shutil.copytree(full_dir, run_dir)  # --overwrite moves it aside, keeps its compiles
     child = subprocess.Popen(
-        [sys.executable, "-m", "meshscale.cli", "demo", *ARGS, "--run-dir", str(run_dir),
+        [sys.executable, "-m", "meshscale", "demo", *ARGS, "--run-dir", str(run_dir),
          "--overwrite"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state_dir = run_dir / "checkpoints" / "state"

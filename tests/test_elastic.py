@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from meshscale.models.mlp import MLPConfig, ResidualMLP
 
 from meshscale import (
     CompileCache,
@@ -25,10 +26,9 @@ from meshscale import (
     Trainer,
     resources,
 )
-from meshscale.elastic import ElasticTrainer
-from meshscale.memory import bytes_per_device
-from meshscale.space import candidates
-from models.mlp import MLPConfig, ResidualMLP
+from meshscale.elastic.trainer import ElasticTrainer
+from meshscale.planning.memory import bytes_per_device
+from meshscale.planning.space import candidates
 from tests.helpers import DEEP_TOL, assert_trees_close, make_model, prefer_more_devices
 
 BATCH = 24
@@ -376,7 +376,7 @@ def test_baseline_comes_from_clean_timing_windows_only(tmp_path):
 
 
 def test_periodic_checkpoints_overlap_training_and_close_waits_for_them(tmp_path, monkeypatch):
-    from meshscale.checkpoint import Checkpointer
+    from meshscale.store.checkpoint import Checkpointer
 
     waits = []
     original = Checkpointer.wait
@@ -409,7 +409,7 @@ def test_periodic_checkpoints_overlap_training_and_close_waits_for_them(tmp_path
 
 
 def test_history_is_bounded_and_totals_count_the_whole_run(tmp_path):
-    from meshscale.report import run_data, summary
+    from meshscale.app.report import run_data, summary
 
     schedule = Schedule({0: 4, 6: 8})
     trainer = elastic(tmp_path, resources.Callback(schedule), check_every=5, timing_window=2,

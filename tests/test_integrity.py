@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshscale.models.mlp import MLPConfig, ResidualMLP
 
-from meshscale import MeshShape, Trainer, integrity
-from meshscale.state_tree import state_to_tree, tree_to_state
-from models.mlp import MLPConfig, ResidualMLP
+from meshscale import MeshShape, Trainer
+from meshscale.store import integrity
+from meshscale.store.state_tree import state_to_tree, tree_to_state
 from tests.helpers import random_host_state
 
 SMALL = MLPConfig(num_layers=8, features=8, hidden=16, inputs=4, outputs=2)

@@ -4,12 +4,12 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from meshscale.models.gpt import GPT, GPTConfig, sample
+from meshscale.models.llama import Llama, LlamaConfig
+from meshscale.models.text import ByteBatches, stdlib_text
 
 from meshscale import MeshShape, ReshardableModel, Trainer
-from meshscale.model import FunctionalModel, check_contract
-from models.gpt import GPT, GPTConfig, sample
-from models.llama import Llama, LlamaConfig
-from models.text import ByteBatches, stdlib_text
+from meshscale.model.contract import FunctionalModel, check_contract
 from tests.helpers import make_model
 
 

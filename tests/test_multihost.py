@@ -1,6 +1,6 @@
 """Several JAX processes on this machine (CPU, loopback): one job, as on a cluster of hosts.
 
-Each test starts its own processes with `meshscale.launch` (bounded by a timeout; on a
+Each test starts its own processes with `meshscale.runtime.launch` (bounded by a timeout; on a
 failure or timeout the launcher stops them all) and checks what they wrote to tmp_path.
 The processes share a JAX compilation cache, so later jobs load what earlier ones compiled.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from meshscale import MeshShape, Trainer
-from meshscale.launch import launch
+from meshscale.runtime.launch import launch
 from tests import multihost_worker as worker
 from tests.helpers import assert_trees_equal, make_model, make_optimizer
 
@@ -197,7 +197,7 @@ def test_launch_stops_every_process_on_timeout(tmp_path):
 
 
 def test_launch_command_passes_its_script_and_exit_status(tmp_path, capsys):
-    from meshscale.cli import main
+    from meshscale.app.cli import main
 
     script = tmp_path / "child.py"
     script.write_text("import os, sys\nprint(os.environ['MESHSCALE_PROCESS_ID'], sys.argv[1:],"
@@ -246,7 +246,7 @@ def test_exit_without_close_then_sigterm_keep_every_step_of_a_two_process_job(
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     job = subprocess.Popen(
-        [sys.executable, "-m", "meshscale.cli", "launch", "--processes", "2",
+        [sys.executable, "-m", "meshscale", "launch", "--processes", "2",
          "--devices-per-process", "4", "--timeout", str(JOB_TIMEOUT), "--",
          "-m", "tests.multihost_worker", "preempt", str(out), str(run)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from meshscale import resources
-from meshscale.checkpoint import Checkpointer
+from meshscale.elastic import resources
 from meshscale.errors import InvalidBatch, NonFiniteStep, RunDirectoryLocked
+from meshscale.store.checkpoint import Checkpointer
 from tests.helpers import prefer_more_devices
 from tests.test_elastic import (
     BATCHES,
@@ -87,7 +87,7 @@ PREAMBLE = """\
 import os, pathlib, sys, time
 sys.path.insert(0, {root!r})
 assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
-from meshscale import resources
+from meshscale.elastic import resources
 from meshscale.errors import CheckpointWriteError
 from tests import test_elastic as t
 from tests.helpers import prefer_more_devices

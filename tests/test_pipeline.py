@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from meshscale.models.gpt import GPT
 
 from meshscale import InvalidMeshShape, LayerStack, MeshShape, Trainer, stack_layers
-from meshscale.model import FunctionalModel
-from meshscale.sharding import STATE_SHARDINGS
-from models.gpt import GPT
+from meshscale.layout.sharding import STATE_SHARDINGS
+from meshscale.model.contract import FunctionalModel
 from tests.helpers import (
     DEEP_TOL,
     GLOBAL_BATCH,
@@ -128,7 +128,7 @@ def test_bad_remat_and_state_sharding_are_refused():
                 state_sharding="zero3")
 
 
-# -- uneven stages and the circular schedule (meshscale.schedule) ---------------------
+# -- uneven stages and the circular schedule (meshscale.layout.schedule) ---------------------
 # 3, 5, 6, 7 stages of 8 layers (uneven contiguous ranges), and circular shapes whose
 # groups are even (2x2/r2, 4x2/r2) or not (8 layers in 6 groups: 2x4/r3, 3x2/r2).
 UNEVEN = [MeshShape(3, 2, 4), MeshShape(5, 1, 8), MeshShape(6, 1, 8), MeshShape(7, 1, 8)]

@@ -12,9 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from meshscale import CompileCache, MeshscaleError, Trainer, resources
-from meshscale.elastic import ElasticTrainer
-from meshscale.precompile import Precompiler, devices_for, likely_next_counts, resolve_mode
+from meshscale import CompileCache, MeshscaleError, Trainer
+from meshscale.elastic import resources
+from meshscale.elastic.trainer import ElasticTrainer
+from meshscale.planning.precompile import Precompiler, devices_for, likely_next_counts, resolve_mode
 from tests.helpers import make_model
 from tests.test_elastic import BATCH, BATCHES, Schedule, fixed_mesh_run, prefer_more_devices, run
 
@@ -102,7 +103,7 @@ def test_a_restarted_process_loads_its_executables_from_the_persistent_cache(tmp
         sys.path.insert(0, {root!r})
         import optax
         from meshscale import MeshShape, Trainer, enable_persistent_cache
-        from meshscale.compile_cache import persistent_cache_stats
+        from meshscale.training.compile_cache import persistent_cache_stats
         from tests.helpers import make_model
         trainer = Trainer(make_model("mlp"), optax.adam(1e-2), global_batch=24)
         enable_persistent_cache({str(tmp_path / "jax_cache")!r})

@@ -225,8 +225,9 @@ def test_fewer_devices_than_p_min_fails_with_insufficient_devices_and_never_trai
 
 def test_storage_a_process_cannot_see_is_refused_on_every_process(tmp_path, monkeypatch):
     """As process 1 of a job whose process 0 wrote its marker on another node's disk."""
-    from meshscale import StorageNotShared, distributed
+    from meshscale import StorageNotShared
     from meshscale.integrations import ray as meshscale_ray
+    from meshscale.runtime import distributed
 
     meshscale_ray.check_shared_storage(tmp_path / "shared")  # one process: it sees it
     assert list((tmp_path / "shared").iterdir()) == []  # the marker is removed
@@ -257,7 +258,7 @@ def test_insufficient_devices_waits_for_ray_to_add_workers_then_fails(tmp_path, 
 
 
 def test_ray_demo_command_refuses_a_bad_schedule(capsys):
-    from meshscale.cli import main
+    from meshscale.app.cli import main
 
     assert main(["ray-demo", "--schedule", "3@5"]) == 2
     assert "the first entry must be at step 0" in capsys.readouterr().err
@@ -266,7 +267,7 @@ def test_ray_demo_command_refuses_a_bad_schedule(capsys):
 def test_ray_demo_never_deletes_a_previous_run(tmp_path, capsys):
     """A run directory holding a ray-demo run is refused before any cluster starts (the
     command has no --resume: --overwrite moves the old run aside); the run is untouched."""
-    from meshscale.cli import main
+    from meshscale.app.cli import main
     from tests.helpers import contents
 
     run_dir = tmp_path / "run"

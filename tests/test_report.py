@@ -2,7 +2,7 @@
 
 import pytest
 
-from meshscale.report import decision_words
+from meshscale.app.report import decision_words
 
 
 def event(improvement, *, best="2x4/m4", switch=False, useful=None):
@@ -37,7 +37,7 @@ def test_decision_words_name_the_current_mesh_and_the_useful_devices():
 def test_the_mesh_drawn_as_chosen_is_the_one_the_job_ran_on():
     """A search whose best try-run (2x3/m4) did not beat the threshold: the job stayed
     on 2x2/m4, which the table and the plot mark, not the best try-run."""
-    from meshscale.report import chosen_after, tryrun_table
+    from meshscale.app.report import chosen_after, tryrun_table
 
     stay = {"event": "search", "num_devices": 6, "decision": {
         "best": {"shape": "2x3/m4"}, "baseline": {"shape": "2x2/m4"}, "switch": False,

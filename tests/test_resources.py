@@ -6,17 +6,18 @@ import os
 import pytest
 
 import meshscale
-from meshscale import ResourceError, resources
-from meshscale.resources import Callback, FileSource, ResourceSource, Static
+from meshscale import ResourceError
+from meshscale.elastic import resources
+from meshscale.elastic.resources import Callback, FileSource, ResourceSource, Static
 
 
 def warnings_of(caplog):
     return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and r.name == "meshscale.resources"]
+            if r.levelno == logging.WARNING and r.name == "meshscale.elastic.resources"]
 
 
 def test_sources_are_reachable_as_meshscale_resources():
-    assert meshscale.resources is resources
+    assert meshscale.elastic.resources is resources
     for cls in (resources.Static, resources.FileSource, resources.Callback):
         assert issubclass(cls, ResourceSource)
 
@@ -90,7 +91,7 @@ def test_bad_file_content_keeps_the_last_good_value_with_a_warning(devices, tmp_
     FileSource.write(path, 6, announced=[8])
     source = FileSource(path)
     path.write_text(bad)
-    with caplog.at_level(logging.WARNING, logger="meshscale.resources"):
+    with caplog.at_level(logging.WARNING, logger="meshscale.elastic.resources"):
         assert source.poll() == devices[:6]
         assert source.poll() == devices[:6]
     assert source.announced() == [8]
@@ -105,7 +106,7 @@ def test_count_larger_than_available_is_rejected(devices, tmp_path, caplog):
     FileSource.write(path, 8)
     source = FileSource(path)
     FileSource.write(path, 16)
-    with caplog.at_level(logging.WARNING, logger="meshscale.resources"):
+    with caplog.at_level(logging.WARNING, logger="meshscale.elastic.resources"):
         assert source.poll() == devices
     assert "16 devices asked for, only 8 exist" in warnings_of(caplog)[0]
 
@@ -115,7 +116,7 @@ def test_file_deleted_after_start_keeps_the_last_good_value(devices, tmp_path, c
     FileSource.write(path, 3)
     source = FileSource(path)
     os.remove(path)
-    with caplog.at_level(logging.WARNING, logger="meshscale.resources"):
+    with caplog.at_level(logging.WARNING, logger="meshscale.elastic.resources"):
         assert source.poll() == devices[:3]
     assert warnings_of(caplog)
 
@@ -129,7 +130,7 @@ def test_missing_or_bad_file_at_construction_raises_unless_a_default_is_given(
     with pytest.raises(ResourceError):
         FileSource(path)
     os.remove(path)
-    with caplog.at_level(logging.WARNING, logger="meshscale.resources"):
+    with caplog.at_level(logging.WARNING, logger="meshscale.elastic.resources"):
         source = FileSource(path, default=2)
     assert source.poll() == devices[:2]
     assert warnings_of(caplog)
@@ -167,7 +168,7 @@ def test_callback_failure_keeps_the_last_good_value_with_a_warning(devices, capl
         return value
 
     source = Callback(fn)
-    with caplog.at_level(logging.WARNING, logger="meshscale.resources"):
+    with caplog.at_level(logging.WARNING, logger="meshscale.elastic.resources"):
         assert [source.poll() for _ in range(3)] == [devices[:4]] * 3
     messages = warnings_of(caplog)
     assert len(messages) == 3
@@ -196,7 +197,7 @@ def test_callback_returning_a_repeated_device_is_refused_naming_callback_and_dev
 def test_callback_repeating_a_device_later_keeps_the_last_good_value(devices, caplog):
     answers = iter([[devices[2], devices[3]], [devices[3], devices[3]]])
     source = Callback(lambda: next(answers))
-    with caplog.at_level(logging.WARNING, logger="meshscale.resources"):
+    with caplog.at_level(logging.WARNING, logger="meshscale.elastic.resources"):
         assert source.poll() == [devices[2], devices[3]]
     assert f"device {devices[3]} appears 2 times" in warnings_of(caplog)[0]
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
+from meshscale.app.run_dir import RunDirRefused, aside_path, checkpoint_steps, plan, take
 from meshscale.errors import MeshscaleError
-from meshscale.run_dir import RunDirRefused, aside_path, checkpoint_steps, plan, take
 from tests.helpers import contents, read_only_tmpfs
 
 

@@ -18,13 +18,13 @@ import time
 import pytest
 
 from meshscale.errors import RunDirectoryLocked
-from meshscale.run_lock import LOCK_NAME, RunLock
+from meshscale.store.run_lock import LOCK_NAME, RunLock
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 START_TIMEOUT = 60  # seconds for a child to import meshscale and take the lock
 HOLDER = textwrap.dedent("""
     import pathlib, sys, time
-    from meshscale.run_lock import RunLock
+    from meshscale.store.run_lock import RunLock
     RunLock(sys.argv[1], lease_seconds=600).acquire()
     pathlib.Path(sys.argv[2]).write_text("held")
     time.sleep(120)
@@ -87,7 +87,7 @@ def test_lock_of_a_killed_process_on_this_host_is_taken_over_at_once(child_holde
     child.wait(timeout=10)  # reaped: its pid is gone, though its lock's mtime is fresh
     lock = RunLock(run, lease_seconds=600)
     started = time.monotonic()
-    with caplog.at_level("WARNING", logger="meshscale.run_lock"):
+    with caplog.at_level("WARNING", logger="meshscale.store.run_lock"):
         lock.acquire()
     try:
         assert time.monotonic() - started < 5

@@ -1,11 +1,11 @@
-"""Layer splits and tick tables (meshscale.schedule): pure arithmetic, checked exhaustively."""
+"""Layer splits and tick tables (layout.schedule): pure arithmetic, checked exhaustively."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshscale import InvalidMeshShape, MeshShape
-from meshscale.schedule import PADDING, Schedule, check
+from meshscale.layout.schedule import PADDING, Schedule, check
 
 
 @st.composite

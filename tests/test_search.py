@@ -1,4 +1,4 @@
-"""The decision (meshscale.search) over injected measurements: no compiles here."""
+"""The decision (meshscale.planning.search) over injected measurements: no compiles here."""
 
 import math
 import types
@@ -7,7 +7,7 @@ import pytest
 
 from meshscale import Baseline, Candidate, MeshShape, TryRunResult, search
 from meshscale.errors import MeshscaleError
-from meshscale.search import decide, payback_seconds
+from meshscale.planning.search import decide, payback_seconds
 
 BATCH = 32
 FAKE_TRAINER = types.SimpleNamespace(num_layers=8, global_batch=BATCH)

@@ -9,11 +9,11 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from meshscale.models.gpt import GPT, GPTConfig
 
 from meshscale import Checkpointer, ContractError, MeshShape, Trainer
-from meshscale.model import FunctionalModel
-from meshscale.sharding import leaf_spec, rows_spec
-from models.gpt import GPT, GPTConfig
+from meshscale.layout.sharding import leaf_spec, rows_spec
+from meshscale.model.contract import FunctionalModel
 from tests.helpers import GLOBAL_BATCH, assert_trees_close, make_model, make_optimizer
 
 # A vocabulary large enough that the embedding and the logits dominate, as in real LMs.

@@ -1,11 +1,11 @@
-"""The search-space rule (meshscale.space): pure arithmetic, checked over many inputs."""
+"""The search-space rule (meshscale.planning.space): pure arithmetic, checked over many inputs."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshscale import InsufficientDevices, InvalidMeshShape, MeshShape
-from meshscale.space import (
+from meshscale.planning.space import (
     candidates,
     default_microbatches,
     microbatch_choices,

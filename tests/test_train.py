@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from meshscale.models.mlp import MLPConfig, ResidualMLP
 
 from meshscale import (
     ContractError,
@@ -20,7 +21,6 @@ from meshscale import (
     make_mesh,
     stack_layers,
 )
-from models.mlp import MLPConfig, ResidualMLP
 from tests.helpers import GLOBAL_BATCH, assert_trees_equal, make_model, make_optimizer
 
 # Even splits, uneven ones (8 layers stored as 9 and 14 padded rows), and a circular one.
@@ -101,8 +101,9 @@ def test_models_with_equal_shapes_and_different_forwards_get_their_own_executabl
     object never reuses another's entry."""
     import dataclasses
 
+    from meshscale.models.gpt import GPT
+
     from meshscale import CompileCache
-    from models.gpt import GPT
     from tests.helpers import SIMPLE_TOL, TEST_GPT
 
     cache, shape, losses, optimizer = CompileCache(), MeshShape(1, 1, 1), {}, make_optimizer()

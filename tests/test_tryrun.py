@@ -7,12 +7,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from meshscale.models.gpt import GPT, GPTConfig
+from meshscale.models.mlp import MLPConfig, ResidualMLP
 
 from meshscale import Candidate, InsufficientDevices, MeshShape, Trainer, search, try_run
-from meshscale.memory import auto_p_min, bytes_per_device
-from meshscale.tryrun import LiveState
-from models.gpt import GPT, GPTConfig
-from models.mlp import MLPConfig, ResidualMLP
+from meshscale.planning.memory import auto_p_min, bytes_per_device
+from meshscale.planning.tryrun import LiveState
 
 LIVE = MeshShape(2, 2, 2)
 

@@ -15,7 +15,7 @@ devices the new group has. This module is only the glue around the user's loop:
 - `train_function` / `jax_trainer`: a user's ``loop(config)`` as Ray's training function.
 
 The same loop runs as a plain process, under ``meshscale launch``, under SLURM or
-Kubernetes through `meshscale.distributed.initialize`, or here: it only reads
+Kubernetes through `meshscale.runtime.distributed.initialize`, or here: it only reads
 ``config["checkpoint_dir"]`` and sizes its `resources` by ``jax.device_count()``.
 
 Never: train before every worker has joined and seen the checkpoint directory, or pick a
@@ -32,8 +32,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from meshscale import distributed
 from meshscale.errors import InsufficientDevices, StorageNotShared
+from meshscale.runtime import distributed
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def join_jax() -> None:
     import ray
     from ray.train.collective import broadcast_from_rank_zero
 
-    from meshscale.launch import free_port
+    from meshscale.runtime.launch import free_port
 
     address = f"{ray.util.get_node_ip_address()}:{free_port()}" if rank == 0 else None
     address = broadcast_from_rank_zero(address)
@@ -177,7 +177,7 @@ def train_function(loop: Loop, *, checkpoint_dir: str | os.PathLike,
 def cpu_worker_env(devices_per_worker: int) -> dict[str, str]:
     """Environment variables giving each Ray worker `devices_per_worker` simulated CPU
     devices (for trying multi-worker jobs on one machine, as ``meshscale launch`` does)."""
-    from meshscale.launch import DEVICE_COUNT_FLAG
+    from meshscale.runtime.launch import DEVICE_COUNT_FLAG
 
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith(DEVICE_COUNT_FLAG)]

@@ -1,0 +1,246 @@
+"""The demo job: a GPT learns Python source while its device count changes.
+
+It is an ordinary `ElasticTrainer` run driven by a `resources.FileSource` whose file the
+demo itself rewrites on a schedule, exactly as a scheduler or operator would: the demo
+uses only the public API. Run it with `meshscale demo` (or `make demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+
+# 7 devices (not a multiple of p_min 2) go down the vertical path: 8 layers on 7 stages.
+DEFAULT_SCHEDULE = "4@0,8@80,7@160,3@240,8@320"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    steps: int = 400
+    schedule: str = DEFAULT_SCHEDULE
+    devices: int = 8
+    p_min: int = 2
+    model: str = "gpt-tiny"
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False  # move an existing run_dir aside to run_dir.old-N first
+    global_batch: int = 24
+    check_every: int = 10
+    checkpoint_every: int = 40
+    learning_rate: float = 3e-3
+    # A tiny model's state is small next to its activations: ZeRO-1 needs no more memory
+    # than FSDP here and steps 2-3x faster on simulated CPU devices (benchmarks/memory.py).
+    state_sharding: str = "zero1"
+
+
+def parse_schedule(text: str, *, max_devices: int) -> list[tuple[int, int]]:
+    """"4@0,8@80" -> [(0, 4), (80, 8)]: (step, devices) sorted by step, starting at 0."""
+    try:
+        pairs = sorted((int(step), int(count)) for count, step in
+                       (item.strip().split("@") for item in text.split(",") if item.strip()))
+    except ValueError as e:
+        raise ValueError(f"bad --schedule {text!r}: write DEVICES@STEP,... e.g. "
+                         f"{DEFAULT_SCHEDULE}") from e
+    if not pairs or pairs[0][0] != 0:
+        raise ValueError(f"bad --schedule {text!r}: the first entry must be at step 0 (N@0)")
+    for _, count in pairs:
+        if not 1 <= count <= max_devices:
+            raise ValueError(f"bad --schedule {text!r}: {count} devices is outside 1..{max_devices}"
+                             f" (raise --devices)")
+    return pairs
+
+
+def devices_at(schedule: list[tuple[int, int]], step: int) -> int:
+    return [count for start, count in schedule if start <= step][-1]
+
+
+def run(cfg: DemoConfig) -> dict:
+    """Run the demo; returns the report data (also written to RUN_DIR/report.json).
+
+    Everything it writes lives in ``cfg.run_dir``, which must be new or empty unless
+    ``cfg.resume`` (continue its run) or ``cfg.overwrite`` (move it aside first): see
+    `meshscale.app.run_dir`. A SIGTERM or SIGINT that makes the trainer stop (`Interrupted`,
+    raised from `ElasticTrainer.step` once the step is saved) writes the report, prints
+    how to resume, and is raised again.
+    """
+    import jax
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from meshscale.app import report
+    from meshscale.app import run_dir as run_dirs
+    from meshscale.elastic.resources import FileSource
+    from meshscale.errors import Interrupted
+    from meshscale.model.contract import FunctionalModel
+    from meshscale.models import registry
+    from meshscale.training.compile_cache import enable_persistent_cache
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
+    planned = run_dirs.plan(cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    model, batch_fn = registry.build(cfg.model, cfg.seed)  # before anything is written
+    moved = run_dirs.take(planned, reuse=("jax_cache",))  # its compiles, not its run
+    if moved is not None:
+        console.print(f"moved the previous {cfg.run_dir} to {moved} (nothing deleted)",
+                      markup=False, highlight=False, soft_wrap=True)
+    previous = _read_report(cfg.run_dir) if cfg.resume else None
+    enable_persistent_cache(os.path.join(cfg.run_dir, "jax_cache"))
+
+    device_file = os.path.join(cfg.run_dir, "devices.txt")
+    FileSource.write(device_file, devices_at(schedule, 0))
+    pending: dict = {}
+
+    def on_event(event):
+        if event["event"] == "search":
+            pending["search"] = event
+            console.print(report.tryrun_table(report.to_plain(event["decision"]),
+                                              title=f"try-runs on {event['num_devices']} devices"))
+            if not event["decision"].switch:
+                console.print(report.decision_words(report.to_plain(event)))
+        elif event["event"] == "switch" and "search" in pending:
+            console.print(report.decision_words(report.to_plain(pending.pop("search")),
+                                                report.to_plain(event)))
+        elif event["event"] == "checkpoint" and "save" in pending:
+            pending["save"]()  # the record on disk is never behind the checkpoint
+        elif event["event"] in ("devices_changed", "resume"):
+            console.print(f"[bold]{event['event'].replace('_', ' ')}[/]: "
+                          + ", ".join(f"{k}={v}" for k, v in event.items()
+                                      if k not in ("event", "time", "device_ids")))
+
+    elastic = elastic_trainer(cfg, model, FileSource(device_file), on_event=on_event)
+    if cfg.resume:  # the devices the schedule grants at the step we resume from
+        FileSource.write(device_file,
+                         devices_at(schedule, elastic.checkpointer.latest_step() or 0))
+    state = elastic.init(batch_fn(cfg.global_batch, 0))
+    first = int(state.step)
+    config = dataclasses.asdict(cfg)
+    if previous is not None and not _same_run(previous, cfg, first):
+        previous = None
+    stopped: list[dict] = []  # the interrupt, once one stops the job
+
+    def save_report():
+        out = report.run_data(elastic, config=config)
+        out["events"] += stopped
+        if cfg.resume:
+            before = previous or {"steps": [], "events": []}
+            out["steps"] = [s for s in before["steps"] if s["step"] <= first] + out["steps"]
+            out["events"] = before["events"] + [{"event": "restart", "step": first}] \
+                + out["events"]
+        report.write_json(out, os.path.join(cfg.run_dir, "report.json"))
+        return out
+
+    pending["save"] = save_report
+
+    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("train", total=cfg.steps, completed=first, info="")
+            for i in range(first, cfg.steps):
+                count = devices_at(schedule, i)
+                if i > first and count != devices_at(schedule, i - 1):
+                    FileSource.write(device_file, count)
+                state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
+                last = elastic.last_record  # the newest fetched loss: no wait on this step
+                progress.update(task, completed=i + 1, info=(
+                    f"loss {last.loss if last else math.nan:.3f} "
+                    f"(step {last.step if last else '-'})  "
+                    f"{metrics['samples_per_second']:7.1f} samples/s  mesh {metrics['mesh']}"))
+                if (i + 1) % 20 == 0:
+                    save_report()
+    except Interrupted as stop:
+        elastic.close()  # the saved step's write finished (a second close does nothing)
+        stopped.append({"event": "interrupted", "step": stop.step,
+                        "signal": stop.signal_name, "directory": str(stop.directory)})
+        save_report()
+        print(f"stopped by {stop.signal_name} at step {stop.step} (saved in "
+              f"{stop.directory}): resume with: {resume_command(cfg)}", file=sys.stderr,
+              flush=True)
+        raise
+    elastic.close()  # the last checkpoint on disk
+    out = save_report()
+    if cfg.model == "gpt-tiny":
+        from meshscale.models.gpt import sample
+
+        fmodel, _ = FunctionalModel.of(model)
+        trained = fmodel.merge(jax.device_get(state.params))
+        out["sample"] = sample(trained, b"def ", 160, seed=cfg.seed).decode("utf-8", "replace")
+        report.write_json(out, os.path.join(cfg.run_dir, "report.json"))
+    png = report.plot(out, os.path.join(cfg.run_dir, "report.png"))
+    console.print(report.summary_table(out))
+    if "sample" in out:
+        console.print("[bold]sampled from the trained model:[/]\ndef " + out["sample"])
+    console.print(f"report: {os.path.join(cfg.run_dir, 'report.json')}, {png}")
+    return out
+
+
+def elastic_trainer(cfg: DemoConfig, model, resources, *, on_event=None,
+                    search_options: dict | None = None):
+    """The demo's `ElasticTrainer` for `cfg` (`search_options` added to its own)."""
+    import optax
+
+    from meshscale.elastic.trainer import ElasticTrainer
+
+    return ElasticTrainer(
+        model, optax.adam(cfg.learning_rate), global_batch=cfg.global_batch,
+        checkpoint_dir=os.path.join(cfg.run_dir, "checkpoints"), p_min=cfg.p_min,
+        resources=resources, check_every=cfg.check_every,
+        total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
+        persistent_cache=False, search_options={"warmup": 1, "steps": 3,
+                                                **(search_options or {})},
+        state_sharding=cfg.state_sharding)
+
+
+# `DemoConfig` field -> `meshscale demo` flag (learning_rate has none)
+FLAGS = {"steps": "--steps", "schedule": "--schedule", "devices": "--devices",
+         "p_min": "--p-min", "model": "--model", "seed": "--seed", "global_batch": "--batch",
+         "check_every": "--check-every", "checkpoint_every": "--checkpoint-every",
+         "state_sharding": "--state-sharding"}
+
+
+def resume_command(cfg: DemoConfig) -> str:
+    """The `meshscale demo` command line that continues `cfg`'s run (its other flags)."""
+    default = DemoConfig()
+    words = ["meshscale", "demo", "--resume", "--run-dir", cfg.run_dir]
+    for field, flag in FLAGS.items():
+        if getattr(cfg, field) != getattr(default, field):
+            words += [flag, str(getattr(cfg, field))]
+    return shlex.join(words)
+
+
+def _read_report(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, "report.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        logging.getLogger(__name__).warning("cannot read %s (%s): starting its record anew",
+                                            path, e)
+        return None
+
+
+def _same_run(previous: dict, cfg: DemoConfig, first: int) -> bool:
+    """Whether `previous` (a report.json) records the run resumed at step `first`: the
+    same model and global batch, and a checkpoint it saved (or an interrupt) at `first`.
+    Otherwise its events are another run's and are not carried over (with a warning)."""
+    config = previous.get("config", {})
+    saved = {e.get("checkpoint_step") for e in previous.get("events", [])
+             if e.get("event") == "checkpoint"}
+    saved |= {e.get("step") for e in previous.get("events", []) if e.get("event") in
+              ("interrupted", "restart")}
+    why = (f"model {config.get('model')!r}, not {cfg.model!r}"
+           if config.get("model") != cfg.model else
+           f"global batch {config.get('global_batch')}, not {cfg.global_batch}"
+           if config.get("global_batch") != cfg.global_batch else
+           f"no checkpoint at step {first}, the one resumed" if first not in saved else None)
+    if why is not None:
+        logging.getLogger(__name__).warning(
+            "%s records another run (%s): starting its record anew",
+            os.path.join(cfg.run_dir, "report.json"), why)
+    return why is None

@@ -1,0 +1,249 @@
+"""The pipelined loss over the ("pipe", "data") mesh: GPipe with `shard_map` + `ppermute`.
+
+Three parts, so that activations shrink with the mesh:
+
+1. ``embed`` runs outside the pipeline, batch-split over every device (`rows_spec`);
+2. only the hidden state ``h`` crosses the pipeline: each replica (a column of the mesh
+   along ``data``) cuts its ``B / data`` rows into ``microbatches``; stage ``s`` holds
+   its layer groups (`meshscale.layout.schedule`: one contiguous range, possibly uneven, or
+   ``repeats`` of them for the circular schedule); at each tick every active stage runs
+   one group on one microbatch and hands the result to the next stage (``ppermute``;
+   with ``repeats > 1`` the last stage hands it back to stage 0 for the next round).
+   Bubble ticks skip the layers (Huang et al. 2019, "GPipe"; bubble share
+   ``(p - 1) / (r M + p - 1)``). The last stage's outputs are scattered back over the
+   column's devices;
+3. ``head_loss`` runs outside the pipeline too, batch-split like ``embed``: the logits
+   (often the largest activation of an LM) exist once per row, on one device.
+
+This is MaxText's arrangement (embedding and head outside the stage loop). Layers are
+rematerialised per `Remat` policy. With ``"fsdp"`` state sharding each layer's
+parameters are gathered over ``data`` just before the layer runs, inside the
+rematerialised part (so again in the backward pass), and their gradients are
+reduce-scattered by the transpose: a device never holds more than one whole layer.
+The stored stack is padded with zero rows to a multiple of the stages
+(`meshscale.layout.schedule`), which the loop skips; for the circular schedule the step
+regroups each stage's stored rows into the groups it runs first (``regroup``).
+The backward pass is JAX autodiff through the loop; the result equals
+the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
+
+Nothing here touches optimizer state or decides shapes; `meshscale.training.trainer` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from meshscale.errors import InvalidMeshShape
+from meshscale.layout import sharding
+from meshscale.layout.mesh import AXES, DATA, PIPE, MeshShape
+from meshscale.layout.padding import pad
+from meshscale.layout.schedule import PADDING, Schedule
+from meshscale.model import rng as rng_lib
+from meshscale.model.contract import (
+    Batch,
+    FunctionalModel,
+    Params,
+    call_layer,
+    cast_floats,
+    layer_inputs,
+    mean_loss,
+)
+
+Remat = Literal["none", "layer", "stage"]
+REMATS: tuple[str, ...] = get_args(Remat)
+
+
+# What a tick keeps from its forward pass for the backward pass: its stage input
+# ("stage"), every layer's input ("layer", which recomputes one layer at a time), or all.
+LAYER_INPUT = "meshscale_layer_input"
+_POLICIES = {
+    "stage": None,
+    "layer": jax.checkpoint_policies.save_only_these_names(LAYER_INPUT),
+    "none": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def check_remat(remat: str | bool) -> Remat:
+    """`remat` as a policy name; ``True``/``False`` mean ``"layer"``/``"none"``."""
+    if remat is True or remat is False:
+        return "layer" if remat else "none"
+    if remat not in REMATS:
+        raise InvalidMeshShape(f"remat must be one of {', '.join(REMATS)}, got {remat!r}")
+    return remat  # type: ignore[return-value]
+
+
+def _varying(x: jax.Array) -> jax.Array:
+    """Mark `x` as varying over both mesh axes (needed for scan carries and cond branches)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older: aval.vma
+    varying = manual.varying if manual is not None else aval.vma
+    missing = tuple(a for a in AXES if a not in varying)
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
+    """One layer's whole leaf from its ``data`` shards (FSDP); as is when not split.
+
+    `spec` is the stacked leaf's spec; `x` is one layer of it (no layer axis)."""
+    dim = sharding.data_dim(spec)
+    return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
+
+
+def pipeline_loss(
+    fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
+    state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
+    compute_dtype: Any = None,
+) -> Callable[[Params, Batch], jax.Array]:
+    """``(params, batch, rng=None) -> loss`` computed pipelined on `mesh`; differentiable.
+
+    `params` is the model's tree as stored on `shape`'s mesh (`meshscale.layout.padding`) or with
+    the model's own shapes (padded here; the gradient then has the model's shapes).
+
+    `rng` is a step's key (`meshscale.model.rng`); layers then get per-example keys that do
+    not depend on the mesh."""
+    sched = Schedule.of(shape, fmodel.num_layers)
+    p, m, r, c = shape.pipe, shape.microbatches, shape.repeats, sched.slots
+    items = r * m
+    if r > 1:  # round k + 1 of a microbatch starts on stage 0 where round k left stage p-1
+        links = [(i, (i + 1) % p) for i in range(p)]
+    else:
+        links = [(i, i + 1) for i in range(p - 1)]
+    rows = sharding.rows_spec(shape, global_batch)
+    rows_over_pipe = rows != P(DATA)
+    layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
+    padded = bool((sched.slot_layers == PADDING).any())
+    # The stored stack, padded to `sched.rows`, is split over pipe on its layer axis.
+    fsdp = state_sharding == "fsdp"
+    stored = sharding.padded_abstract(fmodel.abstract_params(), mesh_shape=shape,
+                                      num_layers=fmodel.num_layers, rows=sched.rows,
+                                      split_over_data=fsdp)
+    specs = sharding.tree_specs(stored, mesh_shape=shape, num_layers=fmodel.num_layers,
+                                split_over_data=fsdp)[sharding.BLOCKS]
+    send_table, recv_table = (jnp.asarray(t) for t in sched.regroup_tables)
+
+    def regroup(x: jax.Array) -> jax.Array:
+        """One block leaf's stored slice (``[r c, ...]``: groups ``s r ..``) as the circular
+        schedule runs it (``[r, c, ...]``: groups ``k p + s``), moved by ``ppermute``s
+        (`Schedule.regroup_tables`): beside its own slice a stage holds one group in
+        flight, never the stack. The transpose sends the gradients back the same way."""
+        stage = lax.axis_index(PIPE)
+        stored = x.reshape(r, c, *x.shape[1:])
+        out = jnp.zeros_like(stored)
+        pick = lambda a, i: lax.dynamic_index_in_dim(a, jnp.minimum(i, r - 1), keepdims=False)
+        for t in range(p):
+            for u in range(send_table.shape[-1]):
+                sent, slot = send_table[stage, t, u], recv_table[stage, t, u]
+                piece = jnp.where(sent < r, pick(stored, sent), 0)  # index r: nothing
+                if t:
+                    piece = lax.ppermute(piece, PIPE, [(i, (i + t) % p) for i in range(p)])
+                kept = jnp.where(slot < r, piece, pick(out, slot))  # slot r: discarded
+                out = lax.dynamic_update_index_in_dim(out, kept, jnp.minimum(slot, r - 1), 0)
+        return out
+
+    def run_stage(blocks: Params, h: jax.Array, side, keys, k: jax.Array) -> jax.Array:
+        """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h`."""
+        group = (jax.tree.map(lambda x: x[0], blocks) if r == 1 else
+                 jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, k, keepdims=False),
+                              blocks))
+        layers = lax.dynamic_index_in_dim(layer_of[lax.axis_index(PIPE)], k, keepdims=False)
+
+        def apply(h, layer_params, layer):
+            # FSDP: gathered layer by layer, inside the rematerialised part, so a stage never
+            # holds more than one layer's whole parameters (and their gradient).
+            layer_params = jax.tree.map(_gather_over_data, layer_params, specs)
+            rng = rng_lib.layer_keys(keys, layer)
+            return call_layer(fmodel.merge_layer(layer_params), h, side, rng)
+
+        if remat == "layer":  # the backward pass recomputes one layer at a time
+            apply = jax.checkpoint(apply)
+        if padded:  # a slot past the end of a short group passes h on (devices along
+            # data share the stage, so an FSDP gather in the branch runs on all of them)
+            run = apply
+
+            def apply(h, layer_params, layer):
+                return lax.cond(layer != PADDING, run, lambda h, *_: h, h, layer_params, layer)
+
+        def one_layer(h, xs):
+            return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
+
+        return lax.scan(one_layer, h, (group, layers))[0]
+
+    def stage_or_pass(blocks: Params, x: jax.Array, side, keys, k, active: jax.Array):
+        return lax.cond(active, run_stage, lambda _, h, *__: h, blocks, x, side, keys, k)
+
+    # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
+    # parameters, which the scan hoists out; a cond differentiated as is keeps its
+    # branches' residuals per tick, the stage's parameters included (measured).
+    stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
+
+    def stages(blocks: Params, h0: jax.Array, side, keys) -> jax.Array:
+        # Everything the loop reads is made varying over both axes *before* the loop: the
+        # transpose of that cast is a psum over pipe, which must run on every device, never
+        # inside a branch of the stage conds below (a collective whose devices take
+        # different branches deadlocks). The FSDP gathers inside `run_stage` are over
+        # data only: those devices share a stage and tick, so they take the same branch.
+        blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
+        blocks = jax.tree.map(regroup if not sched.contiguous else
+                              lambda x: x.reshape(r, c, *x.shape[1:]), blocks)
+        stage = lax.axis_index(PIPE)
+        split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
+        pick = lambda tree, i: jax.tree.map(
+            lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+        micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
+
+        def tick(carry, t):
+            if r > 1:
+                # Stage 0's inbox: microbatch slot j holds round 0's input, then the last
+                # stage's output of item t - p (received now) for the next round.
+                received, inbox = carry
+                back = jnp.maximum(t - p, 0) % m
+                kept = jnp.where(t >= p, received, pick(inbox, back))
+                inbox = lax.dynamic_update_index_in_dim(inbox, kept, back, 0)
+                fresh = pick(inbox, t % m)
+            else:  # GPipe: stage 0 takes microbatch t while t < m
+                received, fresh = carry, pick(micro, jnp.minimum(t, m - 1))
+            x = jnp.where(stage == 0, fresh, received)
+            item = t - stage
+            active = (item >= 0) & (item < items)
+            item = jnp.clip(item, 0, items - 1)
+            mine = item % m  # the microbatch this stage holds
+            y = stage_or_pass(blocks, x, pick(side, mine), pick(keys, mine), item // m, active)
+            sent = lax.ppermute(y, PIPE, links) if p > 1 else y
+            return ((sent, inbox) if r > 1 else sent), y
+
+        start = jnp.zeros_like(micro[0])
+        _, outs = lax.scan(tick, (start, micro) if r > 1 else start, jnp.arange(sched.ticks))
+        # The last stage's outputs of the last round, microbatch order.
+        out = outs[items - m + p - 1:].reshape(h0.shape)
+        out = jnp.where(stage == p - 1, out, jnp.zeros_like(out))
+        if rows_over_pipe:  # each stage keeps its share of the column's rows
+            return lax.psum_scatter(out, PIPE, scatter_dimension=0, tiled=True)
+        return lax.psum(out, PIPE)
+
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        def constrain(tree):
+            return jax.tree.map(
+                lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
+
+        batch = constrain(batch)
+        params = pad(params, stored)  # as stored on this mesh (a model-shaped tree is padded)
+        params = cast_floats(params, compute_dtype)  # float32 master weights stay outside
+        model = fmodel.merge(params)
+        h0 = constrain(model.embed(batch))
+        side = constrain(layer_inputs(model, batch))
+        keys = constrain(rng_lib.example_keys(rng, global_batch))
+        per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
+        body = jax.shard_map(stages, mesh=mesh,
+                             in_specs=(specs, P(DATA), *per_example), out_specs=rows)
+        h = body(params[sharding.BLOCKS], h0, side, keys)
+        return mean_loss(model.head_loss(h, batch))
+
+    return loss_fn
