@@ -12,7 +12,11 @@ class InsufficientDevices(MeshscaleError):
     """Fewer devices than the request needs (a mesh shape, or `p_min`)."""
 
 
-class InvalidMeshShape(MeshscaleError):
+class InvalidArgument(MeshscaleError):
+    """An argument of the wrong type or out of range (a bad flag, an unknown option value)."""
+
+
+class InvalidMeshShape(InvalidArgument):
     """A mesh shape that cannot run this model and batch (layers, batch, microbatches)."""
 
 

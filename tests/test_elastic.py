@@ -20,7 +20,7 @@ from meshscale import (
     CompileCache,
     IncompatibleCheckpoint,
     InsufficientDevices,
-    InvalidMeshShape,
+    InvalidArgument,
     MeshShape,
     ResourceError,
     Trainer,
@@ -228,9 +228,9 @@ def test_init_refuses_too_few_devices_and_leaves_the_checkpoints_alone(tmp_path)
 
 
 def test_bad_options_are_refused(tmp_path):
-    with pytest.raises(InvalidMeshShape, match="p_min=9 is larger than the model's 8 layers"):
+    with pytest.raises(InvalidArgument, match="p_min=9 is larger than the model's 8 layers"):
         elastic(tmp_path, resources.Static(8), p_min=9)
-    with pytest.raises(InvalidMeshShape, match="switch_via must be"):
+    with pytest.raises(InvalidArgument, match="switch_via must be"):
         elastic(tmp_path, resources.Static(8), switch_via="teleport")
     with pytest.raises(ResourceError):
         resources.FileSource(tmp_path / "missing.txt")

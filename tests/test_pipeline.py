@@ -11,7 +11,14 @@ import pytest
 from flax import nnx
 from meshscale.models.gpt import GPT
 
-from meshscale import InvalidMeshShape, LayerStack, MeshShape, Trainer, stack_layers
+from meshscale import (
+    InvalidArgument,
+    InvalidMeshShape,
+    LayerStack,
+    MeshShape,
+    Trainer,
+    stack_layers,
+)
 from meshscale.layout.sharding import STATE_SHARDINGS
 from meshscale.model.contract import FunctionalModel
 from tests.helpers import (
@@ -121,9 +128,10 @@ def test_every_remat_policy_gives_the_same_gradients(remat):
 
 
 def test_bad_remat_and_state_sharding_are_refused():
-    with pytest.raises(InvalidMeshShape, match="remat must be one of none, layer, stage"):
+    with pytest.raises(InvalidArgument, match="remat must be one of none, layer, stage") as e:
         Trainer(make_model("mlp"), make_optimizer(), global_batch=GLOBAL_BATCH, remat="all")
-    with pytest.raises(InvalidMeshShape, match="state_sharding must be one of replicate"):
+    assert not isinstance(e.value, InvalidMeshShape)  # an argument, not a mesh
+    with pytest.raises(InvalidArgument, match="state_sharding must be one of replicate"):
         Trainer(make_model("mlp"), make_optimizer(), global_batch=GLOBAL_BATCH,
                 state_sharding="zero3")
 

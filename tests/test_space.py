@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshscale import InsufficientDevices, InvalidMeshShape, MeshShape
+from meshscale import InsufficientDevices, InvalidArgument, MeshShape
 from meshscale.planning.space import (
     candidates,
     default_microbatches,
@@ -188,9 +188,9 @@ def test_bounds_and_bad_arguments():
     assert candidates(4, p_min=2, num_layers=1, global_batch=8) == []  # no stage fits
     assert [c.shape.pipe for c in candidates(4, p_min=2, num_layers=5, global_batch=8)] == [
         2, 3, 4]  # any width up to the layers, even or not
-    with pytest.raises(InvalidMeshShape, match="max_pipe"):
+    with pytest.raises(InvalidArgument, match="max_pipe"):
         candidates(8, p_min=4, num_layers=8, global_batch=8, max_pipe=2)
-    with pytest.raises(InvalidMeshShape, match="p_min"):
+    with pytest.raises(InvalidArgument, match="p_min"):
         candidates(8, p_min=0, num_layers=8, global_batch=8)
 
 
@@ -201,7 +201,7 @@ def test_repeat_choices_and_circular_candidates():
     assert repeat_choices(1, 8, 32) == [1]  # one stage has no bubble
     assert repeat_choices(4, 8, 32, None) == [1]
     assert repeat_choices(4, 8, 32, [3]) == [1, 3]
-    with pytest.raises(InvalidMeshShape, match="repeats must be"):
+    with pytest.raises(InvalidArgument, match="repeats must be"):
         repeat_choices(4, 8, 32, "some")
     found = candidates(6, p_min=2, num_layers=8, global_batch=32, repeats="all")
     assert [str(c.shape) for c in found] == [

@@ -62,6 +62,7 @@ from meshscale.errors import (
     IncompatibleCheckpoint,
     InsufficientDevices,
     Interrupted,
+    InvalidArgument,
     InvalidMeshShape,
     NonFiniteStep,
 )
@@ -146,27 +147,27 @@ class ElasticTrainer:
                  precompile: str | Sequence[int] = "auto", precompile_budget: int = 8,
                  timing_window: int = 10, history_limit: int = 10_000):
         if switch_via not in ("checkpoint", "memory"):
-            raise InvalidMeshShape(
+            raise InvalidArgument(
                 f"switch_via must be 'checkpoint' or 'memory', got {switch_via!r}")
         if on_nonfinite not in NONFINITE_POLICIES:
-            raise InvalidMeshShape(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got "
+            raise InvalidArgument(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got "
                                    f"{on_nonfinite!r}")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 1):
-            raise InvalidMeshShape(f"checkpoint_every must be a positive int or None (no "
+            raise InvalidArgument(f"checkpoint_every must be a positive int or None (no "
                                    f"checkpoints), got {checkpoint_every!r}")
         for name, value in (("check_every", check_every), ("timing_window", timing_window),
                             ("history_limit", history_limit)):
             if not isinstance(value, int) or value < 1:
-                raise InvalidMeshShape(f"{name} must be a positive int, got {value!r}")
+                raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
         self.trainer = Trainer(model, optimizer, global_batch=global_batch,
                                example_batch=example_batch, remat=remat,
                                state_sharding=state_sharding, cache=compile_cache,
                                skip_nonfinite=on_nonfinite == "skip_step")
         if not isinstance(p_min, int) or p_min < 1:
-            raise InvalidMeshShape(f"p_min must be a positive int, got {p_min!r}")
+            raise InvalidArgument(f"p_min must be a positive int, got {p_min!r}")
         if p_min > self.trainer.num_layers:
-            raise InvalidMeshShape(
+            raise InvalidArgument(
                 f"p_min={p_min} is larger than the model's {self.trainer.num_layers} layers: "
                 f"a stage needs at least one layer, lower p_min")
         self.p_min = p_min

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from meshscale.errors import InvalidMeshShape
+from meshscale.errors import InvalidArgument
 from meshscale.layout.mesh import DATA, PIPE, MeshShape
 
 StateSharding = Literal["replicate", "zero1", "fsdp"]
@@ -43,7 +43,7 @@ PAD_MIN_ELEMENTS = 2**18  # smaller non-block leaves are never padded (`padded_s
 
 def check_state_sharding(mode: str) -> StateSharding:
     if mode not in STATE_SHARDINGS:
-        raise InvalidMeshShape(
+        raise InvalidArgument(
             f"state_sharding must be one of {', '.join(STATE_SHARDINGS)}, got {mode!r}")
     return mode  # type: ignore[return-value]
 

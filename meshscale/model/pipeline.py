@@ -41,7 +41,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from meshscale.errors import InvalidMeshShape
+from meshscale.errors import InvalidArgument
 from meshscale.layout import sharding
 from meshscale.layout.mesh import AXES, DATA, PIPE, MeshShape
 from meshscale.layout.padding import pad
@@ -76,7 +76,7 @@ def check_remat(remat: str | bool) -> Remat:
     if remat is True or remat is False:
         return "layer" if remat else "none"
     if remat not in REMATS:
-        raise InvalidMeshShape(f"remat must be one of {', '.join(REMATS)}, got {remat!r}")
+        raise InvalidArgument(f"remat must be one of {', '.join(REMATS)}, got {remat!r}")
     return remat  # type: ignore[return-value]
 
 

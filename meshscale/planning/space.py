@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
-from meshscale.errors import InsufficientDevices, InvalidMeshShape
+from meshscale.errors import InsufficientDevices, InvalidArgument
 from meshscale.layout.mesh import MeshShape
 
 Kind = Literal["current", "vertical", "horizontal"]
@@ -97,7 +97,7 @@ def _microbatch_options(pipe: int, replica_batch: int, microbatches: MicrobatchC
     if microbatches == "all":
         return microbatch_choices(pipe, replica_batch)
     if isinstance(microbatches, str):
-        raise InvalidMeshShape(
+        raise InvalidArgument(
             f"microbatches must be None, 'all' or a list of ints, got {microbatches!r}")
     return sorted({int(m) for m in microbatches if m >= 1 and replica_batch % m == 0})
 
@@ -109,7 +109,7 @@ def repeat_choices(pipe: int, microbatches: int, num_layers: int,
     if repeats is None:
         return [1]
     if isinstance(repeats, str) and repeats != "all":
-        raise InvalidMeshShape(f"repeats must be None, 'all' or a list of ints, got {repeats!r}")
+        raise InvalidArgument(f"repeats must be None, 'all' or a list of ints, got {repeats!r}")
     wanted = REPEAT_CHOICES if repeats == "all" else {int(r) for r in repeats}
     return sorted({1} | {r for r in wanted if r > 1 and pipe > 1 and microbatches >= pipe
                          and pipe * r <= num_layers})
@@ -156,15 +156,15 @@ def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int
 
     Raises:
       InsufficientDevices: `n_devices < p_min` (no mesh can hold one model copy).
-      InvalidMeshShape: nonsensical arguments (non-positive counts).
+      InvalidArgument: nonsensical arguments (non-positive counts).
     """
     for name, value in (("n_devices", n_devices), ("p_min", p_min),
                         ("num_layers", num_layers), ("global_batch", global_batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidMeshShape(f"{name} must be a positive int, got {value!r}")
+            raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
     require_devices(n_devices, p_min)
     if max_pipe is not None and max_pipe < p_min:
-        raise InvalidMeshShape(f"max_pipe={max_pipe} is below p_min={p_min}: raise max_pipe")
+        raise InvalidArgument(f"max_pipe={max_pipe} is below p_min={p_min}: raise max_pipe")
     reference = current if current is not None else MeshShape(p_min, 1)
     refit = _refit(current, n_devices, p_min=p_min, num_layers=num_layers,
                    global_batch=global_batch, max_pipe=max_pipe)

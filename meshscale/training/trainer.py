@@ -20,7 +20,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from meshscale.errors import ContractError, InsufficientDevices, InvalidBatch, InvalidMeshShape
+from meshscale.errors import (
+    ContractError,
+    InsufficientDevices,
+    InvalidArgument,
+    InvalidBatch,
+    InvalidMeshShape,
+)
 from meshscale.layout import padding, schedule, sharding
 from meshscale.layout.mesh import MeshShape, device_ids, make_mesh
 from meshscale.layout.placement import move_tree
@@ -102,16 +108,16 @@ class Trainer:
         self.initial_params = params if concrete and self._constructor is None else None
         self.optimizer = optimizer
         if not isinstance(global_batch, int) or global_batch < 1:
-            raise InvalidMeshShape(f"global_batch must be a positive int, got {global_batch!r}")
+            raise InvalidArgument(f"global_batch must be a positive int, got {global_batch!r}")
         self.global_batch = global_batch
         self.state_sharding = sharding.check_state_sharding(state_sharding)
         self.remat = check_remat(remat)
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
         if self.compute_dtype is not None and not jnp.issubdtype(self.compute_dtype,
                                                                  jnp.floating):
-            raise InvalidMeshShape(f"compute_dtype must be a float dtype, got {compute_dtype}")
+            raise InvalidArgument(f"compute_dtype must be a float dtype, got {compute_dtype}")
         if rng_seed is not None and not isinstance(rng_seed, int):
-            raise InvalidMeshShape(f"rng_seed must be an int or None, got {rng_seed!r}")
+            raise InvalidArgument(f"rng_seed must be an int or None, got {rng_seed!r}")
         self.rng_seed = rng_seed
         self._name = type(model).__name__
         self._batch_spec = None
