@@ -19,11 +19,12 @@ from meshscale.errors import (
 from meshscale.layout.mesh import MeshShape, make_mesh
 from meshscale.model.contract import LayerStack, ReshardableModel, run_layers, stack_layers
 from meshscale.planning.search import Baseline, Decision, search
-from meshscale.planning.space import Candidate, candidates
+from meshscale.planning.space import Candidate, SearchSpace, candidates
 from meshscale.planning.tryrun import TryRunResult, try_run
 from meshscale.runtime import distributed
 from meshscale.store.checkpoint import Checkpointer
 from meshscale.training.compile_cache import CompileCache, enable_persistent_cache
+from meshscale.training.timing import Timing
 from meshscale.training.trainer import Trainer, TrainState
 
 __version__ = "0.1.0"
@@ -53,6 +54,8 @@ __all__ = [
     "stack_layers",
     "Baseline",
     "Candidate",
+    "SearchSpace",
+    "Timing",
     "Decision",
     "TryRunResult",
     "candidates",

@@ -24,13 +24,16 @@ import sys
 import time
 from pathlib import Path
 
+from meshscale.planning.space import SearchSpace
 from meshscale.runtime import distributed
+from meshscale.training.timing import Timing
 
 BATCH = 24
 SHAPES = ("2x4/m2", "4x2/m2")  # both span every process of 2 x 4 and 4 x 2 devices
 STEPS = 3  # per mesh, plain Trainer
 TRAIN_STEPS, SAVED_STEP = 5, 3  # the elastic run checkpoints at step 3, goes on to step 5
-SEARCH = {"warmup": 1, "steps": 1, "max_pipe": 4, "microbatches": [2]}
+SEARCH = {"timing": Timing(warmup=1, steps=1),
+          "space": SearchSpace(p_min=2, max_pipe=4, microbatches=[2])}
 CANDIDATES = ("2x4/m2", "3x2/m2", "4x2/m2")  # SEARCH's space on 8 devices
 START = time.perf_counter()
 
@@ -98,7 +101,7 @@ def searches(trainer, state) -> tuple:
     from meshscale.planning.tryrun import TryRunResult
 
     batches = host_batches(TRAIN_STEPS)[:2]
-    measured = search(trainer, state, batches, jax.devices(), p_min=2, **SEARCH)
+    measured = search(trainer, state, batches, jax.devices(), **SEARCH)
 
     def disagreeing(candidate):
         """Process 0 finds deep pipelines fast, the others shallow ones."""
@@ -107,7 +110,7 @@ def searches(trainer, state) -> tuple:
         return TryRunResult(candidate.shape, candidate.kind, "ok", step_seconds=BATCH / speed,
                             samples_per_second=speed, num_devices=candidate.shape.num_devices)
 
-    injected = search(trainer, state, batches, jax.devices(), p_min=2, measure=disagreeing,
+    injected = search(trainer, state, batches, jax.devices(), measure=disagreeing,
                       **SEARCH)
     return measured, injected, one_sided_failure(trainer, state, batches)
 
@@ -129,7 +132,7 @@ def one_sided_failure(trainer, state, batches):
 
     tryrun.copy_state = failing
     try:
-        return search(trainer, state, batches, jax.devices(), p_min=2, **SEARCH)
+        return search(trainer, state, batches, jax.devices(), **SEARCH)
     finally:
         tryrun.copy_state = place
 

@@ -5,9 +5,11 @@ import types
 
 import pytest
 
-from meshscale import Baseline, Candidate, MeshShape, TryRunResult, search
+from meshscale import Baseline, Candidate, MeshShape, SearchSpace, TryRunResult, search
 from meshscale.errors import MeshscaleError
 from meshscale.planning.search import decide, payback_seconds
+
+P_MIN_2 = SearchSpace(p_min=2)
 
 BATCH = 32
 FAKE_TRAINER = types.SimpleNamespace(num_layers=8, global_batch=BATCH)
@@ -64,7 +66,7 @@ def test_failed_candidate_is_recorded_and_search_goes_on(devices):
             return failed(str(c.shape))
         return ran(str(c.shape), 130.0 if c.shape.pipe == 2 else 120.0, c.kind)
 
-    d = search(FAKE_TRAINER, None, [], devices, p_min=2, measure=measure)
+    d = search(FAKE_TRAINER, None, [], devices, space=P_MIN_2, measure=measure)
     assert [str(r.shape) for r in d.results] == ["2x4/m4", "3x2/m8", "4x2/m8", "5x1/m16",
                                                  "6x1/m16", "7x1/m16", "8x1/m16"]
     statuses = [r.status for r in d.results]
@@ -128,7 +130,7 @@ def test_search_passes_candidates_in_order_and_uses_baseline_shape(devices):
         seen.append((str(c.shape), c.kind))
         return ran(str(c.shape), 100.0 + c.shape.data, c.kind)
 
-    d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, baseline=base(100.0, "2x2/m2"),
+    d = search(FAKE_TRAINER, None, [], devices[:6], space=P_MIN_2, baseline=base(100.0, "2x2/m2"),
                measure=measure)
     # 6 % 2 == 0 but B % 3 != 0: pipe 2 stays at data 2; every pipe width up to 6 is tried.
     assert seen == [("2x2/m2", "current"), ("3x2/m8", "vertical"), ("4x1/m8", "vertical"),
@@ -147,7 +149,8 @@ def test_baseline_from_step_times_skips_compile_and_warmup():
 
 def test_auto_p_min_without_budget_on_cpu_says_what_to_pass(devices):
     with pytest.raises(MeshscaleError, match="memory_budget"):
-        search(FAKE_TRAINER, None, [], devices, p_min="auto", measure=lambda c: None)
+        search(FAKE_TRAINER, None, [], devices, space=SearchSpace(p_min="auto"),
+               measure=lambda c: None)
 
 
 def test_the_current_meshs_own_try_run_is_the_baseline_like_with_like(devices):
@@ -156,18 +159,32 @@ def test_the_current_meshs_own_try_run_is_the_baseline_like_with_like(devices):
     speeds = {MeshShape.parse("2x2/m2"): 74.0, MeshShape.parse("4x1/m8"): 73.0}
     measure = lambda c: ran(str(c.shape), speeds[c.shape], c.kind)  # noqa: E731
     steps_baseline = base(130.0, "2x2/m2")
-    d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, baseline=steps_baseline,
+    d = search(FAKE_TRAINER, None, [], devices[:6], space=P_MIN_2, baseline=steps_baseline,
                measure=measure)
     assert d.baseline.source == "try-run" and d.baseline.samples_per_second == 74.0
     assert d.improvement == pytest.approx(0.0) and not d.switch  # best is the current mesh
     # too few ordinary steps (no baseline): the current mesh's try-run, not the start-up rule
     speeds[MeshShape.parse("4x1/m8")] = 75.0
-    d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, current=MeshShape.parse("2x2/m2"),
-               measure=measure)
+    d = search(FAKE_TRAINER, None, [], devices[:6], space=P_MIN_2,
+               current=MeshShape.parse("2x2/m2"), measure=measure)
     assert d.baseline.source == "try-run" and not d.switch  # +1.4%: below the threshold
     assert d.improvement == pytest.approx(75.0 / 74.0 - 1.0)
     # the current mesh's try-run failed: the ordinary steps' baseline is all there is
     failing = lambda c: failed(str(c.shape)) if c.kind == "current" else measure(c)  # noqa: E731
-    d = search(FAKE_TRAINER, None, [], devices[:6], p_min=2, baseline=steps_baseline,
+    d = search(FAKE_TRAINER, None, [], devices[:6], space=P_MIN_2, baseline=steps_baseline,
                measure=failing)
     assert d.baseline == steps_baseline and not d.switch
+
+
+def test_old_search_keywords_still_work_deprecated_and_never_mix_with_space(devices):
+    measure = lambda c: ran(str(c.shape), 100.0 + c.shape.pipe, c.kind)
+    new = search(FAKE_TRAINER, None, [], devices, space=SearchSpace(p_min=2, max_pipe=3),
+                 measure=measure)
+    with pytest.warns(DeprecationWarning, match="pass space=SearchSpace"):
+        old = search(FAKE_TRAINER, None, [], devices, p_min=2, max_pipe=3, measure=measure)
+    assert [r.shape for r in old.results] == [r.shape for r in new.results]
+    assert max(r.shape.pipe for r in new.results) == 3
+    with pytest.raises(MeshscaleError, match="not both"):
+        search(FAKE_TRAINER, None, [], devices, space=P_MIN_2, p_min=2, measure=measure)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        search(FAKE_TRAINER, None, [], devices, space=P_MIN_2, warmpu=1, measure=measure)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshscale import InsufficientDevices, InvalidArgument, MeshShape
+from meshscale import InsufficientDevices, InvalidArgument, MeshShape, SearchSpace
 from meshscale.planning.space import (
     candidates,
     default_microbatches,
@@ -212,3 +212,19 @@ def test_repeat_choices_and_circular_candidates():
                       current=MeshShape(2, 4, 4, repeats=2))
     assert [(str(c.shape), c.kind) for c in kept] == [
         ("2x2/m4/r2", "current"), ("3x1/m8", "vertical"), ("4x1/m8", "vertical")]
+
+
+def test_search_space_is_one_checked_object_and_lists_the_rule():
+    space = SearchSpace(p_min=2, max_pipe=4, microbatches=[4, 2], repeats="all")
+    assert space.microbatches == (4, 2) and hash(space)  # frozen, hashable
+    assert space.candidates(8, num_layers=8, global_batch=16) == candidates(
+        8, p_min=2, num_layers=8, global_batch=16, max_pipe=4, microbatches=[2, 4],
+        repeats="all")
+    with pytest.raises(InvalidArgument, match="max_pipe=1 is below p_min=2"):
+        SearchSpace(p_min=2, max_pipe=1)
+    with pytest.raises(InvalidArgument, match="p_min must be a positive int or 'auto'"):
+        SearchSpace(p_min=0)
+    with pytest.raises(InvalidArgument, match="repeats must be None, 'all'"):
+        SearchSpace(repeats="some")
+    with pytest.raises(InvalidArgument, match="must be resolved first"):
+        SearchSpace(p_min="auto").candidates(8, num_layers=8, global_batch=16)

@@ -13,6 +13,7 @@ from meshscale.models.mlp import MLPConfig, ResidualMLP
 from meshscale import (
     ContractError,
     InsufficientDevices,
+    InvalidArgument,
     InvalidMeshShape,
     LayerStack,
     MeshShape,
@@ -213,3 +214,34 @@ class WithBatchStats(LayerStack):
 def test_models_breaking_the_contract_are_refused(model, message):
     with pytest.raises(ContractError, match=message):
         Trainer(model, optax.sgd(0.1), global_batch=4, example_batch={"x": np.zeros((4, 3))})
+
+
+def test_layout_is_computed_once_per_mesh_and_read_by_every_placement_question(devices):
+    trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=8)
+    shape = MeshShape(2, 2, 2)
+    layout = trainer.layout(shape, devices[:4])
+    assert trainer.layout(shape, devices[:4]) is layout  # cached
+    assert trainer.layout(shape, devices[4:]) is not layout  # other devices, other mesh
+    assert trainer.shardings(shape, devices[:4]) is layout.shardings
+    assert trainer.targets(shape, devices[:4]) is layout.targets
+    assert trainer.abstract_state(shape) is layout.abstract
+    assert trainer.specs(shape) is layout.specs
+    rows = jax.tree.leaves(trainer.batch_sharding(shape, devices[:4]))
+    assert rows and all(s is layout.rows for s in rows)
+    # the targets carry the stored (padded) shapes with their shardings
+    for target, abstract, sharding in zip(jax.tree.leaves(layout.targets),
+                                          jax.tree.leaves(layout.abstract),
+                                          jax.tree.leaves(layout.shardings), strict=True):
+        assert target.shape == abstract.shape and target.sharding == sharding
+
+
+def test_timing_is_checked_and_the_timer_never_times_warmup():
+    from meshscale import Timing
+    from meshscale.training.timing import WARMUP_STEPS, time_steps
+
+    assert Timing().warmup == WARMUP_STEPS
+    with pytest.raises(InvalidArgument, match="Timing.window must be a positive int"):
+        Timing(window=0)
+    calls = []
+    times = time_steps(lambda i: calls.append(i) or jnp.zeros(()), warmup=2, steps=3)
+    assert calls == [0, 1, 2, 3, 4] and len(times) == 3 and all(t >= 0 for t in times)

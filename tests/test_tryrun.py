@@ -10,7 +10,16 @@ from flax import nnx
 from meshscale.models.gpt import GPT, GPTConfig
 from meshscale.models.mlp import MLPConfig, ResidualMLP
 
-from meshscale import Candidate, InsufficientDevices, MeshShape, Trainer, search, try_run
+from meshscale import (
+    Candidate,
+    InsufficientDevices,
+    MeshShape,
+    SearchSpace,
+    Timing,
+    Trainer,
+    search,
+    try_run,
+)
 from meshscale.planning.memory import auto_p_min, bytes_per_device
 from meshscale.planning.tryrun import LiveState
 
@@ -42,7 +51,7 @@ def test_try_run_measures_and_leaves_live_state_unchanged(mlp, devices):
     # the live state's own shape: placement aliases it, only the copy protects it (the
     # GPT search below covers placing onto another mesh)
     r = try_run(trainer, state, batches, Candidate(LIVE, "current"), devices[:4],
-                warmup=1, steps=3)
+                timing=Timing(warmup=1, steps=3))
     assert_unchanged(state, before)
     assert r.ok, r.status
     assert r.compile_origin == "on-demand" and r.compile_seconds > 0
@@ -51,7 +60,7 @@ def test_try_run_measures_and_leaves_live_state_unchanged(mlp, devices):
     assert 0 < r.tryrun_samples_per_second < r.samples_per_second
     assert r.step_spread >= 0 and r.bytes_per_device > 0 and r.num_devices == 4
     again = try_run(trainer, state, batches, Candidate(LIVE, "current"), devices[:4],
-                    warmup=0, steps=1)
+                    timing=Timing(warmup=0, steps=1))
     assert again.ok and again.compile_origin == "hit"
     assert_unchanged(state, before)
 
@@ -126,9 +135,11 @@ def test_gpt_search_runs_every_candidate_and_second_search_compiles_nothing(devi
     state = trainer.init_state(MeshShape(2, 4, 2), devices)  # the live state, at start-up
     before = snapshot(state)
 
-    first = search(trainer, state, batches, devices, p_min=2, warmup=1, steps=2)
+    first = search(trainer, state, batches, devices, space=SearchSpace(p_min=2),
+                    timing=Timing(warmup=1, steps=2))
     compiles = trainer.cache.compiles
-    second = search(trainer, state, batches, devices, p_min=2, warmup=1, steps=2)
+    second = search(trainer, state, batches, devices, space=SearchSpace(p_min=2),
+                    timing=Timing(warmup=1, steps=2))
 
     assert [(str(r.shape), r.kind) for r in first.results] == [
         ("2x4/m4", "horizontal"), ("3x2/m8", "horizontal"), ("4x2/m8", "horizontal")]
@@ -143,7 +154,8 @@ def test_gpt_search_runs_every_candidate_and_second_search_compiles_nothing(devi
         assert d.best.samples_per_second == max(r.samples_per_second for r in ran)
         assert d.switch and d.target == d.best.shape  # start-up: run the best
         assert d.max_useful_devices in {r.num_devices for r in ran}
-    tight = search(trainer, state, batches, devices, p_min=2, memory_budget="1KiB")
+    tight = search(trainer, state, batches, devices,
+                   space=SearchSpace(p_min=2, memory_budget="1KiB"))
     assert all(r.status.startswith("skipped: would need") for r in tight.results)
     assert tight.best is None and not tight.switch and trainer.cache.compiles == compiles
     assert_unchanged(state, before)
@@ -158,15 +170,15 @@ def test_candidate_fitting_only_without_the_live_state_releases_it(mlp, devices)
     budget = bytes_per_device(need) + live_bytes // 2  # fits alone, not beside
     before = snapshot(state)
     kept = try_run(trainer, state, batches, Candidate(LIVE, "current"), devices[:4],
-                   warmup=0, steps=1, memory_budget=budget)
+                   timing=Timing(warmup=0, steps=1), memory_budget=budget)
     assert kept.status.endswith("with the live state beside it"), kept.status
     assert_unchanged(state, before)
     restored = []
     live = LiveState(state, restore=lambda shape, devs: restored.append(shape))
     result = try_run(trainer, live, batches, Candidate(LIVE, "current"), devices[:4],
-                     warmup=0, steps=1, memory_budget=budget)
+                     timing=Timing(warmup=0, steps=1), memory_budget=budget)
     assert result.ok, result.status
     assert live.released and all(x.is_deleted() for x in jax.tree.leaves(state))
     elsewhere = try_run(trainer, live, batches, Candidate(MeshShape(2, 2, 2), "current"),
-                        devices[4:], warmup=0, steps=1, memory_budget=budget)
+                        devices[4:], timing=Timing(warmup=0, steps=1), memory_budget=budget)
     assert elsewhere.ok and restored == []  # the owner restores, after its decision

@@ -24,18 +24,25 @@ import logging
 import math
 import os
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
 
-from meshscale.errors import InsufficientDevices, InvalidMeshShape, MeshscaleError
+from meshscale.errors import (
+    InsufficientDevices,
+    InvalidArgument,
+    InvalidMeshShape,
+    MeshscaleError,
+)
 from meshscale.layout.mesh import MeshShape
 from meshscale.model.contract import Batch
 from meshscale.planning import memory
-from meshscale.planning.space import Candidate, MicrobatchChoice, RepeatChoice, candidates
+from meshscale.planning.space import Candidate, SearchSpace
 from meshscale.planning.tryrun import LiveState, TryRunResult, failure_status, try_run
 from meshscale.runtime import distributed
 from meshscale.training.compile_cache import enable_persistent_cache
+from meshscale.training.timing import WARMUP_STEPS, Timing
 from meshscale.training.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,7 @@ class Baseline:
 
     @classmethod
     def from_step_times(cls, times: Sequence[float], global_batch: int, shape: MeshShape, *,
-                        skip: int = 2) -> Baseline:
+                        skip: int = WARMUP_STEPS) -> Baseline:
         """Global batch / median step time, after dropping the first `skip` steps.
 
         The first steps on a mesh include compiling and first-run allocation, which say
@@ -212,15 +219,12 @@ def decide(baseline: Baseline | None, results: Sequence[TryRunResult], *,
 
 
 def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Batch],
-           devices: Sequence[jax.Device], *, p_min: int | str,
-           baseline: Baseline | None = None, threshold: float = 0.05,
-           current: MeshShape | None = None, max_pipe: int | None = None,
-           microbatches: MicrobatchChoice = None, repeats: RepeatChoice = None,
-           warmup: int = 2, steps: int = 5,
+           devices: Sequence[jax.Device], *, space: SearchSpace | None = None,
+           timing: Timing | None = None, baseline: Baseline | None = None,
+           threshold: float = 0.05, current: MeshShape | None = None,
            remaining_steps: int | None = None, switch_cost: float | None = None,
-           eps: float = 0.05, memory_budget: str | int | None = None,
-           measure: Measure | None = None,
-           compile_cache_dir: str | os.PathLike | None = None) -> Decision:
+           eps: float = 0.05, measure: Measure | None = None,
+           compile_cache_dir: str | os.PathLike | None = None, **legacy) -> Decision:
     """Try-run every candidate mesh on `devices` and decide whether to switch.
 
     Args:
@@ -231,30 +235,31 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         live state release it (the caller restores it after the decision).
       batches: host batches for the try-runs, used cyclically.
       devices: the devices available now.
-      p_min: fewest pipeline stages, or ``"auto"``: the smallest pipe width whose compiled
-        step fits `memory_budget` (`meshscale.planning.memory.auto_p_min`).
+      space: the meshes to consider (`SearchSpace`: p_min, which may be ``"auto"``,
+        max_pipe, microbatches, repeats, memory_budget); the same object the
+        precompiler reads.
+      timing: warm-up and timed steps per try-run (`Timing`).
       baseline: the running mesh's throughput from ordinary steps (None at start-up or
         when too few were timed); replaced by the current mesh's own try-run whenever
         that ran (`like_with_like`).
       current: the running shape (defaults to ``baseline.shape``).
-      max_pipe, microbatches, repeats: bounds of the search space
-        (`meshscale.planning.space.candidates`; ``repeats="all"`` also tries the circular schedule).
-      warmup, steps: untimed and timed steps per try-run.
       remaining_steps, switch_cost, threshold, eps: see `decide`.
-      memory_budget: bytes per device (int or ``"2GiB"``), capping the backend's limit;
-        candidates that would not fit are skipped unrun. None: the backend's limit, if any.
       measure: replaces `try_run` (``Candidate -> TryRunResult``), e.g. in tests.
       compile_cache_dir: turn on JAX's persistent compilation cache there (put it under
         the run directory, so a restarted job loads instead of compiling).
+      legacy: the keywords of the old form (p_min, max_pipe, microbatches, repeats,
+        memory_budget, warmup, steps), deprecated: pass `space` and `timing`.
 
     Raises:
       InsufficientDevices: fewer devices than `p_min`.
       InvalidMeshShape: no valid shape at all on these devices.
     """
+    space, timing = options_from_legacy(space, timing, legacy, "search")
+    p_min = space.p_min
     devices = list(devices)
     if compile_cache_dir is not None:
         enable_persistent_cache(compile_cache_dir)
-    budget = distributed.broadcast(memory.memory_budget(devices, memory_budget))
+    budget = distributed.broadcast(memory.memory_budget(devices, space.memory_budget))
     if p_min == "auto":
         if budget is None:
             raise MeshscaleError("p_min='auto' needs a memory budget and this backend reports "
@@ -271,19 +276,18 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         log.info("p_min auto: %d", p_min)
     if current is None and baseline is not None:
         current = baseline.shape
-    found = candidates(len(devices), p_min=p_min, num_layers=trainer.num_layers,
-                       global_batch=trainer.global_batch, current=current,
-                       max_pipe=max_pipe, microbatches=microbatches, repeats=repeats)
+    found = space.candidates(len(devices), num_layers=trainer.num_layers,
+                             global_batch=trainer.global_batch, current=current, p_min=p_min)
     if not found:
         raise InvalidMeshShape(
             f"no valid mesh on {len(devices)} devices with p_min={p_min}: no pipe width in "
-            f"[{p_min}, {max_pipe or len(devices)}] is at most num_layers="
+            f"[{p_min}, {space.max_pipe or len(devices)}] is at most num_layers="
             f"{trainer.num_layers} with a data axis dividing global batch "
             f"{trainer.global_batch}: lower p_min or max_pipe")
     if measure is None:
         def measure(candidate: Candidate) -> TryRunResult:
-            return try_run(trainer, state, batches, candidate, devices, warmup=warmup,
-                           steps=steps, memory_budget=budget)
+            return try_run(trainer, state, batches, candidate, devices, timing=timing,
+                           memory_budget=budget)
     results = []
     for candidate in found:
         try:
@@ -299,3 +303,27 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
     decision = distributed.broadcast(decision)  # one decision: process 0's, everywhere
     log.info("search on %d devices: %s", len(devices), decision.reason)
     return decision
+
+
+_SPACE_FIELDS = {f.name for f in dataclasses.fields(SearchSpace)}
+_TIMING_FIELDS = {"warmup", "steps"}
+
+
+def options_from_legacy(space: SearchSpace | None, timing: Timing | None, legacy: dict,
+                        where: str) -> tuple[SearchSpace, Timing]:
+    """`space` and `timing`, or the same built from the old keywords (deprecated)."""
+    unknown = set(legacy) - _SPACE_FIELDS - _TIMING_FIELDS
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(unknown)}")
+    if not legacy:
+        return space or SearchSpace(), timing or Timing()
+    if space is not None and set(legacy) & _SPACE_FIELDS or \
+            timing is not None and set(legacy) & _TIMING_FIELDS:
+        raise InvalidArgument(f"{where}(): pass either space=/timing= or the old keywords "
+                              f"{sorted(legacy)}, not both")
+    warnings.warn(f"{where}({', '.join(f'{k}=' for k in sorted(legacy))}) is deprecated: "
+                  "pass space=SearchSpace(...) and timing=Timing(...)", DeprecationWarning,
+                  stacklevel=3)
+    space = space or SearchSpace(**{k: v for k, v in legacy.items() if k in _SPACE_FIELDS})
+    timing = timing or Timing(**{k: v for k, v in legacy.items() if k in _TIMING_FIELDS})
+    return space, timing

@@ -123,6 +123,61 @@ def _kind(shape: MeshShape, reference: MeshShape, has_current: bool) -> Kind:
     return "vertical"
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """The meshes a search may consider: one object read by `search`, the precompiler and
+    the memory check, so the meshes compiled ahead are the ones a search will try.
+
+    Attributes:
+      p_min: the fewest pipeline stages the model fits in, or ``"auto"`` (`search` only:
+        the smallest pipe width whose compiled step fits `memory_budget`).
+      max_pipe: largest pipe width to consider (None: no bound but the devices).
+      microbatches: None (one count per shape, `default_microbatches`), ``"all"``, or the
+        counts to search.
+      repeats: circular-schedule rounds: None (GPipe only), ``"all"``, or a list.
+      memory_budget: bytes per device (int or ``"2GiB"``) capping the backend's limit;
+        candidates that would not fit are skipped unrun. None: the backend's limit, if any.
+    """
+
+    p_min: int | Literal["auto"] = 1
+    max_pipe: int | None = None
+    microbatches: MicrobatchChoice = None
+    repeats: RepeatChoice = None
+    memory_budget: str | int | None = None
+
+    def __post_init__(self):
+        if self.p_min != "auto" and (not isinstance(self.p_min, int)
+                                     or isinstance(self.p_min, bool) or self.p_min < 1):
+            raise InvalidArgument(f"p_min must be a positive int or 'auto', got {self.p_min!r}")
+        if self.max_pipe is not None and (not isinstance(self.max_pipe, int)
+                                          or self.max_pipe < 1):
+            raise InvalidArgument(f"max_pipe must be a positive int or None, got "
+                                  f"{self.max_pipe!r}")
+        if isinstance(self.p_min, int) and self.max_pipe is not None \
+                and self.max_pipe < self.p_min:
+            raise InvalidArgument(f"max_pipe={self.max_pipe} is below p_min={self.p_min}: "
+                                  "raise max_pipe")
+        for name in ("microbatches", "repeats"):  # lists kept hashable and immutable
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "all":
+                raise InvalidArgument(f"{name} must be None, 'all' or a list of ints, got "
+                                      f"{value!r}")
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+
+    def candidates(self, n_devices: int, *, num_layers: int, global_batch: int,
+                   current: MeshShape | None = None,
+                   p_min: int | None = None) -> list[Candidate]:
+        """`candidates` over this space (`p_min`: the resolved width when it is "auto")."""
+        p_min = self.p_min if p_min is None else p_min
+        if p_min == "auto":
+            raise InvalidArgument("SearchSpace(p_min='auto') must be resolved first "
+                                  "(search does it from the memory budget)")
+        return candidates(n_devices, p_min=p_min, num_layers=num_layers,
+                          global_batch=global_batch, current=current, max_pipe=self.max_pipe,
+                          microbatches=self.microbatches, repeats=self.repeats)
+
+
 def require_devices(n_devices: int, p_min: int) -> None:
     """Raise `InsufficientDevices` (saying how many are needed) when `n_devices < p_min`."""
     if n_devices < p_min:

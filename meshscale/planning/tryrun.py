@@ -27,6 +27,7 @@ from meshscale.model.contract import Batch
 from meshscale.planning.memory import bytes_per_device, fits, over_budget_reason
 from meshscale.planning.space import Candidate
 from meshscale.runtime import distributed
+from meshscale.training.timing import Timing, time_steps
 from meshscale.training.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,8 @@ def _compile(trainer: Trainer, shape: MeshShape, devices) -> tuple[jax.stages.Co
 
 
 def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Batch],
-            candidate: Candidate, devices: Sequence[jax.Device], *, warmup: int = 2,
-            steps: int = 5, memory_budget: int | None = None) -> TryRunResult:
+            candidate: Candidate, devices: Sequence[jax.Device], *,
+            timing: Timing | None = None, memory_budget: int | None = None) -> TryRunResult:
     """Compile, memory-check and time `candidate` on a copy of the live `state`.
 
     Args:
@@ -173,15 +174,16 @@ def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[B
         measured from ordinary steps.
       candidate: the shape to try.
       devices: the devices available; the mesh uses the first ``pipe * data``.
-      warmup: untimed steps after compiling (first-run allocation, autotuning).
-      steps: timed steps (each waited for); their median is the step time.
+      timing: `Timing.warmup` untimed steps after compiling (first-run allocation,
+        autotuning), then `Timing.steps` timed ones (each waited for, `time_steps`);
+        their median is the step time.
       memory_budget: bytes per device; a candidate needing more, counting the live
         state on the same devices, is skipped unrun (or the live state released).
     """
     live = state if isinstance(state, LiveState) else LiveState(state)
     shape = candidate.shape
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    timing = timing or Timing()
+    warmup, steps = timing.warmup, timing.steps
     if not batches:
         raise ValueError("try_run needs at least one batch")
     try:
@@ -227,15 +229,14 @@ def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[B
         failure = failure_status(e)
     if failure := distributed.failed_anywhere(failure):  # placed everywhere, or nowhere
         return TryRunResult.not_run(candidate, failure, **measured)
+    def one_step(i: int):  # a step as training runs it: feed the batch, step
+        nonlocal run_state
+        batch = trainer.put_batch(batches[i % len(batches)], shape, devices, shardings=batch_sh)
+        run_state, metrics = compiled(run_state, batch)
+        return run_state, metrics
+
     try:
-        for i in range(total):
-            tick = time.perf_counter()  # a step as training runs it: feed the batch, step
-            batch = trainer.put_batch(batches[i % len(batches)], shape, devices,
-                                      shardings=batch_sh)
-            run_state, metrics = compiled(run_state, batch)
-            jax.block_until_ready((run_state, metrics))
-            if i >= warmup:
-                times.append(time.perf_counter() - tick)
+        times = time_steps(one_step, warmup=warmup, steps=steps)
         jax.tree.map(lambda x: x.delete(), run_state)  # free the copy now, not at next GC
     except Exception as e:
         log.warning("try-run %s failed: %s", shape, e)

@@ -34,6 +34,7 @@ from meshscale.model import rng as rng_lib
 from meshscale.model.contract import Batch, FunctionalModel, Params
 from meshscale.model.pipeline import Remat, check_remat, pipeline_loss
 from meshscale.training.compile_cache import CompileCache
+from meshscale.training.mesh_layout import MeshLayout
 
 Devices = Sequence[jax.Device] | None
 
@@ -129,6 +130,8 @@ class Trainer:
         self.skip_nonfinite = bool(skip_nonfinite)
         self.cache = cache if cache is not None else CompileCache()
         self.fingerprint = self.fmodel.fingerprint()
+        self._layouts: dict[tuple, MeshLayout] = {}
+        self._stored_cache: dict[MeshShape, tuple[TrainState, TrainState]] = {}
 
     @property
     def batch_spec(self) -> Batch:
@@ -196,21 +199,46 @@ class Trainer:
 
     # -- placement --------------------------------------------------------------------
     def mesh(self, shape: MeshShape, devices: Devices = None) -> jax.sharding.Mesh:
+        return self.layout(shape, devices).mesh
+
+    def layout(self, shape: MeshShape, devices: Devices = None) -> MeshLayout:
+        """Everything about the state on `shape`'s mesh over `devices` (`MeshLayout`:
+        mesh, stored abstract state, specs, shardings, restore targets, batch rows),
+        computed once per mesh and cached: every reader sees the same decision."""
         self.check(shape, devices)
-        return make_mesh(shape, devices)
+        devs = jax.devices() if devices is None else devices
+        key = (shape, device_ids(devs[: shape.num_devices]))
+        if key not in self._layouts:
+            abstract, specs = self._stored(shape)
+            self._layouts[key] = MeshLayout.build(
+                shape, make_mesh(shape, devices), abstract, specs,
+                sharding.rows_spec(shape, self.global_batch))
+        return self._layouts[key]
+
+    def _stored(self, shape: MeshShape) -> tuple[TrainState, TrainState]:
+        """(abstract state as stored on `shape`'s mesh, its `PartitionSpec`s), cached."""
+        if shape not in self._stored_cache:
+            params = sharding.padded_abstract(
+                self.fmodel.abstract_params(), mesh_shape=shape, num_layers=self.num_layers,
+                rows=self.rows(shape), split_over_data=self.state_sharding == "fsdp")
+            abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                                  jax.eval_shape(self.optimizer.init, params))
+            param_specs, opt_specs = sharding.state_specs(
+                abstract.params, abstract.opt_state, mesh_shape=shape,
+                num_layers=self.num_layers, mode=self.state_sharding)
+            self._stored_cache[shape] = (abstract, TrainState(P(), param_specs, opt_specs))
+        return self._stored_cache[shape]
 
     def abstract_state(self, shape: MeshShape | None = None) -> TrainState:
         """Shapes and dtypes of the train state (no shardings, nothing allocated).
 
-        On `shape`'s mesh, as stored there (`meshscale.layout.padding`): the layer stack padded
-        with zero rows to `Schedule.rows`, and a large leaf no dimension of which the pipe
-        width divides padded until one does. Without a shape: the model's own shapes.
+        On `shape`'s mesh, as stored there (`meshscale.layout.padding`): the layer stack
+        padded with zero rows to `Schedule.rows`, and a large leaf no dimension of which
+        the pipe width divides padded until one does. Without a shape: the model's own.
         """
-        params = self.fmodel.abstract_params()
         if shape is not None:
-            params = sharding.padded_abstract(
-                params, mesh_shape=shape, num_layers=self.num_layers, rows=self.rows(shape),
-                split_over_data=self.state_sharding == "fsdp")
+            return self._stored(shape)[0]
+        params = self.fmodel.abstract_params()
         return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                           jax.eval_shape(self.optimizer.init, params))
 
@@ -219,8 +247,8 @@ class Trainer:
         return schedule.Schedule.of(shape, self.num_layers).rows
 
     def model_params(self, params: Params) -> Params:
-        """`params` from any mesh with the zero padding dropped (`meshscale.layout.padding`): the
-        model's own parameter shapes (to evaluate, export or compare runs)."""
+        """`params` from any mesh with the zero padding dropped (`meshscale.layout.padding`):
+        the model's own parameter shapes (to evaluate, export or compare runs)."""
         return padding.cut(params, self.fmodel.abstract_params())
 
     def unpadded_state(self, state: TrainState) -> TrainState:
@@ -229,22 +257,15 @@ class Trainer:
 
     def specs(self, shape: MeshShape) -> TrainState:
         """The `PartitionSpec` of every train-state leaf on `shape` (`layout.sharding`)."""
-        abstract = self.abstract_state(shape)
-        params, opt_state = sharding.state_specs(
-            abstract.params, abstract.opt_state, mesh_shape=shape, num_layers=self.num_layers,
-            mode=self.state_sharding)
-        return TrainState(P(), params, opt_state)
+        return self._stored(shape)[1]
 
     def shardings(self, shape: MeshShape, devices: Devices = None) -> TrainState:
         """The `NamedSharding` of every train-state leaf on `shape`'s mesh."""
-        mesh = self.mesh(shape, devices)
-        return jax.tree.map(lambda spec: NamedSharding(mesh, spec), self.specs(shape),
-                            is_leaf=lambda x: isinstance(x, P))
+        return self.layout(shape, devices).shardings
 
     def targets(self, shape: MeshShape, devices: Devices = None) -> TrainState:
         """`abstract_state(shape)` with `shardings`: where a placed or restored state goes."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state(shape), self.shardings(shape, devices))
+        return self.layout(shape, devices).targets
 
     def state_bytes_per_device(self, shape: MeshShape) -> int:
         """Bytes of the train state on the most loaded device of `shape`'s mesh."""
@@ -262,9 +283,7 @@ class Trainer:
             local, abstract, specs, is_leaf=lambda x: isinstance(x, P))))
 
     def batch_sharding(self, shape: MeshShape, devices: Devices = None) -> Any:
-        rows = NamedSharding(self.mesh(shape, devices),
-                             sharding.rows_spec(shape, self.global_batch))
-        return jax.tree.map(lambda _: rows, self.batch_spec)
+        return self.layout(shape, devices).batch_shardings(self.batch_spec)
 
     def init_state(self, shape: MeshShape, devices: Devices = None) -> TrainState:
         """A fresh state on `shape`'s mesh, from the model's parameters as constructed.
