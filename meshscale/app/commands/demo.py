@@ -1,0 +1,55 @@
+"""`meshscale demo`: train a GPT on stdlib text while the device count changes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshscale.app.commands.options import add_run_options, device_environment, positive
+
+
+def add(subparsers) -> None:
+    from meshscale.app.demo import DEFAULT_SCHEDULE, DemoConfig
+
+    d = DemoConfig()
+    p = subparsers.add_parser(
+        "demo", help="train a GPT on stdlib text while the device count changes",
+        description="An ordinary ElasticTrainer run on simulated CPU devices, driven by a "
+                    "device file the demo rewrites on --schedule; writes RUN_DIR/report.json "
+                    "and RUN_DIR/report.png.")
+    add_run_options(p, d, schedule_help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
+    p.add_argument("--devices", type=positive, default=d.devices,
+                   help="simulated CPU devices in the pool (default 8)")
+    p.add_argument("--model", choices=("gpt-tiny", "llama-tiny", "mlp"), default=d.model)
+    p.add_argument("--state-sharding", choices=("replicate", "zero1", "fsdp"),
+                   default=d.state_sharding, help="where parameters and optimizer state live")
+    p.add_argument("--check-every", type=positive, default=d.check_every,
+                   help="poll the device file every this many steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its last checkpoint (default: off; "
+                        "refused when RUN_DIR holds no checkpoint)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshscale.app.demo import DemoConfig, parse_schedule
+
+    try:
+        parse_schedule(args.schedule, max_devices=args.devices)
+    except ValueError as e:
+        print(f"meshscale demo: error: {e}", file=sys.stderr)
+        return 2
+    with device_environment(args.devices, "cpu"):
+        from meshscale.app import demo
+        from meshscale.errors import Interrupted
+
+        try:
+            demo.run(DemoConfig(steps=args.steps, schedule=args.schedule, devices=args.devices,
+                                p_min=args.p_min, model=args.model, run_dir=args.run_dir,
+                                seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                                global_batch=args.batch, check_every=args.check_every,
+                                checkpoint_every=args.checkpoint_every,
+                                state_sharding=args.state_sharding))
+        except Interrupted as e:  # saved, and the resume line printed: 128 + signal
+            return e.code
+    return 0
