@@ -5,6 +5,7 @@ The public surface is re-exported here; implementation lives in one module per c
 """
 
 from meshscale.elastic import resources
+from meshscale.elastic.options import CheckpointPolicy, SwitchPolicy
 from meshscale.elastic.trainer import ElasticTrainer
 from meshscale.errors import (
     ContractError,
@@ -30,7 +31,9 @@ from meshscale.training.trainer import Trainer, TrainState
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointPolicy",
     "Checkpointer",
+    "SwitchPolicy",
     "CompileCache",
     "ContractError",
     "ElasticTrainer",

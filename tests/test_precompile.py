@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from meshscale import CompileCache, MeshscaleError, Trainer
+from meshscale import CompileCache, MeshscaleError, SearchSpace, Trainer
 from meshscale.elastic import resources
 from meshscale.elastic.trainer import ElasticTrainer
 from meshscale.planning.precompile import Precompiler, devices_for, likely_next_counts, resolve_mode
@@ -126,7 +126,7 @@ def test_precompiler_skips_what_is_already_cached():
     from meshscale import Trainer
 
     trainer = Trainer(model, optax.adam(1e-2), global_batch=BATCH)
-    pre = Precompiler(trainer, p_min=2, search_options={"max_pipe": 2, "microbatches": [2]})
+    pre = Precompiler(trainer, space=SearchSpace(p_min=2, max_pipe=2, microbatches=[2]))
     devices = jax.devices()[:2]
     assert pre.plan([2], devices, current=None) == 1
     assert pre.wait(timeout=600)
@@ -138,7 +138,7 @@ def test_precompiler_skips_what_is_already_cached():
 def test_paused_precompiler_compiles_nothing_until_resumed():
     trainer = Trainer(make_model("mlp"), optax.adam(1e-3), global_batch=BATCH,
                       cache=CompileCache())
-    pre = Precompiler(trainer, p_min=2, search_options={"max_pipe": 2, "microbatches": [2]})
+    pre = Precompiler(trainer, space=SearchSpace(p_min=2, max_pipe=2, microbatches=[2]))
     with pre.paused():
         activity = pre.activity
         assert pre.plan([2], jax.devices()[:2], current=None) == 1

@@ -51,11 +51,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import optax
-from flax import nnx
 
+from meshscale.elastic import options
 from meshscale.elastic import resources as resources_lib
 from meshscale.elastic.interrupts import Interrupts
+from meshscale.elastic.options import CheckpointPolicy, SwitchPolicy
 from meshscale.elastic.steplog import StepLog, StepRecord
 from meshscale.errors import (
     CheckpointWriteError,
@@ -71,137 +71,109 @@ from meshscale.model.contract import Batch
 from meshscale.planning import memory
 from meshscale.planning.precompile import Precompiler, likely_next_counts, resolve_mode
 from meshscale.planning.search import Baseline, Decision, search
+from meshscale.planning.space import SearchSpace
 from meshscale.planning.tryrun import LiveState
 from meshscale.runtime import distributed
 from meshscale.runtime.paths import run_path
 from meshscale.store import writes
 from meshscale.store.checkpoint import Checkpointer
 from meshscale.store.run_lock import RunLock
-from meshscale.training.compile_cache import CompileCache, enable_persistent_cache
+from meshscale.training.compile_cache import enable_persistent_cache
+from meshscale.training.timing import Timing
 from meshscale.training.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
-_WARMUP_STEPS = 2  # the first steps on a new mesh (first-run allocation) are not timed
 _BASELINE_WINDOWS = 2  # clean timing windows a baseline from ordinary steps needs
 _COUNTED = {"switch": "switches", "search": "searches", "checkpoint": "checkpoints"}
-# Saves every 100 steps cost ~1% of step time (benchmarks/elastic_step.py: every 10 steps
-# measured <= 1.10x the bare step, the blocking copy off the devices being the cost).
-DEFAULT_CHECKPOINT_EVERY = 100
-NONFINITE_POLICIES = ("stop", "skip_step", "rewind")
 
 
 class ElasticTrainer:
-    """Train a reshardable model on whatever devices `resources` grants, on the best mesh.
+    """Train a `Trainer` on whatever devices `resources` grants, on the best mesh.
+
+    Every `Trainer` option (mixed precision, dropout keys, donation, state sharding,
+    remat, constructors, the compile cache) is the trainer's own, so an elastic run
+    trains exactly what the fixed-mesh `Trainer` would.
 
     Args:
-      model, optimizer, global_batch, example_batch, remat, state_sharding: as for
-        `meshscale.Trainer` (`model` may be a constructor).
-      checkpoint_dir: Orbax checkpoints (and, by default, JAX's compilation cache) go here.
-      p_min: the fewest pipeline stages the model fits in.
+      trainer: the model, optimizer, global batch and their options (`meshscale.Trainer`).
+      checkpoint_dir: Orbax checkpoints (and, by default, JAX's compilation cache) go here;
+        one job at a time writes it.
       resources: a `meshscale.elastic.resources` source, a device list or a count.
-      threshold: switch only if the best try-run beats the baseline by more than this.
-      check_every: poll `resources` every this many steps.
-      total_steps: when given, a switch must also pay back its cost over the steps left.
-      switch_via: "checkpoint" (restore with the new shardings; works across hosts) or
-        "memory" (`Trainer.place`; one process only: with several, the checkpoint).
-        Either way the checkpoint is written first.
-      checkpoint_every: save every this many steps (for resuming after a crash), and the
-        last step at `close()`; None: no checkpoints but those a switch needs.
-      on_nonfinite: what a step whose loss or gradient norm is nan or inf does:
-        ``"stop"`` (raise `NonFiniteStep` at the end of its timing window; nothing after
-        the last finite step is saved), ``"skip_step"`` (the step leaves parameters and
-        optimizer state unchanged, decided on the device; a ``nonfinite`` event says
-        which) or ``"rewind"`` (restore the newest checkpoint, always finite, and go on
-        with the batches that come next, as large runs skip the data around a loss
-        spike; the returned ``step`` says where training is).
-      handle_signals: on SIGTERM / SIGINT, save at the next step boundary and raise
-        `Interrupted` (installed from the main thread by `init`, removed by `close`).
+      space: the meshes a search may try (`SearchSpace`; ``p_min``, an int here, is the
+        fewest pipeline stages the model fits in).
+      timing: warm-up and timed steps of try-runs, the timing window (the loop blocks on
+        the device once a window, fetching its losses), the baseline's span and how
+        many events and step records are kept (`Timing`).
+      switching: when to look for a better mesh and when to move (`SwitchPolicy`).
+      checkpoints: what reaches disk and when; non-finite steps; signals
+        (`CheckpointPolicy`).
       on_event: called with every event as it happens (the CLI prints them); on process 0
         only when the job has several processes.
-      precompile: "auto" (on for GPU/TPU, off on CPU), "on", "off", or the device counts
-        to prepare for; compiles the next meshes in the background (`planning.precompile`).
-      precompile_budget: most background compiles per plan.
-      search_options: passed to `meshscale.planning.search` (warmup, steps, max_pipe, microbatches,
-        repeats,
-        eps, memory_budget).
-      timing_window: block on the device once every this many steps (fetching the
-        losses, timing the window); the baseline is the median of recent clean windows.
-      history_limit: keep the newest this many events and step records (`totals` counts
-        everything).
+
+    The keyword form of meshscale 0.1, ``ElasticTrainer(model, optimizer,
+    global_batch=..., p_min=..., ...)``, still works for one release, with a
+    `DeprecationWarning`.
     """
 
-    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
-                 global_batch: int, checkpoint_dir: str | os.PathLike, p_min: int,
+    def __init__(self, trainer: Trainer, *legacy_args, checkpoint_dir: str | os.PathLike,
                  resources: resources_lib.ResourceSource | Sequence[jax.Device] | int,
-                 threshold: float = 0.05, check_every: int = 50,
-                 total_steps: int | None = None, switch_via: str = "checkpoint",
-                 checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY,
-                 max_to_keep: int = 3, on_nonfinite: str = "stop", handle_signals: bool = True,
-                 example_batch: Batch | None = None, remat: str | bool = "layer",
-                 state_sharding: str = "fsdp",
-                 compile_cache: CompileCache | None = None, persistent_cache: bool = True,
-                 baseline_window: int = 20, on_event: Callable[[Event], None] | None = None,
-                 search_options: dict | None = None,
-                 precompile: str | Sequence[int] = "auto", precompile_budget: int = 8,
-                 timing_window: int = 10, history_limit: int = 10_000):
-        if switch_via not in ("checkpoint", "memory"):
+                 space: SearchSpace | None = None, timing: Timing | None = None,
+                 switching: SwitchPolicy | None = None,
+                 checkpoints: CheckpointPolicy | None = None,
+                 on_event: Callable[[Event], None] | None = None, **legacy):
+        if legacy_args or legacy or not isinstance(trainer, Trainer):
+            self.__init__(**_from_old_form(trainer, legacy_args, legacy, checkpoint_dir,
+                                           resources, on_event, space, timing, switching,
+                                           checkpoints))
+            return
+        space, timing = space or SearchSpace(), timing or Timing()
+        self.switching, self.checkpoints = switching or SwitchPolicy(), \
+            checkpoints or CheckpointPolicy()
+        skip = self.checkpoints.on_nonfinite == "skip_step"
+        if trainer.skip_nonfinite != skip:
             raise InvalidArgument(
-                f"switch_via must be 'checkpoint' or 'memory', got {switch_via!r}")
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise InvalidArgument(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got "
-                                   f"{on_nonfinite!r}")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
-                                             or checkpoint_every < 1):
-            raise InvalidArgument(f"checkpoint_every must be a positive int or None (no "
-                                   f"checkpoints), got {checkpoint_every!r}")
-        for name, value in (("check_every", check_every), ("timing_window", timing_window),
-                            ("history_limit", history_limit)):
-            if not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
-        self.trainer = Trainer(model, optimizer, global_batch=global_batch,
-                               example_batch=example_batch, remat=remat,
-                               state_sharding=state_sharding, cache=compile_cache,
-                               skip_nonfinite=on_nonfinite == "skip_step")
-        if not isinstance(p_min, int) or p_min < 1:
-            raise InvalidArgument(f"p_min must be a positive int, got {p_min!r}")
-        if p_min > self.trainer.num_layers:
+                "CheckpointPolicy(on_nonfinite='skip_step') and Trainer(skip_nonfinite=True) "
+                "go together (the step skips on the device what the policy expects): set "
+                f"both or neither (now on_nonfinite={self.checkpoints.on_nonfinite!r}, "
+                f"skip_nonfinite={trainer.skip_nonfinite})")
+        if not isinstance(space.p_min, int):
+            raise InvalidArgument(f"ElasticTrainer needs an int p_min, got {space.p_min!r}: "
+                                  "measure it once with meshscale search --p-min auto")
+        if space.p_min > trainer.num_layers:
             raise InvalidArgument(
-                f"p_min={p_min} is larger than the model's {self.trainer.num_layers} layers: "
-                f"a stage needs at least one layer, lower p_min")
-        self.p_min = p_min
+                f"p_min={space.p_min} is larger than the model's {trainer.num_layers} "
+                "layers: a stage needs at least one layer, lower p_min")
+        self.trainer, self.space, self.timing, self.p_min = trainer, space, timing, space.p_min
         self.checkpoint_dir = run_path(checkpoint_dir)  # local, or gs://... kept as given
         self.run_lock = RunLock(self.checkpoint_dir)
         self.run_lock.acquire()  # before anything opens the directory: one job at a time
         try:
-            if persistent_cache:
+            if self.checkpoints.persistent_cache:
                 enable_persistent_cache(self.checkpoint_dir / "jax_cache")
             self.checkpointer = Checkpointer(self.checkpoint_dir / "state", self.trainer,
-                                             max_to_keep=max_to_keep)
+                                             max_to_keep=self.checkpoints.max_to_keep)
         except BaseException:
             self.run_lock.release()
             raise
         self.resources = (resources if isinstance(resources, resources_lib.ResourceSource)
                           else resources_lib.Static(resources))
-        self.threshold, self.check_every, self.total_steps = threshold, check_every, total_steps
-        self.switch_via, self.checkpoint_every = switch_via, checkpoint_every
-        self.on_nonfinite = on_nonfinite
-        self.interrupts = Interrupts() if handle_signals else None
+        self.interrupts = Interrupts() if self.checkpoints.handle_signals else None
         self._state: TrainState | None = None  # the newest state: what close() saves
         self._nonfinite: int | None = None  # first non-finite step not yet acted on
         self._write_unchecked = False  # a write started, its outcome not yet agreed
         self._exit_key = writes.at_exit(self._close_at_exit)
         self.on_event = on_event
-        self.search_options = dict(search_options or {})
         self.shape: MeshShape | None = None
         self.devices: list[jax.Device] = []  # the current mesh's devices
         self._granted: list[jax.Device] = []  # what the source granted at the last poll
-        self._history: collections.deque[Event] = collections.deque(maxlen=history_limit)
-        self.step_log = StepLog(global_batch=global_batch, timing_window=timing_window,
-                                history_limit=history_limit, baseline_window=baseline_window)
+        self._history: collections.deque[Event] = collections.deque(
+            maxlen=timing.history_limit)
+        self.step_log = StepLog(global_batch=trainer.global_batch, timing_window=timing.window,
+                                history_limit=timing.history_limit,
+                                baseline_window=timing.baseline_steps)
         self.totals = self.step_log.totals
-        self.timing_window = timing_window
         self._step = 0  # the step counter on the host: reading state.step would sync
         self._stepped = False  # events before the first step carry no step number
         self._closed = False
@@ -209,10 +181,9 @@ class ElasticTrainer:
         self._step_fn = None
         self._since_switch = 0
         self._last_switch_cost: float | None = None
-        self.precompile_mode = resolve_mode(precompile)
+        self.precompile_mode = resolve_mode(self.switching.precompile)
         self.precompiler = (None if self.precompile_mode == "off" else Precompiler(
-            self.trainer, p_min=p_min, search_options=self.search_options,
-            budget=precompile_budget))
+            self.trainer, space=space, budget=self.switching.precompile_budget))
         self._planned: tuple | None = None
 
     # -- events -----------------------------------------------------------------------
@@ -313,14 +284,14 @@ class ElasticTrainer:
         self._state = state
         if self.step_log.add(self._step, metrics["loss"], metrics["grad_norm"]):
             self._found(self.step_log.end(self._quiet))
-        if self.checkpoint_every and self._step % self.checkpoint_every == 0:
+        if self.checkpoints.every and self._step % self.checkpoints.every == 0:
             self._save(state, reason="periodic")
         if self._nonfinite is not None:
             state = self._after_nonfinite(state)
         if self.interrupts is not None and \
                 (number := self.interrupts.requested(self._step)) is not None:
             self._stop_on_signal(state, number)
-        if self._step % self.check_every == 0:
+        if self._step % self.switching.check_every == 0:
             state = self.check(state, batch)
         out = {"loss": metrics["loss"], "step": self._step, "mesh": str(self.shape),
                "samples_per_second": self.step_log.last_samples_per_second}
@@ -331,7 +302,7 @@ class ElasticTrainer:
         """Act on the non-finite steps a closed timing window found."""
         if not steps:
             return
-        if self.on_nonfinite == "skip_step":
+        if self.checkpoints.on_nonfinite == "skip_step":
             log.warning("steps %s had a non-finite loss or gradient norm: their updates were "
                         "skipped", steps)
             self._emit("nonfinite", steps=steps, action="skipped")
@@ -343,7 +314,7 @@ class ElasticTrainer:
         bad, latest = self._nonfinite, self.checkpointer.latest_step()
         where = (f"the newest checkpoint, step {latest} in {self.checkpointer.directory}, "
                  "is finite" if latest is not None else "no checkpoint was saved")
-        if self.on_nonfinite == "stop" or latest is None:
+        if self.checkpoints.on_nonfinite == "stop" or latest is None:
             self._state = None  # never saved, not even by close()
             self._emit("nonfinite", steps=[bad], action="stop")
             raise NonFiniteStep(
@@ -408,7 +379,7 @@ class ElasticTrainer:
         """Start timing the next steps. The window counts for the baseline (is clean) only
         past the warm-up of a new mesh and with no checkpoint write beside it."""
         activity = self.precompiler.activity if self.precompiler else 0
-        clean = self._since_switch >= _WARMUP_STEPS and not self.checkpointer.saving
+        clean = self._since_switch >= self.timing.warmup and not self.checkpointer.saving
         self.step_log.begin(str(self.shape), self.shape.num_devices, clean=clean,
                             activity=activity)
 
@@ -462,7 +433,7 @@ class ElasticTrainer:
         try:
             self.flush()
             state = self._state
-            if self.checkpoint_every is not None and self._stepped and state is not None \
+            if self.checkpoints.every is not None and self._stepped and state is not None \
                     and self._nonfinite is None and not state_deleted(state):
                 self._save(state, reason="final")
             elif self._nonfinite is not None:
@@ -502,7 +473,8 @@ class ElasticTrainer:
             self._granted = list(devices)
         current_ok = set(device_ids(self.devices)) <= set(device_ids(devices))
         baseline = self.baseline() if current_ok else None
-        remaining = (self.total_steps - self._step) if self.total_steps else None
+        total = self.switching.total_steps
+        remaining = (total - self._step) if total else None
         state, decision = self._search(state, [batch], devices, baseline=baseline,
                                        current=self.shape if current_ok else None,
                                        remaining_steps=remaining, step=self._step)
@@ -572,10 +544,12 @@ class ElasticTrainer:
             else self.checkpointer.restore(shape, step=step, devices=devs)))
         quiet = self.precompiler.paused() if self.precompiler else contextlib.nullcontext()
         with quiet:  # try-runs are timed on cores the compiler does not share
-            decision = search(self.trainer, live, batches, devices, p_min=self.p_min,
-                              baseline=baseline, threshold=self.threshold, current=current,
+            decision = search(self.trainer, live, batches, devices, space=self.space,
+                              timing=self.timing, baseline=baseline,
+                              threshold=self.switching.threshold, eps=self.switching.eps,
+                              measure=self.switching.measure, current=current,
                               remaining_steps=remaining_steps,
-                              switch_cost=self._last_switch_cost, **self.search_options)
+                              switch_cost=self._last_switch_cost)
         self._emit("search", num_devices=len(devices), decision=decision,
                    seconds=time.perf_counter() - start)
         if live.released:
@@ -592,7 +566,7 @@ class ElasticTrainer:
         step = self._step
         self._break_window()
         latest = self.checkpointer.latest_step()
-        on_disk = self.switch_via != "memory" and latest == step
+        on_disk = self.switching.via != "memory" and latest == step
         if not on_disk and distributed.can_place():
             state = self.trainer.place(state, shape, devices)
         elif not on_disk and reason == "start" and latest is None:
@@ -626,7 +600,7 @@ class ElasticTrainer:
     def _fits_beside(self, state: TrainState, shape: MeshShape, devices) -> bool:
         """Whether `shape`'s state fits on its devices beside the live `state` (True when
         no memory budget is known)."""
-        budget = memory.memory_budget(devices, self.search_options.get("memory_budget"))
+        budget = memory.memory_budget(devices, self.space.memory_budget)
         live = LiveState(state).bytes_on(devices[: shape.num_devices])
         return memory.fits(live + self.trainer.state_bytes_per_device(shape), budget)
 
@@ -660,3 +634,19 @@ class ElasticTrainer:
 
 def state_deleted(state: TrainState) -> bool:
     return any(x.is_deleted() for x in jax.tree.leaves(state))
+
+
+def _from_old_form(model, args, kwargs, checkpoint_dir, resources, on_event, *new) -> dict:
+    """The deprecated keyword form's arguments, as the new constructor takes them."""
+    if isinstance(model, Trainer):
+        raise TypeError(f"ElasticTrainer(trainer, ...) takes the option objects, not "
+                        f"{sorted(kwargs) or 'positional arguments'}: see its docstring")
+    if any(x is not None for x in new):
+        raise InvalidArgument("ElasticTrainer: pass a Trainer with the option objects, or the "
+                              "old keyword form, not both")
+    optimizer = args[0] if args else kwargs.pop("optimizer", None)
+    if optimizer is None or len(args) > 1:
+        raise TypeError("ElasticTrainer(model, optimizer, ...): pass a Trainer instead")
+    return options.from_keywords(model, optimizer, {
+        **kwargs, "checkpoint_dir": checkpoint_dir, "resources": resources,
+        "on_event": on_event})

@@ -30,7 +30,7 @@ import jax
 
 from meshscale.errors import MeshscaleError
 from meshscale.layout.mesh import MeshShape
-from meshscale.planning.space import candidates
+from meshscale.planning.space import SearchSpace
 from meshscale.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -70,18 +70,16 @@ class Precompiler:
 
     Args:
       trainer: whose compile cache receives the executables.
-      p_min, search_options: the same search space the real search will use
-        (``max_pipe``, ``microbatches``, ``repeats``).
+      space: the same `SearchSpace` the real search will use (an int ``p_min``).
       budget: at most this many compiles per `plan` call.
       nice: CPU priority of the thread (Linux: per thread; 19 is the lowest).
     """
 
-    def __init__(self, trainer: Trainer, *, p_min: int, search_options: dict | None = None,
-                 budget: int = 8, nice: int = 19):
-        self.trainer, self.p_min, self.budget, self.nice = trainer, p_min, budget, nice
-        opts = search_options or {}
-        self.max_pipe, self.microbatches = opts.get("max_pipe"), opts.get("microbatches")
-        self.repeats = opts.get("repeats")
+    def __init__(self, trainer: Trainer, *, space: SearchSpace, budget: int = 8,
+                 nice: int = 19):
+        if not isinstance(space.p_min, int):
+            raise MeshscaleError(f"the precompiler needs an int p_min, got {space.p_min!r}")
+        self.trainer, self.space, self.budget, self.nice = trainer, space, budget, nice
         self.records: collections.deque[PrecompileRecord] = collections.deque(maxlen=1000)
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
@@ -109,11 +107,9 @@ class Precompiler:
                 continue
             survives = current is not None and kept <= {int(d.id) for d in devices}
             try:
-                found = candidates(n, p_min=self.p_min, num_layers=self.trainer.num_layers,
-                                   global_batch=self.trainer.global_batch,
-                                   current=current if survives else None,
-                                   max_pipe=self.max_pipe, microbatches=self.microbatches,
-                                   repeats=self.repeats)
+                found = self.space.candidates(n, num_layers=self.trainer.num_layers,
+                                              global_batch=self.trainer.global_batch,
+                                              current=current if survives else None)
             except MeshscaleError as e:
                 log.info("no pre-compile for %d devices: %s", n, e)
                 continue
