@@ -15,6 +15,15 @@ import os
 import shlex
 import sys
 
+from meshscale import (
+    CheckpointPolicy,
+    ElasticTrainer,
+    SearchSpace,
+    SwitchPolicy,
+    Timing,
+    Trainer,
+)
+
 # 7 devices (not a multiple of p_min 2) go down the vertical path: 8 layers on 7 stages.
 DEFAULT_SCHEDULE = "4@0,8@80,7@160,3@240,8@320"
 
@@ -181,20 +190,21 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def elastic_trainer(cfg: DemoConfig, model, resources, *, on_event=None,
-                    search_options: dict | None = None):
-    """The demo's `ElasticTrainer` for `cfg` (`search_options` added to its own)."""
+                    switching: SwitchPolicy | None = None):
+    """The demo's `ElasticTrainer` for `cfg` (`switching`: replaces the demo's own policy,
+    e.g. to inject measurements)."""
     import optax
 
-    from meshscale.elastic.trainer import ElasticTrainer
-
+    switching = switching or SwitchPolicy()
     return ElasticTrainer(
-        model, optax.adam(cfg.learning_rate), global_batch=cfg.global_batch,
-        checkpoint_dir=os.path.join(cfg.run_dir, "checkpoints"), p_min=cfg.p_min,
-        resources=resources, check_every=cfg.check_every,
-        total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, on_event=on_event,
-        persistent_cache=False, search_options={"warmup": 1, "steps": 3,
-                                                **(search_options or {})},
-        state_sharding=cfg.state_sharding)
+        Trainer(model, optax.adam(cfg.learning_rate), global_batch=cfg.global_batch,
+                state_sharding=cfg.state_sharding),
+        checkpoint_dir=os.path.join(cfg.run_dir, "checkpoints"), resources=resources,
+        space=SearchSpace(p_min=cfg.p_min), timing=Timing(warmup=1, steps=3),
+        switching=dataclasses.replace(switching, check_every=cfg.check_every,
+                                      total_steps=cfg.steps),
+        checkpoints=CheckpointPolicy(every=cfg.checkpoint_every, persistent_cache=False),
+        on_event=on_event)
 
 
 # `DemoConfig` field -> `meshscale demo` flag (learning_rate has none)

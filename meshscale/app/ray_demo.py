@@ -63,7 +63,14 @@ def loop(config: dict) -> None:
     import jax
     import optax
 
-    from meshscale import ElasticTrainer
+    from meshscale import (
+        CheckpointPolicy,
+        ElasticTrainer,
+        SearchSpace,
+        SwitchPolicy,
+        Timing,
+        Trainer,
+    )
     from meshscale.app import report
     from meshscale.elastic import resources
     from meshscale.integrations import ray as meshscale_ray
@@ -86,11 +93,11 @@ def loop(config: dict) -> None:
             record(**{k: v for k, v in event.items() if k not in ("time", "device_ids")})
 
     elastic = ElasticTrainer(
-        model, optax.adam(config["learning_rate"]), global_batch=config["global_batch"],
-        checkpoint_dir=config["checkpoint_dir"], p_min=config["p_min"],
-        resources=resources.Static(jax.device_count()), total_steps=config["steps"],
-        checkpoint_every=config["checkpoint_every"], check_every=10**9, on_event=on_event,
-        search_options={"warmup": 1, "steps": 2})
+        Trainer(model, optax.adam(config["learning_rate"]), global_batch=config["global_batch"]),
+        checkpoint_dir=config["checkpoint_dir"], resources=resources.Static(jax.device_count()),
+        space=SearchSpace(p_min=config["p_min"]), timing=Timing(warmup=1, steps=2),
+        switching=SwitchPolicy(check_every=10**9, total_steps=config["steps"]),
+        checkpoints=CheckpointPolicy(every=config["checkpoint_every"]), on_event=on_event)
     state = elastic.init(batch_fn(config["global_batch"], 0))
     for i in range(int(state.step), config["steps"]):
         while _allowed(run) <= i:

@@ -623,14 +623,6 @@ class ElasticTrainer:
         if queued:
             self._emit("precompile", counts=list(counts), queued=queued)
 
-    def report(self) -> None:
-        """Print the history as rich tables (decisions, switches, time per mesh); process 0
-        only."""
-        from meshscale.app.report import print_history
-
-        if distributed.is_main():
-            print_history(self)
-
 
 def state_deleted(state: TrainState) -> bool:
     return any(x.is_deleted() for x in jax.tree.leaves(state))

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import jax
 
-from meshscale.errors import MeshscaleError
+from meshscale.errors import InvalidArgument, MeshscaleError
 from meshscale.layout.mesh import MeshShape
 from meshscale.planning.space import SearchSpace
 from meshscale.training.trainer import Trainer
@@ -185,13 +185,13 @@ def resolve_mode(mode: str | Sequence[int]) -> str | list[int]:
     the same cores); "off"; or an explicit list of device counts."""
     if isinstance(mode, str):
         if mode not in ("auto", "off", "on"):
-            raise MeshscaleError(f"precompile must be 'auto', 'on', 'off' or a list of device "
+            raise InvalidArgument(f"precompile must be 'auto', 'on', 'off' or a list of device "
                                  f"counts, got {mode!r}")
         if mode == "auto":
             return "on" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "off"
         return mode
     counts = [int(n) for n in mode]
     if any(n < 1 for n in counts):
-        raise MeshscaleError(f"precompile counts must be positive, got {list(mode)}")
+        raise InvalidArgument(f"precompile counts must be positive, got {list(mode)}")
     return counts
 
