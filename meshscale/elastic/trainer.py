@@ -39,13 +39,8 @@ or save a state holding nan or inf.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import math
 import os
-import signal
-import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,25 +49,19 @@ import jax
 
 from meshscale.elastic import options
 from meshscale.elastic import resources as resources_lib
+from meshscale.elastic.adapting import Adapting
 from meshscale.elastic.interrupts import Interrupts
 from meshscale.elastic.options import CheckpointPolicy, SwitchPolicy
+from meshscale.elastic.safety import NeverLoseWork, state_deleted
 from meshscale.elastic.steplog import StepLog, StepRecord
 from meshscale.errors import (
-    CheckpointWriteError,
-    IncompatibleCheckpoint,
     InsufficientDevices,
-    Interrupted,
     InvalidArgument,
-    InvalidMeshShape,
-    NonFiniteStep,
 )
-from meshscale.layout.mesh import MeshShape, device_ids
+from meshscale.layout.mesh import MeshShape
 from meshscale.model.contract import Batch
-from meshscale.planning import memory
-from meshscale.planning.precompile import Precompiler, likely_next_counts, resolve_mode
-from meshscale.planning.search import Baseline, Decision, search
+from meshscale.planning.precompile import Precompiler, resolve_mode
 from meshscale.planning.space import SearchSpace
-from meshscale.planning.tryrun import LiveState
 from meshscale.runtime import distributed
 from meshscale.runtime.paths import run_path
 from meshscale.store import writes
@@ -85,11 +74,10 @@ from meshscale.training.trainer import Trainer, TrainState
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
-_BASELINE_WINDOWS = 2  # clean timing windows a baseline from ordinary steps needs
 _COUNTED = {"switch": "switches", "search": "searches", "checkpoint": "checkpoints"}
 
 
-class ElasticTrainer:
+class ElasticTrainer(NeverLoseWork, Adapting):
     """Train a `Trainer` on whatever devices `resources` grants, on the best mesh.
 
     Every `Trainer` option (mixed precision, dropout keys, donation, state sharding,
@@ -232,33 +220,6 @@ class ElasticTrainer:
             self.interrupts.install()
         return state
 
-    def _require(self, devices: Sequence[jax.Device]) -> None:
-        if len(devices) < self.p_min:
-            raise InsufficientDevices(
-                f"{len(devices)} devices available, the model needs p_min={self.p_min}: "
-                f"wait for at least {self.p_min} devices or lower p_min")
-
-    def _staging_shape(self, devices) -> MeshShape:
-        """The smallest valid mesh, to hold the state while the real one is searched.
-
-        With several processes, the smallest on which every process holds a part (a
-        process outside the mesh could not even read the step counter).
-        """
-        for n in range(self.p_min, len(devices) + 1):
-            for p in range(self.p_min, n + 1):
-                if n % p:
-                    continue
-                shape = MeshShape(p, n // p, 1)
-                try:
-                    self.trainer.check(shape, devices)
-                except InvalidMeshShape:
-                    continue
-                if not distributed.idle_processes(devices[:n]):
-                    return shape
-        raise InsufficientDevices(
-            f"no valid mesh of pipe width in [{self.p_min}, {len(devices)}] spans every "
-            f"process ({self.trainer.num_layers} layers): add devices or change p_min")
-
     # -- the loop ---------------------------------------------------------------------
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         """One training step on the current mesh; every `check_every` steps, adapt.
@@ -296,83 +257,6 @@ class ElasticTrainer:
         out = {"loss": metrics["loss"], "step": self._step, "mesh": str(self.shape),
                "samples_per_second": self.step_log.last_samples_per_second}
         return state, out
-
-    # -- never lose work ----------------------------------------------------------------
-    def _found(self, steps: list[int]) -> None:
-        """Act on the non-finite steps a closed timing window found."""
-        if not steps:
-            return
-        if self.checkpoints.on_nonfinite == "skip_step":
-            log.warning("steps %s had a non-finite loss or gradient norm: their updates were "
-                        "skipped", steps)
-            self._emit("nonfinite", steps=steps, action="skipped")
-        elif self._nonfinite is None:
-            self._nonfinite = steps[0]
-
-    def _after_nonfinite(self, state: TrainState) -> TrainState:
-        """Stop, or rewind to the newest checkpoint (all kept ones are finite)."""
-        bad, latest = self._nonfinite, self.checkpointer.latest_step()
-        where = (f"the newest checkpoint, step {latest} in {self.checkpointer.directory}, "
-                 "is finite" if latest is not None else "no checkpoint was saved")
-        if self.checkpoints.on_nonfinite == "stop" or latest is None:
-            self._state = None  # never saved, not even by close()
-            self._emit("nonfinite", steps=[bad], action="stop")
-            raise NonFiniteStep(
-                f"step {bad} had a non-finite loss or gradient norm; {where}: lower the "
-                "learning rate or check the data, or pass on_nonfinite='skip_step' or "
-                "'rewind'", step=bad, checkpoint_step=latest)
-        self._break_window()
-        jax.tree.map(lambda x: x.delete(), state)  # garbage: make room for the restore
-        state = self.checkpointer.restore(self.shape, devices=self.devices)
-        fallback = self.checkpointer.last_fallback
-        self._step = fallback.restored_step if fallback else latest
-        self._nonfinite, self._state = None, state
-        log.warning("step %d was not finite: rewound to checkpoint step %d", bad, self._step)
-        self._emit("rewind", nonfinite_step=bad, checkpoint_step=self._step)
-        return state
-
-    def _stop_on_signal(self, state: TrainState, number: int) -> None:
-        """Save this step, wait for it, and raise `Interrupted` (SIGTERM / SIGINT)."""
-        name = signal.Signals(number).name
-        self._save(state, reason=name)
-        self.wait()
-        if self._nonfinite is not None:
-            self._after_nonfinite(state)  # stop raises; rewind restores the saved step
-        saved = self.checkpointer.latest_step()
-        message = (f"stopped by {name} after step {self._step}; step {saved} is saved in "
-                   f"{self.checkpointer.directory}: run the same job again to resume (init "
-                   f"restores step {saved})")
-        print(f"meshscale: {message}", file=sys.stderr, flush=True)
-        self._emit("interrupted", signal=name, checkpoint_step=saved)
-        self.close()
-        raise Interrupted(message, step=saved, signal_number=number,
-                          directory=str(self.checkpointer.directory))
-
-    def _raise_failed_write(self) -> None:
-        """Raise `CheckpointWriteError` for a background write that failed (no wait).
-
-        With several processes the writes end at different times, so the check is
-        agreed (a collective) once a timing window, while a write is not yet checked."""
-        if jax.process_count() == 1:
-            problem = self.checkpointer.write_failure()
-        elif self._write_unchecked and self._step % self.step_log.timing_window == 0:
-            problem = distributed.failed_anywhere(self.checkpointer.write_failure())
-            running = float(self.checkpointer.unchecked)  # this process's write still runs
-            self._write_unchecked = bool(distributed.slowest(running))
-        else:
-            return
-        if problem is not None:
-            self._emit("checkpoint_failed", reason=problem)
-            raise CheckpointWriteError(f"{problem}: fix the storage, then resume from the "
-                                       "newest saved step")
-
-    def _close_at_exit(self) -> None:
-        """At interpreter exit without `close()`: finish (save the last step, wait for the
-        writes); a step that cannot be saved is said in one line, never a traceback."""
-        try:
-            self.close()
-        except Exception as e:
-            print(f"meshscale: at exit: {e}", file=sys.stderr, flush=True)
 
     # -- timing windows and step records ---------------------------------------------
     def _open_window(self) -> None:
@@ -453,179 +337,6 @@ class ElasticTrainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def check(self, state: TrainState, batch: Batch) -> TrainState:
-        """Poll the resource source now; on a change, save, search and maybe switch."""
-        devices = self._poll()
-        if device_ids(devices) == device_ids(self._granted):
-            self._plan_precompile()
-            return state
-        self._break_window()
-        if self._nonfinite is not None:  # handled first (step); the change is seen again
-            return state
-        self._emit("devices_changed", before=len(self._granted), after=len(devices),
-                   device_ids=list(device_ids(devices)))
-        self._save(state, reason="before search")
-        self.checkpointer.wait()  # on disk before anything is tried: a switch restores it
-        try:
-            self._require(devices)
-        finally:
-            self._granted = list(devices)
-        current_ok = set(device_ids(self.devices)) <= set(device_ids(devices))
-        baseline = self.baseline() if current_ok else None
-        total = self.switching.total_steps
-        remaining = (total - self._step) if total else None
-        state, decision = self._search(state, [batch], devices, baseline=baseline,
-                                       current=self.shape if current_ok else None,
-                                       remaining_steps=remaining, step=self._step)
-        forced = not current_ok
-        if decision.best is not None and (decision.switch or forced) \
-                and (decision.best.shape, device_ids(devices[: decision.best.shape.num_devices])) \
-                != (self.shape, device_ids(self.devices)):
-            state = self._switch(state, decision.best.shape, devices,
-                                 reason="forced: current mesh lost devices" if forced
-                                 else "faster")
-        elif forced:
-            raise InsufficientDevices(f"the current mesh lost devices and no candidate ran on "
-                                      f"{len(devices)} devices: {decision.reason}")
-        self._plan_precompile()
-        return state
-
-    def baseline(self) -> Baseline | None:
-        """The current mesh's steady-state samples/s from ordinary steps: the median of the
-        last clean timing windows (past warm-up, no save, no background compile), or None
-        with fewer than 2 (then the search takes the current mesh's own try-run).
-
-        With several processes every one must call this (the slowest counts), and all get
-        the same answer: the window count is agreed too.
-        """
-        recent = self.step_log.recent
-        enough = distributed.broadcast(len(recent) >= _BASELINE_WINDOWS)
-        if not enough:
-            return None
-        mine = statistics.median(recent) if recent else math.nan
-        seconds = float(distributed.slowest(mine))
-        if not math.isfinite(seconds):  # a process without a clean window: none
-            return None
-        return Baseline(self.trainer.global_batch / seconds, self.shape.num_devices, self.shape,
-                        source="steps")
-
-    def _poll(self) -> list[jax.Device]:
-        """The devices granted now; with several processes, process 0's answer."""
-        return distributed.agree_devices(self.resources.poll())
-
-    # -- pieces -----------------------------------------------------------------------
-    def _save(self, state: TrainState, *, reason: str) -> None:
-        """Start writing `state` (in the background: training goes on while it is written;
-        `seconds` is the blocking part, copying the state off the devices)."""
-        step = self._step
-        self.step_log.spoil()  # the save's blocking part is in this window
-        self._found(self.step_log.nonfinite())  # a non-finite step is never saved
-        if self._nonfinite is not None:
-            return
-        start = time.perf_counter()
-        try:
-            if not self.checkpointer.save(state, shape=self.shape, step=step):
-                return  # this step is on disk already (a damaged copy is replaced)
-        except NonFiniteStep:  # finite loss and gradients, yet nan/inf in the state
-            self._nonfinite = step
-            return
-        self._write_unchecked = True
-        self._emit("checkpoint", checkpoint_step=step, reason=reason,
-                   seconds=time.perf_counter() - start)
-
-    def _search(self, state, batches, devices, *, baseline, current, step: int | None,
-                remaining_steps=None) -> tuple[TrainState, Decision]:
-        """Search; the state comes back as it went in, unless a try-run needed its memory:
-        then it is read back (checkpoint `step`, or fresh when None) onto the mesh it was on."""
-        start = time.perf_counter()
-        live = LiveState(state, restore=lambda shape, devs: (
-            self.trainer.init_state(shape, devs) if step is None
-            else self.checkpointer.restore(shape, step=step, devices=devs)))
-        quiet = self.precompiler.paused() if self.precompiler else contextlib.nullcontext()
-        with quiet:  # try-runs are timed on cores the compiler does not share
-            decision = search(self.trainer, live, batches, devices, space=self.space,
-                              timing=self.timing, baseline=baseline,
-                              threshold=self.switching.threshold, eps=self.switching.eps,
-                              measure=self.switching.measure, current=current,
-                              remaining_steps=remaining_steps,
-                              switch_cost=self._last_switch_cost)
-        self._emit("search", num_devices=len(devices), decision=decision,
-                   seconds=time.perf_counter() - start)
-        if live.released:
-            state = live.restore(self.shape, self.devices)
-            self._emit("restore", reason="the live state was released for a try-run",
-                       checkpoint_step=step)
-        return state, decision
-
-    def _switch(self, state: TrainState, shape: MeshShape, devices, *,
-                reason: str) -> TrainState:
-        """Move `state` onto `shape`: restore the checkpoint written before the search."""
-        start = time.perf_counter()
-        before = self.shape
-        step = self._step
-        self._break_window()
-        latest = self.checkpointer.latest_step()
-        on_disk = self.switching.via != "memory" and latest == step
-        if not on_disk and distributed.can_place():
-            state = self.trainer.place(state, shape, devices)
-        elif not on_disk and reason == "start" and latest is None:
-            state = self.trainer.init_state(shape, devices)  # fresh, across processes
-        else:  # through the checkpoint: exactly this step, never an older one behind it
-            if not on_disk:  # across processes, the only way to move the state
-                self._save(state, reason="before switch")
-            if not self._fits_beside(state, shape, devices):
-                jax.tree.map(lambda x: x.delete(), state)  # on disk: make room first
-            try:
-                state = self.checkpointer.restore(shape, step=step, devices=devices)
-            except IncompatibleCheckpoint as e:
-                if not distributed.can_place() or state_deleted(state):
-                    raise
-                log.warning("switch: %s; moving the state in memory instead", e)
-                state = self.trainer.place(state, shape, devices)
-        self._step_fn = self.trainer.compile_step(shape, devices)
-        self._batch_sharding = self.trainer.batch_sharding(shape, devices)  # once per mesh
-        self.shape, self.devices = shape, list(devices[: shape.num_devices])
-        self._granted = list(devices)
-        self.step_log.recent.clear()
-        self._since_switch = 0
-        cost = time.perf_counter() - start
-        if reason != "start":
-            self._last_switch_cost = cost
-        self._emit("switch", before=str(before) if before else None, after=str(shape),
-                   num_devices=shape.num_devices, reason=reason, seconds=cost)
-        self._plan_precompile()
-        return state
-
-    def _fits_beside(self, state: TrainState, shape: MeshShape, devices) -> bool:
-        """Whether `shape`'s state fits on its devices beside the live `state` (True when
-        no memory budget is known)."""
-        budget = memory.memory_budget(devices, self.space.memory_budget)
-        live = LiveState(state).bytes_on(devices[: shape.num_devices])
-        return memory.fits(live + self.trainer.state_bytes_per_device(shape), budget)
-
-    def _plan_precompile(self) -> None:
-        """Queue the likely next meshes for background compiling (once per situation)."""
-        if self.precompiler is None:
-            return
-        if isinstance(self.precompile_mode, list):
-            counts = self.precompile_mode
-        else:
-            counts = likely_next_counts(len(self._granted), p_min=self.p_min,
-                                        max_devices=len(jax.devices()),
-                                        announced=self.resources.announced())
-        situation = (tuple(counts), device_ids(self._granted), self.shape)
-        if situation == self._planned:
-            return
-        self._planned = situation
-        queued = self.precompiler.plan(counts, self._granted, current=self.shape,
-                                       current_devices=self.devices)
-        if queued:
-            self._emit("precompile", counts=list(counts), queued=queued)
-
-
-def state_deleted(state: TrainState) -> bool:
-    return any(x.is_deleted() for x in jax.tree.leaves(state))
 
 
 def _from_old_form(model, args, kwargs, checkpoint_dir, resources, on_event, *new) -> dict:
