@@ -87,3 +87,11 @@ def test_repeats_and_microbatches_flags_parse_and_refuse_bad_values(capsys):
             main(["search", "--repeats", bad])
         assert exc.value.code == 2
         assert "--repeats takes auto, all or a list like 1,2" in capsys.readouterr().err
+
+
+def test_p_min_auto_without_a_memory_budget_says_how_to_give_one(capsys):
+    assert main(["search", "--model", "mlp", "--devices", "2", "--p-min", "auto",
+                 "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "meshscale search: error: p_min='auto' needs a memory budget" in err
+    assert "--device-memory 2GiB" in err

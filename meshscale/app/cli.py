@@ -4,7 +4,7 @@ Each subcommand lives in its own module under `meshscale.app.commands` (``add`` 
 its arguments, ``run`` does the work); a new one is a module appended to `COMMANDS`.
 Nothing here starts the JAX backend: `--devices N` asks XLA for N simulated CPU devices
 through ``XLA_FLAGS``, which XLA reads once, when the backend starts, so every command
-sets its device environment first and imports inside.
+sets its device environment (`meshscale.runtime.simulated`) first and imports inside.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from meshscale.app.commands import demo, launch, ray_demo, report, search
-from meshscale.app.commands.options import DEVICE_COUNT_FLAG, device_environment
 from meshscale.app.commands.search import _counts
+from meshscale.runtime.simulated import DEVICE_COUNT_FLAG, device_environment
 
 # re-exported: tests and callers import these from here
 __all__ = ["COMMANDS", "DEVICE_COUNT_FLAG", "_counts", "build_parser", "device_environment",

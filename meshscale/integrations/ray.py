@@ -177,12 +177,9 @@ def train_function(loop: Loop, *, checkpoint_dir: str | os.PathLike,
 def cpu_worker_env(devices_per_worker: int) -> dict[str, str]:
     """Environment variables giving each Ray worker `devices_per_worker` simulated CPU
     devices (for trying multi-worker jobs on one machine, as ``meshscale launch`` does)."""
-    from meshscale.runtime.launch import DEVICE_COUNT_FLAG
+    from meshscale.runtime.simulated import cpu_env
 
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith(DEVICE_COUNT_FLAG)]
-    return {"JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices_per_worker}"])}
+    return cpu_env(devices_per_worker)
 
 
 def jax_trainer(loop: Loop, *, checkpoint_dir: str | os.PathLike,

@@ -97,8 +97,28 @@ def fits(bytes_needed: int, budget: int | None) -> bool:
 
 
 def over_budget_reason(bytes_needed: int, budget: int) -> str:
-    return (f"skipped: would need {bytes_needed / GiB:.3g} GiB per device, "
-            f"budget {budget / GiB:.3g} GiB")
+    return (f"skipped: would need {format_bytes(bytes_needed)} per device, "
+            f"budget {format_bytes(budget)}")
+
+
+def resolve_p_min(trainer, devices: Sequence[jax.Device], p_min: int | str,
+                  budget: int | None) -> int:
+    """`p_min` itself, or for ``"auto"`` the smallest pipe width whose compiled step fits
+    `budget` bytes per device (`auto_p_min`).
+
+    What this process's own memory analysis says: processes that must agree on one width
+    (`meshscale.search`) share one answer themselves.
+
+    Raises:
+      MeshscaleError: ``"auto"`` with no budget known.
+      InsufficientDevices: ``"auto"`` and not even ``pipe = len(devices)`` fits.
+    """
+    if p_min != "auto":
+        return p_min
+    if budget is None:
+        raise MeshscaleError("p_min='auto' needs a memory budget and this backend reports "
+                             "none: pass memory_budget='2GiB' (CLI: --device-memory 2GiB)")
+    return auto_p_min(trainer, devices, budget=budget)
 
 
 def auto_p_min(trainer, devices: Sequence[jax.Device], *, budget: int) -> int:

@@ -2,7 +2,7 @@
 
 `launch` starts ``python COMMAND...`` N times with the environment that
 `meshscale.runtime.distributed.initialize` reads (coordinator on a free loopback port, process
-count and index) and ``--xla_force_host_platform_device_count`` simulated CPU devices
+count and index) and `meshscale.runtime.simulated.cpu_env`'s simulated CPU devices
 per process. It streams every child's output prefixed with ``[pK]``, and ends them all
 as soon as one fails or on timeout. SIGTERM or Ctrl-C to the launcher is passed on to
 every child as SIGTERM, as a cluster's preemption notice reaches every host: JAX's
@@ -26,10 +26,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from meshscale.runtime.simulated import cpu_env
+
 ENV_COORDINATOR = "MESHSCALE_COORDINATOR"
 ENV_NUM_PROCESSES = "MESHSCALE_NUM_PROCESSES"
 ENV_PROCESS_ID = "MESHSCALE_PROCESS_ID"
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 TIMED_OUT = 124  # exit status on timeout, as coreutils' timeout(1)
 INTERRUPTED = 130
 SAVE_GRACE = 60.0  # seconds the children get to save and exit after a forwarded SIGTERM
@@ -46,11 +47,10 @@ def child_env(process_id: int, num_processes: int, coordinator: str,
               devices_per_process: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of child `process_id`: launcher variables, CPU platform, devices."""
     env = dict(os.environ if base is None else base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env.update({
         ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: str(num_processes),
-        ENV_PROCESS_ID: str(process_id), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-        "XLA_FLAGS": " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices_per_process}"])})
+        ENV_PROCESS_ID: str(process_id), "PYTHONUNBUFFERED": "1",
+        **cpu_env(devices_per_process, env)})
     return env
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshscale.app.commands.options import add_run_options, device_environment, positive
+from meshscale.app.commands.options import add_run_options, positive
+from meshscale.models import registry
+from meshscale.runtime.simulated import device_environment
+
+TOO_SLOW_FOR_THE_DEMO = ("gpt-small",)  # hundreds of steps on simulated CPU devices
 
 
 def add(subparsers) -> None:
     from meshscale.app.demo import DEFAULT_SCHEDULE, DemoConfig
+    from meshscale.layout.sharding import STATE_SHARDINGS
 
     d = DemoConfig()
     p = subparsers.add_parser(
@@ -20,8 +25,9 @@ def add(subparsers) -> None:
     add_run_options(p, d, schedule_help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
     p.add_argument("--devices", type=positive, default=d.devices,
                    help="simulated CPU devices in the pool (default 8)")
-    p.add_argument("--model", choices=("gpt-tiny", "llama-tiny", "mlp"), default=d.model)
-    p.add_argument("--state-sharding", choices=("replicate", "zero1", "fsdp"),
+    p.add_argument("--model", default=d.model,
+                   choices=[n for n in registry.NAMES if n not in TOO_SLOW_FOR_THE_DEMO])
+    p.add_argument("--state-sharding", choices=STATE_SHARDINGS,
                    default=d.state_sharding, help="where parameters and optimizer state live")
     p.add_argument("--check-every", type=positive, default=d.check_every,
                    help="poll the device file every this many steps")

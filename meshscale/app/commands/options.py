@@ -1,44 +1,8 @@
-"""Argument types, option groups and the device environment more than one subcommand uses."""
+"""Argument types and option groups more than one subcommand uses."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import sys
-from collections.abc import Iterator
-
-MODELS = ("gpt-tiny", "gpt-small", "llama-tiny", "mlp")  # models.registry.NAMES, no jax import
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-
-@contextlib.contextmanager
-def device_environment(count: int | None, platform: str) -> Iterator[None]:
-    """Within: ``count`` simulated CPU devices (platform "cpu"), or the real ones ("auto").
-
-    Must be entered before the JAX backend starts (it cannot change a started one); the
-    environment is restored on exit so a caller's later subprocesses see their own.
-    """
-    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    try:
-        if platform == "cpu":
-            os.environ["JAX_PLATFORMS"] = "cpu"
-            if count:
-                flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                         if not f.startswith(DEVICE_COUNT_FLAG)]
-                os.environ["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={count}"])
-            if "jax" in sys.modules:  # imported (not started) before us: env was read already
-                import jax
-
-                if jax.config.jax_platforms != "cpu":
-                    jax.config.update("jax_platforms", "cpu")
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def positive(text: str) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshscale.app.commands.options import MODELS, add_run_options, positive
+from meshscale.app.commands.options import add_run_options, positive
+from meshscale.models import registry
 
 
 def add(subparsers) -> None:
@@ -21,7 +22,7 @@ def add(subparsers) -> None:
     add_run_options(p, d, schedule_help=f"WORKERS@STEP,... (default {DEFAULT_SCHEDULE})")
     p.add_argument("--devices-per-worker", type=positive, default=d.devices_per_worker,
                    help="simulated CPU devices per Ray worker")
-    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--model", choices=registry.NAMES, default=d.model)
     p.set_defaults(run=run)
 
 

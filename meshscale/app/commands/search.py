@@ -7,7 +7,9 @@ import os
 import sys
 import time
 
-from meshscale.app.commands.options import MODELS, device_environment, positive
+from meshscale.app.commands.options import positive
+from meshscale.models import registry
+from meshscale.runtime.simulated import device_environment
 
 
 def take_devices(count: int | None):
@@ -25,16 +27,15 @@ def take_devices(count: int | None):
 
 
 def _model(text: str) -> str:
-    if text in MODELS or ":" in text:
+    if text in registry.NAMES or ":" in text:
         return text
     raise argparse.ArgumentTypeError(
-        f"--model takes one of {', '.join(MODELS)} or package.module:factory, got {text!r}")
+        f"--model takes one of {', '.join(registry.NAMES)} or package.module:factory, "
+        f"got {text!r}")
 
 
 def build_model(name: str, seed: int):
     """(model, batch_fn) for a model name; ``batch_fn(batch_size, i)`` is host batch i."""
-    from meshscale.models import registry
-
     return registry.build(name, seed)
 
 
@@ -65,12 +66,17 @@ def _counts(flag: str, example: str):
 
 
 def add(subparsers) -> None:
+    from meshscale.layout.sharding import STATE_SHARDINGS
+    from meshscale.training.timing import Timing
+
+    timing = Timing()
     p = subparsers.add_parser(
         "search", help="try-run every candidate mesh and say which trains fastest",
         description="Try-run every candidate mesh for a model on N devices (simulated CPU "
                     "devices by default) and decide whether switching to the best pays.")
     p.add_argument("--model", type=_model, default="gpt-tiny",
-                   help=f"{', '.join(MODELS)}, or package.module:factory (your own model)")
+                   help=f"{', '.join(registry.NAMES)}, or package.module:factory "
+                        "(your own model)")
     p.add_argument("--devices", type=int, default=8, help="devices to use (default 8)")
     p.add_argument("--platform", choices=("cpu", "auto"), default="cpu",
                    help="cpu: simulate --devices CPU devices; auto: JAX's own devices")
@@ -87,8 +93,8 @@ def add(subparsers) -> None:
     p.add_argument("--repeats", type=_counts("--repeats", "1,2"), default=None,
                    help="circular-schedule rounds: auto (1: plain GPipe), all (1, 2, 4) or "
                         "a list like 1,2")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per try-run")
+    p.add_argument("--warmup", type=int, default=timing.warmup)
+    p.add_argument("--steps", type=int, default=timing.steps, help="timed steps per try-run")
     p.add_argument("--threshold", type=float, default=0.05)
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--remaining-steps", type=int, default=None)
@@ -97,7 +103,7 @@ def add(subparsers) -> None:
                    help="JAX's persistent compilation cache goes to RUN_DIR/jax_cache")
     p.add_argument("--json", dest="json_path", default=None, help="also write the result here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--state-sharding", choices=("replicate", "zero1", "fsdp"), default="fsdp",
+    p.add_argument("--state-sharding", choices=STATE_SHARDINGS, default="fsdp",
                    help="where parameters and optimizer state live besides their stage")
     p.set_defaults(run=run)
 
@@ -107,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
         import optax
         from rich.console import Console
 
-        from meshscale import Trainer, search
+        from meshscale import SearchSpace, Timing, Trainer, search
         from meshscale.app import report
         from meshscale.layout.mesh import MeshShape
-        from meshscale.planning.memory import format_bytes, memory_budget
+        from meshscale.planning.memory import format_bytes, memory_budget, resolve_p_min
         from meshscale.planning.space import candidates, require_devices
 
         console = Console(width=None if sys.stdout.isatty() else 120)
@@ -133,14 +139,14 @@ def run(args: argparse.Namespace) -> int:
                                global_batch=args.batch, max_pipe=args.max_pipe)
             state = trainer.init_state(first[0].shape if first else MeshShape(1, 1), devices)
             baseline = None
+        space = SearchSpace(p_min=p_min, max_pipe=args.max_pipe, microbatches=args.microbatches,
+                            repeats=args.repeats, memory_budget=budget)
         start = time.perf_counter()
         decision = search(
-            trainer, state, batches, devices, p_min=p_min, baseline=baseline,
-            threshold=args.threshold, current=current, max_pipe=args.max_pipe,
-            microbatches=args.microbatches, repeats=args.repeats, warmup=args.warmup,
-            steps=args.steps,
-            remaining_steps=args.remaining_steps, switch_cost=args.switch_cost, eps=args.eps,
-            memory_budget=budget, compile_cache_dir=cache_dir)
+            trainer, state, batches, devices, space=space,
+            timing=Timing(warmup=args.warmup, steps=args.steps), baseline=baseline,
+            threshold=args.threshold, current=current, remaining_steps=args.remaining_steps,
+            switch_cost=args.switch_cost, eps=args.eps, compile_cache_dir=cache_dir)
         seconds = time.perf_counter() - start
         title = (f"meshscale search: {args.model}, {len(devices)} devices, batch {args.batch}, "
                  f"p_min {p_min}, budget {format_bytes(budget)}")
@@ -167,32 +173,20 @@ def describe(decision, num_devices: int, *, eps: float) -> str:
     return words + "."
 
 
-def resolve_p_min(trainer, devices, p_min: int | str, budget: int | None) -> int:
-    """`p_min` itself, or for "auto" the smallest pipe width that fits `budget`."""
-    from meshscale.errors import MeshscaleError
-    from meshscale.planning.memory import auto_p_min
-
-    if p_min != "auto":
-        return p_min
-    if budget is None:
-        raise MeshscaleError("--p-min auto needs a memory budget and this backend reports "
-                             "none: pass --device-memory, e.g. --device-memory 2GiB")
-    return auto_p_min(trainer, devices, budget=budget)
-
-
 def measure_baseline(trainer, batches, shape, devices, *, warmup: int, steps: int):
-    """(live state, baseline) from ordinary training steps on `shape` (warm-up excluded)."""
-    import jax
-
+    """(live state, baseline) from ordinary training steps on `shape`: `warmup` untimed
+    steps (the first compiles), then `steps` timed by the one step timer."""
     from meshscale import Baseline
+    from meshscale.training.timing import time_steps
 
     state = trainer.init_state(shape, devices)
-    times = []
-    for i in range(warmup + steps):
-        tick = time.perf_counter()  # the first step includes compiling; skipped below
+
+    def run_one(i: int):
+        nonlocal state
         compiled = trainer.compile_step(shape, devices)
         batch = trainer.put_batch(batches[i % len(batches)], shape, devices)
         state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - tick)
-    return state, Baseline.from_step_times(times, trainer.global_batch, shape, skip=warmup)
+        return metrics
+
+    times = time_steps(run_one, warmup=warmup, steps=steps)
+    return state, Baseline.from_step_times(times, trainer.global_batch, shape, skip=0)
