@@ -69,7 +69,7 @@ def test_over_budget_and_invalid_candidates_are_skipped_with_reason(mlp, devices
     trainer, batches, state = mlp
     over = try_run(trainer, state, batches, Candidate(LIVE, "current"), devices[:4],
                    memory_budget=1024)
-    assert over.status.startswith("skipped: would need ") and "budget 9.54e-07 GiB" in over.status
+    assert over.status.startswith("skipped: would need ") and "budget 1.00 KiB" in over.status
     assert over.bytes_per_device > 1024 and not over.ok
     bad = try_run(trainer, state, batches, Candidate(MeshShape(2, 1, 1, 2), "vertical"),
                   devices[:4])

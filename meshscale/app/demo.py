@@ -80,13 +80,11 @@ def run(cfg: DemoConfig) -> dict:
     """
     import jax
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from meshscale.app import report
     from meshscale.app import run_dir as run_dirs
     from meshscale.elastic.resources import FileSource
     from meshscale.errors import Interrupted
-    from meshscale.model.contract import FunctionalModel
     from meshscale.models import registry
     from meshscale.training.compile_cache import enable_persistent_cache
 
@@ -104,23 +102,7 @@ def run(cfg: DemoConfig) -> dict:
     device_file = os.path.join(cfg.run_dir, "devices.txt")
     FileSource.write(device_file, devices_at(schedule, 0))
     pending: dict = {}
-
-    def on_event(event):
-        if event["event"] == "search":
-            pending["search"] = event
-            console.print(report.tryrun_table(report.to_plain(event["decision"]),
-                                              title=f"try-runs on {event['num_devices']} devices"))
-            if not event["decision"].switch:
-                console.print(report.decision_words(report.to_plain(event)))
-        elif event["event"] == "switch" and "search" in pending:
-            console.print(report.decision_words(report.to_plain(pending.pop("search")),
-                                                report.to_plain(event)))
-        elif event["event"] == "checkpoint" and "save" in pending:
-            pending["save"]()  # the record on disk is never behind the checkpoint
-        elif event["event"] in ("devices_changed", "resume"):
-            console.print(f"[bold]{event['event'].replace('_', ' ')}[/]: "
-                          + ", ".join(f"{k}={v}" for k, v in event.items()
-                                      if k not in ("event", "time", "device_ids")))
+    on_event = _event_printer(console, pending)
 
     elastic = elastic_trainer(cfg, model, FileSource(device_file), on_event=on_event)
     if cfg.resume:  # the devices the schedule grants at the step we resume from
@@ -146,23 +128,9 @@ def run(cfg: DemoConfig) -> dict:
 
     pending["save"] = save_report
 
-    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("train", total=cfg.steps, completed=first, info="")
-            for i in range(first, cfg.steps):
-                count = devices_at(schedule, i)
-                if i > first and count != devices_at(schedule, i - 1):
-                    FileSource.write(device_file, count)
-                state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
-                last = elastic.last_record  # the newest fetched loss: no wait on this step
-                progress.update(task, completed=i + 1, info=(
-                    f"loss {last.loss if last else math.nan:.3f} "
-                    f"(step {last.step if last else '-'})  "
-                    f"{metrics['samples_per_second']:7.1f} samples/s  mesh {metrics['mesh']}"))
-                if (i + 1) % 20 == 0:
-                    save_report()
+        state = _train_loop(cfg, console, elastic, state, first, schedule, device_file,
+                            batch_fn, save_report)
     except Interrupted as stop:
         elastic.close()  # the saved step's write finished (a second close does nothing)
         stopped.append({"event": "interrupted", "step": stop.step,
@@ -173,7 +141,69 @@ def run(cfg: DemoConfig) -> dict:
               flush=True)
         raise
     elastic.close()  # the last checkpoint on disk
-    out = save_report()
+    return _finish(cfg, console, model, state, save_report())
+
+
+def _train_loop(cfg, console, elastic, state, first, schedule, device_file, batch_fn,
+                save_report):
+    """Steps `first`..`cfg.steps` with a progress bar, writing the device count the
+    schedule grants and the report every 20 steps."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from meshscale.elastic.resources import FileSource
+
+    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=cfg.steps, completed=first, info="")
+        for i in range(first, cfg.steps):
+            count = devices_at(schedule, i)
+            if i > first and count != devices_at(schedule, i - 1):
+                FileSource.write(device_file, count)
+            state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
+            last = elastic.last_record  # the newest fetched loss: no wait on this step
+            progress.update(task, completed=i + 1, info=(
+                f"loss {last.loss if last else math.nan:.3f} "
+                f"(step {last.step if last else '-'})  "
+                f"{metrics['samples_per_second']:7.1f} samples/s  mesh {metrics['mesh']}"))
+            if (i + 1) % 20 == 0:
+                save_report()
+    return state
+
+
+def _event_printer(console, pending: dict):
+    """`on_event` for the demo: try-run tables and decisions as they happen; a
+    checkpoint event also writes the report (``pending["save"]``), so the record on disk
+    is never behind the checkpoint."""
+    from meshscale.app import report
+
+    def on_event(event):
+        if event["event"] == "search":
+            pending["search"] = event
+            console.print(report.tryrun_table(report.to_plain(event["decision"]),
+                                              title=f"try-runs on {event['num_devices']} devices"))
+            if not event["decision"].switch:
+                console.print(report.decision_words(report.to_plain(event)))
+        elif event["event"] == "switch" and "search" in pending:
+            console.print(report.decision_words(report.to_plain(pending.pop("search")),
+                                                report.to_plain(event)))
+        elif event["event"] == "checkpoint" and "save" in pending:
+            pending["save"]()
+        elif event["event"] in ("devices_changed", "resume"):
+            console.print(f"[bold]{event['event'].replace('_', ' ')}[/]: "
+                          + ", ".join(f"{k}={v}" for k, v in event.items()
+                                      if k not in ("event", "time", "device_ids")))
+
+    return on_event
+
+
+def _finish(cfg: DemoConfig, console, model, state, out: dict) -> dict:
+    """A text sample (gpt-tiny), report.png and the summary table at the end of a run."""
+    import jax
+
+    from meshscale.app import report
+    from meshscale.model.contract import FunctionalModel
+
     if cfg.model == "gpt-tiny":
         from meshscale.models.gpt import sample
 

@@ -33,7 +33,6 @@ from meshscale.errors import (
     InsufficientDevices,
     InvalidArgument,
     InvalidMeshShape,
-    MeshscaleError,
 )
 from meshscale.layout.mesh import MeshShape
 from meshscale.model.contract import Batch
@@ -261,19 +260,7 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         enable_persistent_cache(compile_cache_dir)
     budget = distributed.broadcast(memory.memory_budget(devices, space.memory_budget))
     if p_min == "auto":
-        if budget is None:
-            raise MeshscaleError("p_min='auto' needs a memory budget and this backend reports "
-                                 "none: pass memory_budget='2GiB' (CLI: --device-memory 2GiB)")
-        # each process reads its own memory analysis: one verdict, process 0's, for all
-        mine, failure = None, None
-        try:
-            mine = memory.auto_p_min(trainer, devices, budget=budget)
-        except InsufficientDevices as e:
-            failure = str(e)
-        if failure := distributed.failed_anywhere(failure):
-            raise InsufficientDevices(failure)
-        p_min = distributed.broadcast(mine)
-        log.info("p_min auto: %d", p_min)
+        p_min = _agreed_p_min(trainer, devices, budget)
     if current is None and baseline is not None:
         current = baseline.shape
     found = space.candidates(len(devices), num_layers=trainer.num_layers,
@@ -303,6 +290,21 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
     decision = distributed.broadcast(decision)  # one decision: process 0's, everywhere
     log.info("search on %d devices: %s", len(devices), decision.reason)
     return decision
+
+
+def _agreed_p_min(trainer: Trainer, devices, budget: int | None) -> int:
+    """``p_min="auto"`` resolved (`memory.resolve_p_min`): each process reads its own
+    memory analysis; one verdict, process 0's, for all."""
+    mine, failure = None, None
+    try:
+        mine = memory.resolve_p_min(trainer, devices, "auto", budget)
+    except InsufficientDevices as e:
+        failure = str(e)
+    if failure := distributed.failed_anywhere(failure):
+        raise InsufficientDevices(failure)
+    p_min = distributed.broadcast(mine)
+    log.info("p_min auto: %d", p_min)
+    return p_min
 
 
 _SPACE_FIELDS = {f.name for f in dataclasses.fields(SearchSpace)}

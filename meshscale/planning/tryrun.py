@@ -195,30 +195,12 @@ def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[B
         return TryRunResult.not_run(candidate, f"skipped: mesh {shape} leaves process(es) "
                                                f"{idle} without devices")
     start = time.perf_counter()
-    measured: dict = {}
-    failure = None
-    try:
-        compiled, origin = _compile(trainer, shape, devices)
-        measured.update(compile_seconds=time.perf_counter() - start, compile_origin=origin,
-                        bytes_per_device=bytes_per_device(compiled))
-    except Exception as e:  # any failure is a result: the search goes on
-        log.warning("try-run %s failed: %s", shape, e)
-        failure = failure_status(e)
-    failure = distributed.failed_anywhere(failure)  # never step while a peer does not
-    if failure:
+    compiled, measured, failure = _compile_measured(trainer, shape, devices)
+    if failure := distributed.failed_anywhere(failure):  # never step while a peer does not
         return TryRunResult.not_run(candidate, failure, **measured)
-    need = measured["bytes_per_device"]
-    over = None if fits(need, memory_budget) else over_budget_reason(need, memory_budget)
-    if over := distributed.failed_anywhere(over):  # over on any process: skipped on all
-        return TryRunResult.not_run(candidate, over, **measured)
-    beside = live.bytes_on(devices[: shape.num_devices])
-    crowded = None if fits(need + beside, memory_budget) else \
-        over_budget_reason(need + beside, memory_budget) + " with the live state beside it"
-    if crowded := distributed.failed_anywhere(crowded):  # released everywhere, or nowhere
-        if live.restore is None:
-            return TryRunResult.not_run(candidate, crowded, **measured)
-        live.release()
-    total = warmup + steps
+    refused = _memory_check(live, measured["bytes_per_device"], shape, devices, memory_budget)
+    if refused:
+        return TryRunResult.not_run(candidate, refused, **measured)
     times = []
     try:
         # Ready before the first step: on CPU a step's collectives in flight beside the
@@ -229,6 +211,7 @@ def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[B
         failure = failure_status(e)
     if failure := distributed.failed_anywhere(failure):  # placed everywhere, or nowhere
         return TryRunResult.not_run(candidate, failure, **measured)
+
     def one_step(i: int):  # a step as training runs it: feed the batch, step
         nonlocal run_state
         batch = trainer.put_batch(batches[i % len(batches)], shape, devices, shardings=batch_sh)
@@ -250,6 +233,42 @@ def try_run(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[B
     if failure:
         return TryRunResult.not_run(candidate, failure, **measured)
     measured["compile_seconds"] = compile_seconds
+    return _result(trainer, candidate, times, elapsed, warmup + steps, measured)
+
+
+def _compile_measured(trainer: Trainer, shape: MeshShape, devices):
+    """(compiled step, its compile time, origin and bytes per device, failure or None)."""
+    start, measured = time.perf_counter(), {}
+    try:
+        compiled, origin = _compile(trainer, shape, devices)
+        measured.update(compile_seconds=time.perf_counter() - start, compile_origin=origin,
+                        bytes_per_device=bytes_per_device(compiled))
+        return compiled, measured, None
+    except Exception as e:  # any failure is a result: the search goes on
+        log.warning("try-run %s failed: %s", shape, e)
+        return None, measured, failure_status(e)
+
+
+def _memory_check(live: LiveState, need: int, shape: MeshShape, devices,
+                  budget: int | None) -> str | None:
+    """Why the candidate cannot run within `budget` (agreed across processes), or None;
+    releases the live state when the candidate fits only without it and it may be."""
+    over = None if fits(need, budget) else over_budget_reason(need, budget)
+    if over := distributed.failed_anywhere(over):  # over on any process: skipped on all
+        return over
+    beside = live.bytes_on(devices[: shape.num_devices])
+    crowded = None if fits(need + beside, budget) else \
+        over_budget_reason(need + beside, budget) + " with the live state beside it"
+    if crowded := distributed.failed_anywhere(crowded):  # released everywhere, or nowhere
+        if live.restore is None:
+            return crowded
+        live.release()
+    return None
+
+
+def _result(trainer: Trainer, candidate: Candidate, times: list[float], elapsed: float,
+            total: int, measured: dict) -> TryRunResult:
+    shape = candidate.shape
     median = statistics.median(times)
     sps = trainer.global_batch / median
     result = TryRunResult(

@@ -8,7 +8,6 @@ math does not depend on the mesh: only where it runs does.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,18 +34,9 @@ from meshscale.model.contract import Batch, FunctionalModel, Params
 from meshscale.model.pipeline import Remat, check_remat, pipeline_loss
 from meshscale.training.compile_cache import CompileCache
 from meshscale.training.mesh_layout import MeshLayout
+from meshscale.training.state import TrainState, from_host
 
 Devices = Sequence[jax.Device] | None
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Everything training needs to go on: step counter, parameters, optimizer state."""
-
-    step: jax.Array
-    params: Params
-    opt_state: optax.OptState
 
 
 class Trainer:
@@ -301,14 +291,14 @@ class Trainer:
             params = jax.jit(lambda t: pad(jax.tree.map(jnp.copy, t)),
                              out_shardings=shardings.params)(self.initial_params)
         elif self.initial_params is not None:
-            params = _from_host(jax.device_get(pad(self.initial_params)), shardings.params)
+            params = from_host(jax.device_get(pad(self.initial_params)), shardings.params)
         else:
             raise ContractError(
                 "this Trainer was built from an abstract model, which has no initial values: "
                 "pass the model's constructor (e.g. lambda: Model(cfg, rngs=nnx.Rngs(0))) "
                 "or restore a checkpoint")
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
-        step = _from_host(np.zeros((), np.int32), shardings.step)
+        step = from_host(np.zeros((), np.int32), shardings.step)
         return TrainState(step, params, opt_state)
 
     def place(self, state: TrainState, shape: MeshShape, devices: Devices = None) -> TrainState:
@@ -398,16 +388,3 @@ class Trainer:
         self.check(shape, devices)
         return self.cache.get(self.step_key(shape, devices),
                               lambda: self.lower_step(shape, devices).compile(), origin=origin)
-
-
-def _from_host(tree: Any, shardings: Any) -> Any:
-    """Host values (the same on every process) placed with `shardings`.
-
-    Across processes each one builds only its own shards: `jax.device_put` would first
-    check, leaf by leaf, that every process holds the same values (an all-gather of the
-    whole tree onto every host).
-    """
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(
-        np.shape(x), s, lambda index: np.asarray(x)[index]), tree, shardings)
