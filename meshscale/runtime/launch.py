@@ -75,6 +75,42 @@ def _stop(children: Sequence[subprocess.Popen], grace: float = 5.0) -> None:
             child.wait()
 
 
+def _check(command: Sequence[str], processes: int, devices_per_process: int) -> None:
+    if processes < 1 or devices_per_process < 1:
+        raise ValueError(f"need processes >= 1 and devices_per_process >= 1, got "
+                         f"{processes} and {devices_per_process}")
+    if not command:
+        raise ValueError("nothing to launch: pass a script (and its arguments)")
+
+
+def _relay(selector: selectors.BaseSelector, wait: float, children: list[subprocess.Popen],
+           partial: dict[int, bytes], write: Callable[[str], None], *,
+           stop_on_failure: bool) -> int:
+    """Pass on the lines the children printed within `wait` seconds, prefixed ``[pK]``;
+    the exit status of a child that ended with one (0 when none did, or after a signal,
+    when each stops on its own)."""
+    status = 0
+    for key, _ in selector.select(timeout=wait):
+        pid = key.data
+        chunk = os.read(key.fd, 1 << 16)
+        *lines, partial[pid] = (partial[pid] + chunk).split(b"\n")
+        if not chunk:  # end of its output: all of it was read, see how it ended
+            lines, partial[pid] = [*lines, partial[pid]] if partial[pid] else lines, b""
+        for line in lines:
+            write(f"[p{pid}] {line.decode(errors='replace').rstrip()}")
+        if chunk:
+            continue
+        selector.unregister(key.fileobj)
+        try:
+            code = children[pid].wait(timeout=10)
+        except subprocess.TimeoutExpired:  # closed its output, still running
+            continue
+        if code != 0 and stop_on_failure and status == 0:
+            write(f"[launch] process {pid} exited with {code}: stopping the others")
+            status = code
+    return status
+
+
 def launch(command: Sequence[str], *, processes: int, devices_per_process: int,
            timeout: float | None = None, port: int | None = None,
            output: Callable[[str], None] | None = None, cwd: str | None = None,
@@ -90,18 +126,13 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int,
       port: the coordinator's loopback port (default: a free one).
       output: called with every line the children print, prefixed ``[pK] `` (default:
         written to stdout).
-      cwd: the children's working directory.
-      env: extra environment variables for every child.
+      cwd, env: the children's working directory; extra environment variables for all.
 
     Returns:
       0 when every child exited with 0; otherwise the first non-zero exit status seen (the
       other children are stopped then), 124 on timeout, 130 on Ctrl-C.
     """
-    if processes < 1 or devices_per_process < 1:
-        raise ValueError(f"need processes >= 1 and devices_per_process >= 1, got "
-                         f"{processes} and {devices_per_process}")
-    if not command:
-        raise ValueError("nothing to launch: pass a script (and its arguments)")
+    _check(command, processes, devices_per_process)
     write = output or (lambda line: print(line, flush=True))
     coordinator = f"127.0.0.1:{port or free_port()}"
     children: list[subprocess.Popen] = []
@@ -124,13 +155,12 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int,
         if threading.current_thread() is threading.main_thread() else {}
     try:
         for pid in range(processes):
-            child = subprocess.Popen(
+            children.append(subprocess.Popen(
                 [sys.executable, *command], cwd=cwd, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 env=child_env(pid, processes, coordinator, devices_per_process,
-                              {**os.environ, **(env or {})}))
-            children.append(child)
-            selector.register(child.stdout, selectors.EVENT_READ, pid)
+                              {**os.environ, **(env or {})})))
+            selector.register(children[-1].stdout, selectors.EVENT_READ, pid)
             partial[pid] = b""
         deadline = None if timeout is None else time.monotonic() + timeout
         while selector.get_map() and status == 0:
@@ -143,24 +173,8 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int,
                       "the signal: killing every process")
                 status = TIMED_OUT
                 break
-            for key, _ in selector.select(timeout=min(1.0, left) if left is not None else 1.0):
-                pid = key.data
-                chunk = os.read(key.fd, 1 << 16)
-                *lines, partial[pid] = (partial[pid] + chunk).split(b"\n")
-                if not chunk:  # end of its output: all of it was read, see how it ended
-                    lines, partial[pid] = [*lines, partial[pid]] if partial[pid] else lines, b""
-                for line in lines:
-                    write(f"[p{pid}] {line.decode(errors='replace').rstrip()}")
-                if chunk:
-                    continue
-                selector.unregister(key.fileobj)
-                try:
-                    code = children[pid].wait(timeout=10)
-                except subprocess.TimeoutExpired:  # closed its output, still running
-                    continue
-                if code != 0 and not signalled:  # after a signal, each stops on its own
-                    write(f"[launch] process {pid} exited with {code}: stopping the others")
-                    status = code
+            status = _relay(selector, min(1.0, left) if left is not None else 1.0, children,
+                            partial, write, stop_on_failure=not signalled)
     except KeyboardInterrupt:
         write("[launch] interrupted: stopping every process")
         status = INTERRUPTED
