@@ -4,6 +4,7 @@ The reference is the fixed-mesh `Trainer` with the same options (bf16 compute, d
 keys): an elastic run that switches meshes mid-run must train the same losses.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -103,3 +104,30 @@ def test_policies_refuse_bad_values_and_mismatched_nonfinite_handling(tmp_path):
         ElasticTrainer(make_trainer(), checkpoint_dir=tmp_path / "b", resources=2,
                        space=SearchSpace(p_min="auto"))
     assert not (tmp_path / "a" / ".meshscale.lock").exists()  # refused before the lock
+
+
+def test_events_are_typed_and_serialise_to_the_report_json(tmp_path, devices):
+    from meshscale.app.report import to_plain
+    from meshscale.elastic import events
+
+    trainer = Trainer(lambda: Llama(DROPOUT, rngs=nnx.Rngs(0)), optax.adam(1e-3),
+                      global_batch=BATCH, example_batch=ragged_batch(0))
+    seen = []
+    with ElasticTrainer(trainer, checkpoint_dir=tmp_path / "run", resources=devices[:2],
+                        space=SearchSpace(p_min=2), on_event=seen.append,
+                        **quiet_policies()) as elastic:
+        state = elastic.init(ragged_batch(0))
+        elastic.step(state, ragged_batch(0))
+    kinds = [type(e) for e in seen]
+    assert kinds[:3] == [events.Start, events.Search, events.Switch], kinds
+    assert events.Checkpoint in kinds  # the final save
+    start, search, switch = seen[:3]
+    assert start.step is None and start.num_devices == 2
+    assert switch.reason == "start" and switch.after == str(elastic.shape)
+    assert search.decision.best.shape == elastic.shape
+    plain = to_plain(switch)
+    assert plain["event"] == "switch" and plain["after"] == switch.after
+    assert list(plain)[:3] == ["event", "time", "step"]  # report.json's order
+    assert switch["after"] == switch.after and dict(switch)["reason"] == "start"  # 0.1 reads
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        switch.reason = "faster"

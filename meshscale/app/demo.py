@@ -176,22 +176,23 @@ def _event_printer(console, pending: dict):
     checkpoint event also writes the report (``pending["save"]``), so the record on disk
     is never behind the checkpoint."""
     from meshscale.app import report
+    from meshscale.elastic import events
 
-    def on_event(event):
-        if event["event"] == "search":
+    def on_event(event: events.Event):
+        if isinstance(event, events.Search):
             pending["search"] = event
-            console.print(report.tryrun_table(report.to_plain(event["decision"]),
-                                              title=f"try-runs on {event['num_devices']} devices"))
-            if not event["decision"].switch:
+            console.print(report.tryrun_table(report.to_plain(event.decision),
+                                              title=f"try-runs on {event.num_devices} devices"))
+            if not event.decision.switch:
                 console.print(report.decision_words(report.to_plain(event)))
-        elif event["event"] == "switch" and "search" in pending:
+        elif isinstance(event, events.Switch) and "search" in pending:
             console.print(report.decision_words(report.to_plain(pending.pop("search")),
                                                 report.to_plain(event)))
-        elif event["event"] == "checkpoint" and "save" in pending:
+        elif isinstance(event, events.Checkpoint) and "save" in pending:
             pending["save"]()
-        elif event["event"] in ("devices_changed", "resume"):
-            console.print(f"[bold]{event['event'].replace('_', ' ')}[/]: "
-                          + ", ".join(f"{k}={v}" for k, v in event.items()
+        elif isinstance(event, events.DevicesChanged | events.Resume):
+            console.print(f"[bold]{event.kind.replace('_', ' ')}[/]: "
+                          + ", ".join(f"{k}={v}" for k, v in event.as_dict().items()
                                       if k not in ("event", "time", "device_ids")))
 
     return on_event

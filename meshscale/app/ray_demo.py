@@ -72,7 +72,7 @@ def loop(config: dict) -> None:
         Trainer,
     )
     from meshscale.app import report
-    from meshscale.elastic import resources
+    from meshscale.elastic import events, resources
     from meshscale.integrations import ray as meshscale_ray
     from meshscale.models import registry
     from meshscale.runtime import distributed
@@ -88,9 +88,11 @@ def loop(config: dict) -> None:
                     "attempt": attempt, "workers": jax.process_count(),
                     "devices": jax.device_count(), **line})) + "\n")
 
-    def on_event(event):
-        if event["event"] in ("start", "resume", "search", "switch", "checkpoint"):
-            record(**{k: v for k, v in event.items() if k not in ("time", "device_ids")})
+    def on_event(event: events.Event):
+        if isinstance(event, events.Start | events.Resume | events.Search | events.Switch
+                      | events.Checkpoint):
+            record(**{k: v for k, v in event.as_dict().items()
+                      if k not in ("time", "device_ids")})
 
     elastic = ElasticTrainer(
         Trainer(model, optax.adam(config["learning_rate"]), global_batch=config["global_batch"]),

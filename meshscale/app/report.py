@@ -19,7 +19,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from meshscale.elastic import events
 from meshscale.layout.mesh import MeshShape
+from meshscale.planning.memory import format_bytes
 
 
 # -- plain data --------------------------------------------------------------------------
@@ -27,6 +29,8 @@ def to_plain(obj: Any) -> Any:
     """JSON-ready form of events: dataclasses -> dicts, shapes -> "PxD/mM", nan -> None."""
     if isinstance(obj, MeshShape):
         return str(obj)
+    if isinstance(obj, events.Event):
+        return to_plain(obj.as_dict())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -88,16 +92,6 @@ def write_json(data: dict, path: str) -> None:
 
 
 # -- words and tables ----------------------------------------------------------------------
-def _fmt_bytes(n: float | None) -> str:
-    if not n:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _num(v: Any, fmt: str = "{:.3g}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -119,7 +113,7 @@ def tryrun_table(decision: dict, title: str = "", chosen: str | None = None) -> 
                       "{:.2f}"), _num(r.get("step_seconds"), "{:.4f}"),
                       _num(r.get("samples_per_second"), "{:.1f}"),
                       _num(r.get("samples_per_second_per_device"), "{:.1f}"),
-                      _fmt_bytes(r.get("bytes_per_device")), r.get("status", ""), style=style)
+                      format_bytes(r.get("bytes_per_device") or None), r.get("status", ""), style=style)
     return table
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 
+from meshscale.elastic import events
 from meshscale.elastic.safety import state_deleted
 from meshscale.errors import IncompatibleCheckpoint, InsufficientDevices, InvalidMeshShape
 from meshscale.layout.mesh import MeshShape, device_ids
@@ -73,7 +74,7 @@ class Adapting:
         self._break_window()
         if self._nonfinite is not None:  # handled first (step); the change is seen again
             return state
-        self._emit("devices_changed", before=len(self._granted), after=len(devices),
+        self._emit(events.DevicesChanged, before=len(self._granted), after=len(devices),
                    device_ids=list(device_ids(devices)))
         self._save(state, reason="before search")
         self.checkpointer.wait()  # on disk before anything is tried: a switch restores it
@@ -140,11 +141,11 @@ class Adapting:
                               measure=self.switching.measure, current=current,
                               remaining_steps=remaining_steps,
                               switch_cost=self._last_switch_cost)
-        self._emit("search", num_devices=len(devices), decision=decision,
+        self._emit(events.Search, num_devices=len(devices), decision=decision,
                    seconds=time.perf_counter() - start)
         if live.released:
             state = live.restore(self.shape, self.devices)
-            self._emit("restore", reason="the live state was released for a try-run",
+            self._emit(events.Restore, reason="the live state was released for a try-run",
                        checkpoint_step=step)
         return state, decision
 
@@ -182,7 +183,7 @@ class Adapting:
         cost = time.perf_counter() - start
         if reason != "start":
             self._last_switch_cost = cost
-        self._emit("switch", before=str(before) if before else None, after=str(shape),
+        self._emit(events.Switch, before=str(before) if before else None, after=str(shape),
                    num_devices=shape.num_devices, reason=reason, seconds=cost)
         self._plan_precompile()
         return state
@@ -211,4 +212,4 @@ class Adapting:
         queued = self.precompiler.plan(counts, self._granted, current=self.shape,
                                        current_devices=self.devices)
         if queued:
-            self._emit("precompile", counts=list(counts), queued=queued)
+            self._emit(events.Precompile, counts=list(counts), queued=queued)

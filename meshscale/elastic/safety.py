@@ -13,6 +13,7 @@ import time
 
 import jax
 
+from meshscale.elastic import events
 from meshscale.errors import CheckpointWriteError, Interrupted, NonFiniteStep
 from meshscale.runtime import distributed
 from meshscale.training.trainer import TrainState
@@ -30,7 +31,7 @@ class NeverLoseWork:
         if self.checkpoints.on_nonfinite == "skip_step":
             log.warning("steps %s had a non-finite loss or gradient norm: their updates were "
                         "skipped", steps)
-            self._emit("nonfinite", steps=steps, action="skipped")
+            self._emit(events.NonFinite, steps=steps, action="skipped")
         elif self._nonfinite is None:
             self._nonfinite = steps[0]
 
@@ -41,7 +42,7 @@ class NeverLoseWork:
                  "is finite" if latest is not None else "no checkpoint was saved")
         if self.checkpoints.on_nonfinite == "stop" or latest is None:
             self._state = None  # never saved, not even by close()
-            self._emit("nonfinite", steps=[bad], action="stop")
+            self._emit(events.NonFinite, steps=[bad], action="stop")
             raise NonFiniteStep(
                 f"step {bad} had a non-finite loss or gradient norm; {where}: lower the "
                 "learning rate or check the data, or pass on_nonfinite='skip_step' or "
@@ -53,7 +54,7 @@ class NeverLoseWork:
         self._step = fallback.restored_step if fallback else latest
         self._nonfinite, self._state = None, state
         log.warning("step %d was not finite: rewound to checkpoint step %d", bad, self._step)
-        self._emit("rewind", nonfinite_step=bad, checkpoint_step=self._step)
+        self._emit(events.Rewind, nonfinite_step=bad, checkpoint_step=self._step)
         return state
 
     def _stop_on_signal(self, state: TrainState, number: int) -> None:
@@ -68,7 +69,7 @@ class NeverLoseWork:
                    f"{self.checkpointer.directory}: run the same job again to resume (init "
                    f"restores step {saved})")
         print(f"meshscale: {message}", file=sys.stderr, flush=True)
-        self._emit("interrupted", signal=name, checkpoint_step=saved)
+        self._emit(events.Interruption, signal=name, checkpoint_step=saved)
         self.close()
         raise Interrupted(message, step=saved, signal_number=number,
                           directory=str(self.checkpointer.directory))
@@ -87,7 +88,7 @@ class NeverLoseWork:
         else:
             return
         if problem is not None:
-            self._emit("checkpoint_failed", reason=problem)
+            self._emit(events.CheckpointFailed, reason=problem)
             raise CheckpointWriteError(f"{problem}: fix the storage, then resume from the "
                                        "newest saved step")
 
@@ -115,7 +116,7 @@ class NeverLoseWork:
             self._nonfinite = step
             return
         self._write_unchecked = True
-        self._emit("checkpoint", checkpoint_step=step, reason=reason,
+        self._emit(events.Checkpoint, checkpoint_step=step, reason=reason,
                    seconds=time.perf_counter() - start)
 
 

@@ -43,13 +43,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 
-from meshscale.elastic import options
+from meshscale.elastic import events, options
 from meshscale.elastic import resources as resources_lib
 from meshscale.elastic.adapting import Adapting
+from meshscale.elastic.events import Event
 from meshscale.elastic.interrupts import Interrupts
 from meshscale.elastic.options import CheckpointPolicy, SwitchPolicy
 from meshscale.elastic.safety import NeverLoseWork, state_deleted
@@ -73,8 +73,8 @@ from meshscale.training.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 
-Event = dict[str, Any]
-_COUNTED = {"switch": "switches", "search": "searches", "checkpoint": "checkpoints"}
+_COUNTED = {events.Switch: "switches", events.Search: "searches",
+            events.Checkpoint: "checkpoints"}
 
 
 class ElasticTrainer(NeverLoseWork, Adapting):
@@ -175,13 +175,12 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         self._planned: tuple | None = None
 
     # -- events -----------------------------------------------------------------------
-    def _emit(self, kind: str, **data) -> Event:
-        event = {"event": kind, "time": time.time(),
-                 "step": self._step if self._stepped else None, **data}
+    def _emit(self, kind: type[Event], **data) -> Event:
+        event = kind(time=time.time(), step=self._step if self._stepped else None, **data)
         self._history.append(event)
         if kind in _COUNTED:
             setattr(self.totals, _COUNTED[kind], getattr(self.totals, _COUNTED[kind]) + 1)
-        log.info("%s %s", kind, {k: v for k, v in data.items() if k != "decision"})
+        log.info("%s %s", kind.kind, {k: v for k, v in data.items() if k != "decision"})
         if self.on_event is not None and distributed.is_main():
             self.on_event(event)
         return event
@@ -201,11 +200,11 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         if latest is not None:
             state = self.checkpointer.restore(staging, devices=devices)
             self._step = int(state.step)  # once, at start-up
-            self._emit("resume", checkpoint_step=self._step, num_devices=len(devices))
+            self._emit(events.Resume, checkpoint_step=self._step, num_devices=len(devices))
         else:
             state = self.trainer.init_state(staging, devices)
             self._step = 0
-            self._emit("start", num_devices=len(devices))
+            self._emit(events.Start, num_devices=len(devices))
         self.shape, self.devices = staging, devices[: staging.num_devices]
         step = self._step if latest is not None else None
         state, decision = self._search(state, [example_batch], devices, baseline=None,

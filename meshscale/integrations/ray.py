@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from meshscale.elastic import events
 from meshscale.errors import InsufficientDevices, StorageNotShared
 from meshscale.runtime import distributed
 
@@ -129,13 +130,13 @@ def report(elastic, metrics: dict, *, step: int, **extra) -> dict:
     import jax
 
     train = require_ray()
-    events = elastic.history
-    resumed = [e["checkpoint_step"] for e in events if e["event"] == "resume"]
+    history = elastic.history
+    resumed = [e.checkpoint_step for e in history if isinstance(e, events.Resume)]
     sent = {"step": int(step), "loss": float(metrics["loss"]), "mesh": str(metrics["mesh"]),
             "samples_per_second": float(metrics["samples_per_second"]),
             "num_devices": jax.device_count(), "workers": jax.process_count(),
-            "switches": sum(e["event"] == "switch" and e.get("reason") != "start"
-                            for e in events),
+            "switches": sum(isinstance(e, events.Switch) and e.reason != "start"
+                            for e in history),
             "resumed_from": resumed[0] if resumed else None, **extra}
     train.report(sent)
     return sent
