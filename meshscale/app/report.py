@@ -113,7 +113,8 @@ def tryrun_table(decision: dict, title: str = "", chosen: str | None = None) -> 
                       "{:.2f}"), _num(r.get("step_seconds"), "{:.4f}"),
                       _num(r.get("samples_per_second"), "{:.1f}"),
                       _num(r.get("samples_per_second_per_device"), "{:.1f}"),
-                      format_bytes(r.get("bytes_per_device") or None), r.get("status", ""), style=style)
+                      format_bytes(r.get("bytes_per_device") or None), r.get("status", ""),
+                      style=style)
     return table
 
 
