@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from meshscale.models.gpt import GPT
 
 from meshscale import (
@@ -19,7 +20,11 @@ from meshscale import (
     Trainer,
     stack_layers,
 )
+from meshscale.layout import sharding
+from meshscale.layout.mesh import PIPE, make_mesh
+from meshscale.layout.schedule import Schedule
 from meshscale.layout.sharding import STATE_SHARDINGS
+from meshscale.model import pipeline
 from meshscale.model.contract import FunctionalModel
 from tests.helpers import (
     DEEP_TOL,
@@ -262,3 +267,141 @@ def test_grad_norm_matches_the_reference_and_skip_nonfinite_keeps_the_state():
     np.testing.assert_allclose(float(metrics["loss"]), ref_losses[0], rtol=SIMPLE_TOL)
     assert_trees_close(trainer.model_params(jax.device_get(state.params)), ref_params,
                        SIMPLE_TOL, "after a skipped step")
+
+
+# -- the pipeline's named steps (meshscale.model.pipeline), each on its own ---------------
+def test_ring_links_close_the_ring_only_for_the_circular_schedule():
+    assert pipeline.ring_links(Schedule(8, 4, 1, 4)) == [(0, 1), (1, 2), (2, 3)]
+    assert pipeline.ring_links(Schedule(8, 4, 2, 4)) == [(0, 1), (1, 2), (2, 3), (3, 0)]
+    assert pipeline.ring_links(Schedule(8, 1, 1, 2)) == []
+
+
+# (tick, stage) -> (item, active, microbatch, round), written out by hand; bubble ticks
+# are inactive with their ids clipped into range.
+GPIPE_P2_M3 = {(0, 0): (0, True, 0, 0), (0, 1): (0, False, 0, 0),
+               (1, 0): (1, True, 1, 0), (1, 1): (0, True, 0, 0),
+               (2, 0): (2, True, 2, 0), (2, 1): (1, True, 1, 0),
+               (3, 0): (2, False, 2, 0), (3, 1): (2, True, 2, 0)}
+CIRCULAR_P2_M2_R2 = {(0, 0): (0, True, 0, 0), (0, 1): (0, False, 0, 0),
+                     (1, 0): (1, True, 1, 0), (1, 1): (0, True, 0, 0),
+                     (2, 0): (2, True, 0, 1), (2, 1): (1, True, 1, 0),
+                     (3, 0): (3, True, 1, 1), (3, 1): (2, True, 0, 1),
+                     (4, 0): (3, False, 1, 1), (4, 1): (3, True, 1, 1)}
+
+
+@pytest.mark.parametrize("sched,table", [(Schedule(4, 2, 1, 3), GPIPE_P2_M3),
+                                         (Schedule(4, 2, 2, 2), CIRCULAR_P2_M2_R2)],
+                         ids=["gpipe-p2-m3", "circular-p2-m2-r2"])
+def test_tick_ids_match_a_hand_written_table(sched, table):
+    assert len(table) == sched.ticks * sched.pipe
+    for (t, stage), expected in table.items():
+        ids = pipeline.tick_ids(sched, jnp.int32(t), jnp.int32(stage))
+        assert tuple(int(x) if i != 1 else bool(x) for i, x in enumerate(ids)) == expected
+
+
+@pytest.mark.parametrize("p,m,r", [(1, 4, 1), (3, 2, 1), (4, 5, 1), (3, 3, 2), (2, 4, 3)])
+def test_tick_ids_agree_with_the_schedules_tick_rule(p, m, r):
+    sched = Schedule(p * r, p, r, m)
+    for t in range(sched.ticks):
+        for stage in range(p):
+            item, active, micro, k = (int(x) for x in pipeline.tick_ids(sched, t, stage))
+            assert bool(active) == (sched.item(t, stage) is not None)
+            if active:
+                assert (item, micro, k) == (sched.item(t, stage), item % m, item // m)
+
+
+def test_tick_inputs_gpipe_feeds_stage_zero_fresh_microbatches():
+    sched = Schedule(4, 2, 1, 3)
+    micro, received = jnp.arange(3.0)[:, None] * 10, jnp.full((1,), 99.0)
+    for t in range(sched.ticks):
+        x0, inbox = pipeline.tick_inputs(sched, received, jnp.int32(t), 0, micro)
+        x1, _ = pipeline.tick_inputs(sched, received, jnp.int32(t), 1, micro)
+        assert inbox is None
+        assert float(x0[0]) == 10 * min(t, 2) and float(x1[0]) == 99
+
+
+def test_tick_inputs_circular_sends_round_k_outputs_back_into_stage_zeros_inbox():
+    sched = Schedule(4, 2, 2, 2)  # item i leaves stage 1 at tick i + 1, re-enters at i + 2
+    inbox = jnp.array([[0.0], [10.0]])  # round 0's microbatches
+    received = [0.0, 0.0, 100.0, 110.0, 200.0]  # stage 1's output of item t - 2
+    fed = []
+    for t, got in enumerate(received):
+        got = jnp.array([got])
+        (x0, _), (x1, inbox) = (pipeline.tick_inputs(sched, (got, inbox), jnp.int32(t),
+                                                     stage, None) for stage in (0, 1))
+        assert float(x1[0]) == float(got[0])  # other stages: what was received
+        fed.append(float(x0[0]))
+    assert fed == [0.0, 10.0, 100.0, 110.0, 200.0]
+    np.testing.assert_array_equal(inbox, [[200.0], [110.0]])
+
+
+def _on_pipe(fn, p, out_specs):
+    """`fn` on a (p, 1) mesh, its argument split over pipe."""
+    return jax.jit(jax.shard_map(fn, mesh=make_mesh(MeshShape(p, 1)),
+                                 in_specs=P(PIPE), out_specs=out_specs))
+
+
+@pytest.mark.parametrize("layers,p,r", [(4, 2, 2), (6, 2, 3), (8, 2, 2), (8, 4, 2)],
+                         ids=lambda v: str(v))
+def test_regroup_moves_stored_slices_into_running_order_and_gradients_back(layers, p, r):
+    sched = Schedule(layers, p, r, p)
+    c = sched.slots
+    stored = jnp.arange(sched.rows * 2, dtype=jnp.float32).reshape(sched.rows, 2)
+    run = _on_pipe(lambda x: pipeline.regroup(sched, x), p, P(PIPE))
+    out = np.asarray(run(stored)).reshape(p, r, c, 2)
+    for s in range(p):  # stage s, round k runs group k p + s
+        for k in range(r):
+            np.testing.assert_array_equal(out[s, k], stored[(k * p + s) * c:(k * p + s + 1) * c])
+    # a permutation: the transpose of <regroup(x), regroup(x0)> at x0 is x0 again
+    target = run(stored)
+    grad = jax.grad(lambda x: jnp.sum(run(x) * target))(stored)
+    np.testing.assert_array_equal(grad, stored)
+    ordered = _on_pipe(lambda x: pipeline.running_order(sched, {"w": x})["w"], p, P(PIPE))
+    np.testing.assert_array_equal(ordered(stored), target)
+
+
+def test_running_order_keeps_contiguous_stages_as_stored():
+    sched = Schedule(5, 2, 1, 2)  # 3 + 2 layers, padded to 6 rows
+    stored = jnp.arange(sched.rows, dtype=jnp.float32)[:, None]
+    ordered = _on_pipe(lambda x: pipeline.running_order(sched, x), 2, P(PIPE))(stored)
+    np.testing.assert_array_equal(ordered, stored.reshape(2, 3, 1))
+
+
+@pytest.mark.parametrize("r,expected", [(1, [0, 1, 2, 3]), (2, [4, 1, 2, 3])])
+def test_shift_hands_each_stage_its_predecessors_output(r, expected):
+    sched = Schedule(8, 4, r, 4)
+    shifted = _on_pipe(lambda y: pipeline.shift(sched, y), 4, P(PIPE))
+    np.testing.assert_array_equal(shifted(jnp.arange(1.0, 5.0)), expected)
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_collect_outputs_takes_the_last_stages_last_round(scatter):
+    sched = Schedule(4, 2, 1, 2)  # 3 ticks; stage 1 finishes items 0, 1 at ticks 1, 2
+    t, row = np.arange(3)[:, None, None], np.arange(2)[None, :, None]
+    outs = jnp.asarray(np.concatenate([100 * s + 10 * t + row for s in range(2)]), jnp.float32)
+    collect = _on_pipe(lambda o: pipeline.collect_outputs(sched, o, scatter=scatter), 2,
+                       P(PIPE) if scatter else P())
+    np.testing.assert_array_equal(collect(outs)[:, 0], [110, 111, 120, 121])
+
+
+def test_pipeline_loss_uses_the_stored_params_and_specs_it_is_given(monkeypatch):
+    """Given the Trainer's stored shapes and specs, the loss derives neither and computes
+    bit for bit what it computes from its own (the same rule, `layout.sharding`)."""
+    trainer, fmodel, params, batch = setup("mlp")
+    shape = MeshShape(2, 2, 2)
+    mesh = trainer.mesh(shape)
+    derived = pipeline.pipeline_loss(fmodel, shape, mesh, global_batch=GLOBAL_BATCH,
+                                     state_sharding=trainer.state_sharding)
+    stored, specs = trainer.abstract_state(shape).params, trainer.specs(shape).params
+
+    def refuse(*_, **__):
+        raise AssertionError("pipeline_loss re-derived what it was given")
+
+    monkeypatch.setattr(sharding, "padded_abstract", refuse)
+    monkeypatch.setattr(sharding, "state_specs", refuse)
+    given = pipeline.pipeline_loss(fmodel, shape, mesh, global_batch=GLOBAL_BATCH,
+                                   state_sharding="replicate", stored=stored, specs=specs)
+    monkeypatch.undo()
+    expected = jax.device_get(jax.jit(jax.value_and_grad(derived))(params, batch))
+    actual = jax.device_get(jax.jit(jax.value_and_grad(given))(params, batch))
+    jax.tree.map(np.testing.assert_array_equal, actual, expected)

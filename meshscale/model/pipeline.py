@@ -26,11 +26,20 @@ regroups each stage's stored rows into the groups it runs first (``regroup``).
 The backward pass is JAX autodiff through the loop; the result equals
 the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
 
+The steps are named, as MaxText's ``Pipeline`` names them: `ring_links` (the shift's
+``ppermute`` pairs), `tick_ids` (a stage's item, microbatch and round at a tick),
+`tick_inputs` (stage 0's fresh microbatch or inbox, the others' received ``h``), `shift`,
+`collect_outputs` (the last stage's outputs, ``psum`` / ``psum_scatter``), `regroup` /
+`running_order` (stored slices to running order), `run_stage` (one stage's layer group)
+and `stage_or_pass`; `stages` is the loop over ticks and `Plan` its per-mesh constants.
+
 Nothing here touches optimizer state or decides shapes; `meshscale.training.trainer` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
@@ -97,136 +106,222 @@ def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
     return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
 
 
+def _pick(tree: Any, i: jax.Array) -> Any:
+    """Every leaf of `tree` at index `i` of its leading axis."""
+    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+# -- the schedule's steps: pure functions of the `Schedule` ---------------------------
+def ring_links(sched: Schedule) -> list[tuple[int, int]]:
+    """The ``ppermute`` pairs of one tick's shift: stage ``s`` to ``s + 1``; with
+    ``repeats > 1`` also the last stage to stage 0 (round ``k + 1`` of a microbatch starts
+    on stage 0 where round ``k`` left stage ``p - 1``)."""
+    p = sched.pipe
+    if sched.repeats > 1:
+        return [(i, (i + 1) % p) for i in range(p)]
+    return [(i, i + 1) for i in range(p - 1)]
+
+
+def tick_ids(sched: Schedule, t: Any, stage: Any) -> tuple[Any, Any, Any, Any]:
+    """``(item, active, microbatch, round)`` of `stage` at tick `t` (`Schedule.item`).
+
+    Stage ``s`` runs item ``t - s`` (``round * M + microbatch``) when
+    ``0 <= t - s < r M``; a bubble tick is inactive, its ids clipped into range (its
+    result is never used)."""
+    m, items = sched.microbatches, sched.repeats * sched.microbatches
+    item = t - stage
+    active = (item >= 0) & (item < items)
+    item = jnp.clip(item, 0, items - 1)
+    return item, active, item % m, item // m
+
+
+def tick_inputs(sched: Schedule, carry: Any, t: jax.Array, stage: jax.Array,
+                micro: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """``(x, inbox)``: what `stage` runs at tick `t`, and stage 0's updated inbox.
+
+    Stage 0 takes a fresh microbatch, every other stage what the previous one sent
+    (`shift`). GPipe (`carry` = received): microbatch ``t`` while ``t < M``; inbox None.
+    Circular (`carry` = ``(received, inbox)``, the inbox first the `micro`batches):
+    stage 0's inbox slot ``j`` holds round 0's input, then the last stage's output of
+    item ``t - p`` (received now) for the next round."""
+    p, m = sched.pipe, sched.microbatches
+    if sched.repeats > 1:
+        received, inbox = carry
+        back = jnp.maximum(t - p, 0) % m
+        kept = jnp.where(t >= p, received, _pick(inbox, back))
+        inbox = lax.dynamic_update_index_in_dim(inbox, kept, back, 0)
+        fresh = _pick(inbox, t % m)
+    else:
+        received, inbox, fresh = carry, None, _pick(micro, jnp.minimum(t, m - 1))
+    return jnp.where(stage == 0, fresh, received), inbox
+
+
+def shift(sched: Schedule, y: jax.Array) -> jax.Array:
+    """A tick's outputs handed to the next stage (`ring_links`); a stage no link
+    reaches (stage 0 of GPipe) receives zeros."""
+    return lax.ppermute(y, PIPE, ring_links(sched)) if sched.pipe > 1 else y
+
+
+def collect_outputs(sched: Schedule, outs: jax.Array, *, scatter: bool) -> jax.Array:
+    """The last stage's outputs of the last round, microbatch order, from every tick's
+    outputs `outs` (``[ticks, rows / M, ...]``), summed over ``pipe`` so that every stage
+    of the column gets them; with `scatter` each stage keeps its share of the rows."""
+    p, m = sched.pipe, sched.microbatches
+    out = outs[sched.repeats * m - m + p - 1:]
+    out = out.reshape(m * out.shape[1], *out.shape[2:])
+    out = jnp.where(lax.axis_index(PIPE) == p - 1, out, jnp.zeros_like(out))
+    if scatter:
+        return lax.psum_scatter(out, PIPE, scatter_dimension=0, tiled=True)
+    return lax.psum(out, PIPE)
+
+
+def regroup(sched: Schedule, x: jax.Array) -> jax.Array:
+    """One block leaf's stored slice (``[r c, ...]``: groups ``s r ..``) as the circular
+    schedule runs it (``[r, c, ...]``: groups ``k p + s``), moved by ``ppermute``s
+    (`Schedule.regroup_tables`): beside its own slice a stage holds one group in
+    flight, never the stack. The transpose sends the gradients back the same way."""
+    p, r, c = sched.pipe, sched.repeats, sched.slots
+    send_table, recv_table = (jnp.asarray(t) for t in sched.regroup_tables)
+    stage = lax.axis_index(PIPE)
+    stored = x.reshape(r, c, *x.shape[1:])
+    out = jnp.zeros_like(stored)
+    pick = lambda a, i: lax.dynamic_index_in_dim(a, jnp.minimum(i, r - 1), keepdims=False)
+    for t in range(p):
+        for u in range(send_table.shape[-1]):
+            sent, slot = send_table[stage, t, u], recv_table[stage, t, u]
+            piece = jnp.where(sent < r, pick(stored, sent), 0)  # index r: nothing
+            if t:
+                piece = lax.ppermute(piece, PIPE, [(i, (i + t) % p) for i in range(p)])
+            kept = jnp.where(slot < r, piece, pick(out, slot))  # slot r: discarded
+            out = lax.dynamic_update_index_in_dim(out, kept, jnp.minimum(slot, r - 1), 0)
+    return out
+
+
+def running_order(sched: Schedule, blocks: Params) -> Params:
+    """Every block leaf of this stage as ``[r, c, ...]``, round ``k``'s group at ``k``:
+    the stored slice as it is (contiguous stages), else `regroup`ed."""
+    if sched.contiguous:
+        return jax.tree.map(lambda x: x.reshape(1, sched.slots, *x.shape[1:]), blocks)
+    return jax.tree.map(functools.partial(regroup, sched), blocks)
+
+
+# -- the stage call: the model's layers -----------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """The per-mesh constants of one pipelined loss. `specs`: the stored block leaves'
+    `PartitionSpec`s (where FSDP gathers); `scatter`: the rows end split over pipe too."""
+
+    fmodel: FunctionalModel
+    sched: Schedule
+    specs: Params
+    remat: Remat
+    scatter: bool
+
+
+def run_stage(plan: Plan, blocks: Params, h: jax.Array, side: Any, keys: Any,
+              k: jax.Array) -> jax.Array:
+    """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h` (`blocks` in
+    `running_order`), one layer slot after another."""
+    sched = plan.sched
+    group = (jax.tree.map(lambda x: x[0], blocks) if sched.repeats == 1 else _pick(blocks, k))
+    layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
+    layers = lax.dynamic_index_in_dim(layer_of[lax.axis_index(PIPE)], k, keepdims=False)
+
+    def apply(h, layer_params, layer):
+        # FSDP: gathered layer by layer, inside the rematerialised part, so a stage never
+        # holds more than one layer's whole parameters (and their gradient).
+        layer_params = jax.tree.map(_gather_over_data, layer_params, plan.specs)
+        rng = rng_lib.layer_keys(keys, layer)
+        return call_layer(plan.fmodel.merge_layer(layer_params), h, side, rng)
+
+    if plan.remat == "layer":  # the backward pass recomputes one layer at a time
+        apply = jax.checkpoint(apply)
+    if (sched.slot_layers == PADDING).any():  # a slot past the end of a short group passes
+        # h on (devices along data share the stage, so an FSDP gather in the branch runs
+        # on all of them)
+        run = apply
+
+        def apply(h, layer_params, layer):
+            return lax.cond(layer != PADDING, run, lambda h, *_: h, h, layer_params, layer)
+
+    def one_layer(h, xs):
+        return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
+
+    return lax.scan(one_layer, h, (group, layers))[0]
+
+
+def stage_or_pass(plan: Plan) -> Callable[..., jax.Array]:
+    """``(blocks, x, side, keys, round, active) -> y``: `run_stage` on an active tick,
+    ``x`` unchanged on a bubble tick."""
+    def call(blocks, x, side, keys, k, active):
+        return lax.cond(active, functools.partial(run_stage, plan), lambda _, h, *__: h,
+                        blocks, x, side, keys, k)
+
+    # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
+    # parameters, which the scan hoists out; a cond differentiated as is keeps its
+    # branches' residuals per tick, the stage's parameters included (measured).
+    return jax.checkpoint(call, policy=_POLICIES[plan.remat])
+
+
+def stages(plan: Plan, blocks: Params, h0: jax.Array, side: Any, keys: Any) -> jax.Array:
+    """The pipeline on one device of the mesh (the `shard_map` body): every tick's
+    inputs, ids, stage call and shift, then the last stage's outputs."""
+    sched = plan.sched
+    # Everything the loop reads is made varying over both axes *before* the loop: the
+    # transpose of that cast is a psum over pipe, which must run on every device, never
+    # inside a branch of the stage conds below (a collective whose devices take
+    # different branches deadlocks). The FSDP gathers inside `run_stage` are over
+    # data only: those devices share a stage and tick, so they take the same branch.
+    blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
+    blocks = running_order(sched, blocks)
+    stage = lax.axis_index(PIPE)
+    m = sched.microbatches
+    split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
+    micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
+    call = stage_or_pass(plan)
+
+    def tick(carry, t):
+        x, inbox = tick_inputs(sched, carry, t, stage, micro)
+        _, active, mine, k = tick_ids(sched, t, stage)  # mine: the microbatch held
+        y = call(blocks, x, _pick(side, mine), _pick(keys, mine), k, active)
+        sent = shift(sched, y)
+        return ((sent, inbox) if sched.repeats > 1 else sent), y
+
+    start = jnp.zeros_like(micro[0])
+    _, outs = lax.scan(tick, (start, micro) if sched.repeats > 1 else start,
+                       jnp.arange(sched.ticks))
+    return collect_outputs(sched, outs, scatter=plan.scatter)
+
+
 def pipeline_loss(
     fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
     state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
-    compute_dtype: Any = None,
+    compute_dtype: Any = None, stored: Params | None = None, specs: Params | None = None,
 ) -> Callable[[Params, Batch], jax.Array]:
     """``(params, batch, rng=None) -> loss`` computed pipelined on `mesh`; differentiable.
 
     `params` is the model's tree as stored on `shape`'s mesh (`meshscale.layout.padding`) or with
     the model's own shapes (padded here; the gradient then has the model's shapes).
 
+    `stored` (the parameters' `jax.ShapeDtypeStruct`s as stored on this mesh) and `specs`
+    (their `PartitionSpec` tree, every parameter) are the Trainer's; when None they are
+    derived as the Trainer derives them (`sharding.padded_abstract`, `sharding.state_specs`
+    for `state_sharding`, which is used for nothing else).
+
     `rng` is a step's key (`meshscale.model.rng`); layers then get per-example keys that do
     not depend on the mesh."""
     sched = Schedule.of(shape, fmodel.num_layers)
-    p, m, r, c = shape.pipe, shape.microbatches, shape.repeats, sched.slots
-    items = r * m
-    if r > 1:  # round k + 1 of a microbatch starts on stage 0 where round k left stage p-1
-        links = [(i, (i + 1) % p) for i in range(p)]
-    else:
-        links = [(i, i + 1) for i in range(p - 1)]
+    if stored is None:  # as `Trainer.abstract_state`
+        stored = sharding.padded_abstract(
+            fmodel.abstract_params(), mesh_shape=shape, num_layers=fmodel.num_layers,
+            rows=sched.rows, split_over_data=state_sharding == "fsdp")
+    if specs is None:  # as `Trainer.specs`
+        specs = sharding.state_specs(stored, None, mesh_shape=shape,
+                                     num_layers=fmodel.num_layers, mode=state_sharding)[0]
     rows = sharding.rows_spec(shape, global_batch)
-    rows_over_pipe = rows != P(DATA)
-    layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
-    padded = bool((sched.slot_layers == PADDING).any())
     # The stored stack, padded to `sched.rows`, is split over pipe on its layer axis.
-    fsdp = state_sharding == "fsdp"
-    stored = sharding.padded_abstract(fmodel.abstract_params(), mesh_shape=shape,
-                                      num_layers=fmodel.num_layers, rows=sched.rows,
-                                      split_over_data=fsdp)
-    specs = sharding.tree_specs(stored, mesh_shape=shape, num_layers=fmodel.num_layers,
-                                split_over_data=fsdp)[sharding.BLOCKS]
-    send_table, recv_table = (jnp.asarray(t) for t in sched.regroup_tables)
-
-    def regroup(x: jax.Array) -> jax.Array:
-        """One block leaf's stored slice (``[r c, ...]``: groups ``s r ..``) as the circular
-        schedule runs it (``[r, c, ...]``: groups ``k p + s``), moved by ``ppermute``s
-        (`Schedule.regroup_tables`): beside its own slice a stage holds one group in
-        flight, never the stack. The transpose sends the gradients back the same way."""
-        stage = lax.axis_index(PIPE)
-        stored = x.reshape(r, c, *x.shape[1:])
-        out = jnp.zeros_like(stored)
-        pick = lambda a, i: lax.dynamic_index_in_dim(a, jnp.minimum(i, r - 1), keepdims=False)
-        for t in range(p):
-            for u in range(send_table.shape[-1]):
-                sent, slot = send_table[stage, t, u], recv_table[stage, t, u]
-                piece = jnp.where(sent < r, pick(stored, sent), 0)  # index r: nothing
-                if t:
-                    piece = lax.ppermute(piece, PIPE, [(i, (i + t) % p) for i in range(p)])
-                kept = jnp.where(slot < r, piece, pick(out, slot))  # slot r: discarded
-                out = lax.dynamic_update_index_in_dim(out, kept, jnp.minimum(slot, r - 1), 0)
-        return out
-
-    def run_stage(blocks: Params, h: jax.Array, side, keys, k: jax.Array) -> jax.Array:
-        """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h`."""
-        group = (jax.tree.map(lambda x: x[0], blocks) if r == 1 else
-                 jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, k, keepdims=False),
-                              blocks))
-        layers = lax.dynamic_index_in_dim(layer_of[lax.axis_index(PIPE)], k, keepdims=False)
-
-        def apply(h, layer_params, layer):
-            # FSDP: gathered layer by layer, inside the rematerialised part, so a stage never
-            # holds more than one layer's whole parameters (and their gradient).
-            layer_params = jax.tree.map(_gather_over_data, layer_params, specs)
-            rng = rng_lib.layer_keys(keys, layer)
-            return call_layer(fmodel.merge_layer(layer_params), h, side, rng)
-
-        if remat == "layer":  # the backward pass recomputes one layer at a time
-            apply = jax.checkpoint(apply)
-        if padded:  # a slot past the end of a short group passes h on (devices along
-            # data share the stage, so an FSDP gather in the branch runs on all of them)
-            run = apply
-
-            def apply(h, layer_params, layer):
-                return lax.cond(layer != PADDING, run, lambda h, *_: h, h, layer_params, layer)
-
-        def one_layer(h, xs):
-            return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
-
-        return lax.scan(one_layer, h, (group, layers))[0]
-
-    def stage_or_pass(blocks: Params, x: jax.Array, side, keys, k, active: jax.Array):
-        return lax.cond(active, run_stage, lambda _, h, *__: h, blocks, x, side, keys, k)
-
-    # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
-    # parameters, which the scan hoists out; a cond differentiated as is keeps its
-    # branches' residuals per tick, the stage's parameters included (measured).
-    stage_or_pass = jax.checkpoint(stage_or_pass, policy=_POLICIES[remat])
-
-    def stages(blocks: Params, h0: jax.Array, side, keys) -> jax.Array:
-        # Everything the loop reads is made varying over both axes *before* the loop: the
-        # transpose of that cast is a psum over pipe, which must run on every device, never
-        # inside a branch of the stage conds below (a collective whose devices take
-        # different branches deadlocks). The FSDP gathers inside `run_stage` are over
-        # data only: those devices share a stage and tick, so they take the same branch.
-        blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
-        blocks = jax.tree.map(regroup if not sched.contiguous else
-                              lambda x: x.reshape(r, c, *x.shape[1:]), blocks)
-        stage = lax.axis_index(PIPE)
-        split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
-        pick = lambda tree, i: jax.tree.map(
-            lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
-        micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
-
-        def tick(carry, t):
-            if r > 1:
-                # Stage 0's inbox: microbatch slot j holds round 0's input, then the last
-                # stage's output of item t - p (received now) for the next round.
-                received, inbox = carry
-                back = jnp.maximum(t - p, 0) % m
-                kept = jnp.where(t >= p, received, pick(inbox, back))
-                inbox = lax.dynamic_update_index_in_dim(inbox, kept, back, 0)
-                fresh = pick(inbox, t % m)
-            else:  # GPipe: stage 0 takes microbatch t while t < m
-                received, fresh = carry, pick(micro, jnp.minimum(t, m - 1))
-            x = jnp.where(stage == 0, fresh, received)
-            item = t - stage
-            active = (item >= 0) & (item < items)
-            item = jnp.clip(item, 0, items - 1)
-            mine = item % m  # the microbatch this stage holds
-            y = stage_or_pass(blocks, x, pick(side, mine), pick(keys, mine), item // m, active)
-            sent = lax.ppermute(y, PIPE, links) if p > 1 else y
-            return ((sent, inbox) if r > 1 else sent), y
-
-        start = jnp.zeros_like(micro[0])
-        _, outs = lax.scan(tick, (start, micro) if r > 1 else start, jnp.arange(sched.ticks))
-        # The last stage's outputs of the last round, microbatch order.
-        out = outs[items - m + p - 1:].reshape(h0.shape)
-        out = jnp.where(stage == p - 1, out, jnp.zeros_like(out))
-        if rows_over_pipe:  # each stage keeps its share of the column's rows
-            return lax.psum_scatter(out, PIPE, scatter_dimension=0, tiled=True)
-        return lax.psum(out, PIPE)
+    block_specs = specs[sharding.BLOCKS]
+    plan = Plan(fmodel, sched, block_specs, remat, scatter=rows != P(DATA))
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         def constrain(tree):
@@ -241,8 +336,8 @@ def pipeline_loss(
         side = constrain(layer_inputs(model, batch))
         keys = constrain(rng_lib.example_keys(rng, global_batch))
         per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
-        body = jax.shard_map(stages, mesh=mesh,
-                             in_specs=(specs, P(DATA), *per_example), out_specs=rows)
+        body = jax.shard_map(functools.partial(stages, plan), mesh=mesh,
+                             in_specs=(block_specs, P(DATA), *per_example), out_specs=rows)
         h = body(params[sharding.BLOCKS], h0, side, keys)
         return mean_loss(model.head_loss(h, batch))
 
