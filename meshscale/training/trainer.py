@@ -338,10 +338,12 @@ class Trainer:
 
     # -- computation ------------------------------------------------------------------
     def loss_fn(self, shape: MeshShape, devices: Devices = None):
-        """The pipelined ``(params, batch) -> loss`` on `shape`'s mesh (differentiable)."""
-        return pipeline_loss(self.fmodel, shape, self.mesh(shape, devices),
-                             global_batch=self.global_batch, state_sharding=self.state_sharding,
-                             remat=self.remat, compute_dtype=self.compute_dtype)
+        """The pipelined ``(params, batch) -> loss`` on `shape`'s mesh (differentiable);
+        the stored shapes and specs are the layout's (`Trainer.layout`), never re-derived."""
+        layout = self.layout(shape, devices)
+        return pipeline_loss(self.fmodel, shape, layout.mesh, global_batch=self.global_batch,
+                             remat=self.remat, compute_dtype=self.compute_dtype,
+                             stored=layout.abstract.params, specs=layout.specs.params)
 
     def _train_step(self, shape: MeshShape, devices: Devices):
         loss_fn = self.loss_fn(shape, devices)
