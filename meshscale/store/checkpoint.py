@@ -31,60 +31,49 @@ step is readable only if it is readable on every process (commit marker, metadat
 arrays), so a step damaged for one process only (an NFS cache, say) is skipped by all
 and every process restores the same step, never a split job or a hang.
 
-On-disk layout (Orbax `CheckpointManager`, atomic by temporary directory + rename)::
-
-    DIR/<step>/state/      Orbax pytree of {"step", "params", "opt_state"} (plain dicts)
-    DIR/<step>/meshscale/  JSON: format, model fingerprint, mesh shape, global batch, ...
-
-The layer stack is stored layer-major, row ``i`` = layer ``i``, as the mesh that saved it
-holds it: padded with zero rows past ``num_layers`` up to the mesh's `Schedule.rows`
-(recorded as ``block_rows`` in the metadata). A restore cuts or adds zero rows for the
-target mesh (Orbax ``strict=False``), so any split restores from any other, and from
-checkpoints of unpadded stacks.
-
-The state item needs no meshscale to read: optimizer NamedTuples and tuples are stored
-as dicts keyed by field name / index, e.g. ``opt_state["0"]["mu"]``. With plain Orbax::
-
-    ckptr = ocp.StandardCheckpointer()
-    tree = ckptr.metadata(f"{DIR}/{step}/state").item_metadata.tree
-    state = ckptr.restore(f"{DIR}/{step}/state", jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=some_sharding), tree))
+What a step is on disk (item names, metadata, compatibility checks, restore targets):
+`meshscale.store.format`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
-from collections.abc import Sequence
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from meshscale.errors import CheckpointWriteError, IncompatibleCheckpoint, NonFiniteStep
-from meshscale.layout.mesh import DATA, PIPE, MeshShape
-from meshscale.layout.sharding import is_block_leaf
+from meshscale.layout.mesh import MeshShape
 from meshscale.runtime import distributed
 from meshscale.runtime.paths import run_path
 from meshscale.store import integrity, writes
+from meshscale.store.format import (
+    COMMIT_MARKER,
+    FORMAT,
+    META_FILE,
+    META_ITEM,
+    STATE_ITEM,
+    Devices,
+    check_compatible,
+    committed,
+    read_metadata,
+    readable_metadata,
+    restore_args,
+    restore_targets,
+    state_handler,
+    step_metadata,
+)
 from meshscale.store.state_tree import state_to_tree, tree_fingerprint, tree_to_state
 from meshscale.training.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 
-FORMAT = "meshscale.train_state.v1"
-STATE_ITEM = "state"
-META_ITEM = "meshscale"
-# Orbax writes this file into a step directory just before it commits the step.
-COMMIT_MARKER = "commit_success.txt"
-META_FILE = "metadata"  # the file `ocp.JsonCheckpointHandler` writes in its item directory
-
-Devices = Sequence[jax.Device] | None
+# Moved to `meshscale.store.format`; still importable from here.
+__all__ = ["COMMIT_MARKER", "FORMAT", "META_FILE", "META_ITEM", "STATE_ITEM", "Checkpointer",
+           "Fallback"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,20 +82,6 @@ class Fallback:
 
     restored_step: int
     skipped: tuple[tuple[int, str], ...]  # (step, reason), newest first
-
-
-def _block_rows(state: TrainState, num_layers: int) -> int:
-    """The saved layer stack's length: `num_layers` plus the mesh's zero padding rows."""
-    rows = [x.shape[0] for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
-            if is_block_leaf(path, x.shape, num_layers)]
-    return max(rows, default=num_layers)
-
-
-def _mesh_text(state: TrainState) -> str:
-    sharding = getattr(jax.tree.leaves(state.params)[0], "sharding", None)
-    if isinstance(sharding, NamedSharding) and {PIPE, DATA} <= set(sharding.mesh.shape):
-        return f"{sharding.mesh.shape[PIPE]}x{sharding.mesh.shape[DATA]}"
-    return "unknown"
 
 
 class Checkpointer:
@@ -141,7 +116,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save),
             handler_registry=ocp.handlers.create_default_handler_registry(**{
-                STATE_ITEM: _state_handler(), META_ITEM: ocp.JsonCheckpointHandler()}))
+                STATE_ITEM: state_handler(), META_ITEM: ocp.JsonCheckpointHandler()}))
 
     # -- writing ------------------------------------------------------------------------
     def save(self, state: TrainState, *, shape: MeshShape | None = None,
@@ -170,21 +145,8 @@ class Checkpointer:
             raise NonFiniteStep(
                 f"the state at step {step} holds nan or inf: not saved to {self.directory}",
                 step=step, checkpoint_step=self.latest_step(committed=False))
-        meta = {
-            "format": FORMAT,
-            "meshscale_version": _version(),
-            "model_fingerprint": self.trainer.fingerprint,
-            "opt_state_fingerprint": self._opt_fingerprint,
-            "mesh_shape": str(shape) if shape is not None else _mesh_text(state),
-            "global_batch": self.trainer.global_batch,
-            "num_layers": self.trainer.num_layers,
-            "param_count": int(sum(np.size(x) for x in
-                                   jax.tree.leaves(self.trainer.abstract_state().params))),
-            "block_rows": _block_rows(state, self.trainer.num_layers),
-            "step": step,
-        }
-        if digests is not None:
-            meta["digests"] = digests
+        meta = step_metadata(self.trainer, state, shape=shape, step=step,
+                             opt_fingerprint=self._opt_fingerprint, digests=digests)
         # The previous write first: Orbax would wait for it here anyway, and it is checked
         # before this save can rotate it out (max_to_keep).
         self._raise_failed_write(block=True)
@@ -220,7 +182,7 @@ class Checkpointer:
             return None
         pending, self._pending = self._pending, []
         for step, start in pending:
-            if not (self.directory / str(step) / COMMIT_MARKER).exists():
+            if not committed(self.directory, step):
                 writes.release_stuck_threads()
                 self._manager.reload()
                 cause = writes.OrbaxErrors.since(start) or "no commit marker after the write"
@@ -280,7 +242,7 @@ class Checkpointer:
 
     def metadata(self, step: int | None = None) -> dict:
         """The JSON metadata of `step` (default: the latest)."""
-        return self._read_metadata(self._existing_step(step))
+        return read_metadata(self.directory, self._existing_step(step))
 
     def restore(self, target: MeshShape | TrainState, *, step: int | None = None,
                 devices: Devices = None) -> TrainState:
@@ -294,7 +256,7 @@ class Checkpointer:
             newer steps (recorded in `last_fallback`, with a warning).
           devices: the devices of a `MeshShape` target's mesh.
         """
-        abstract = self._targets(target, devices)
+        abstract = restore_targets(self.trainer, target, devices)
         if step is not None:
             step = self._existing_step(step)
             state, problem = self._restore_step(step, abstract)
@@ -355,12 +317,6 @@ class Checkpointer:
                 f"no step {step} in {self.directory}: choose one of {steps}")
         return int(step)
 
-    def _read_metadata(self, step: int) -> dict:
-        """This process's read of the JSON metadata of `step`, straight from its file:
-        `CheckpointManager.restore` synchronises the processes, and a local check must
-        not enter a collective before the processes agreed to."""
-        return dict(json.loads((self.directory / str(step) / META_ITEM / META_FILE).read_text()))
-
     def _restore_step(self, step: int, abstract: TrainState) -> tuple[TrainState | None,
                                                                        str | None]:
         """(state, None), or (None, why step `step` is unreadable on some process).
@@ -371,11 +327,8 @@ class Checkpointer:
         """
         problem = None
         try:
-            if not (self.directory / str(step) / COMMIT_MARKER).exists():
-                raise FileNotFoundError(f"step {step} has no {COMMIT_MARKER} (never "
-                                        "committed)")
-            meta = self._read_metadata(step)
-            self._check(meta)
+            meta = readable_metadata(self.directory, step, self.trainer,
+                                     self._opt_fingerprint)
         except IncompatibleCheckpoint as e:
             problem = f"{_INCOMPATIBLE}{e}"
         except Exception as e:
@@ -388,7 +341,7 @@ class Checkpointer:
         state = None
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.PyTreeRestore(tree, restore_args=self._restore_args(tree))}))
+                STATE_ITEM: ocp.args.PyTreeRestore(tree, restore_args=restore_args(tree))}))
             state = tree_to_state(restored[STATE_ITEM], abstract)
         except Exception as e:
             problem = _reason(e)
@@ -401,21 +354,6 @@ class Checkpointer:
             return None, problem
         return state, None
 
-    def _restore_args(self, tree: dict) -> dict:
-        """Orbax's restore arguments for `tree`; zero padding (`meshscale.layout.padding`) is cut
-        or added (``strict=False``) to the target mesh's shapes, so a state saved on any
-        mesh, or unpadded, restores onto any other (the metadata check has already
-        refused another model's checkpoint)."""
-        args = ocp.checkpoint_utils.construct_restore_args(tree)
-
-        def relax(arg, leaf):
-            if not leaf.shape:
-                return arg
-            return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
-                                        dtype=leaf.dtype, strict=False)
-
-        return jax.tree.map(relax, args, tree)
-
     def _check_directory(self) -> None:
         """Before the first save: refuse (on every process alike) a directory whose newest
         readable metadata belongs to another model, optimizer or batch."""
@@ -423,7 +361,8 @@ class Checkpointer:
         latest = self.latest_step(committed=False)  # as listed when the manager started
         if latest is not None:
             try:
-                self._check(self._read_metadata(latest))
+                check_compatible(read_metadata(self.directory, latest), self.trainer,
+                                 self._opt_fingerprint, self.directory)
             except IncompatibleCheckpoint as e:
                 problem = str(e)
             except Exception:  # a damaged step says nothing about the model
@@ -431,84 +370,9 @@ class Checkpointer:
         if (problem := distributed.failed_anywhere(problem)) is not None:
             raise IncompatibleCheckpoint(problem)
 
-    def _check(self, meta: dict) -> None:
-        """Raise `IncompatibleCheckpoint`, naming the fix, unless `meta` fits the trainer."""
-        where = f"checkpoint in {self.directory}"
-        if meta.get("format") != FORMAT:
-            raise IncompatibleCheckpoint(
-                f"{where} has format {meta.get('format')!r}, this meshscale reads {FORMAT!r}: "
-                "point checkpoint_dir elsewhere or use the meshscale version that wrote it")
-        if meta["model_fingerprint"] != self.trainer.fingerprint:
-            raise IncompatibleCheckpoint(
-                f"{where} was written for model {meta['model_fingerprint']}, this trainer's is "
-                f"{self.trainer.fingerprint}: point checkpoint_dir elsewhere or load the "
-                "matching model")
-        if meta["opt_state_fingerprint"] != self._opt_fingerprint:
-            raise IncompatibleCheckpoint(
-                f"{where} was written for optimizer state {meta['opt_state_fingerprint']}, "
-                f"this trainer's is {self._opt_fingerprint}: point checkpoint_dir elsewhere or "
-                "use the optimizer that wrote it")
-        if meta["global_batch"] != self.trainer.global_batch:
-            raise IncompatibleCheckpoint(
-                f"{where} was written for global batch {meta['global_batch']}, this trainer's "
-                f"is {self.trainer.global_batch}: use global_batch={meta['global_batch']} or "
-                "point checkpoint_dir elsewhere")
-
-    def _targets(self, target: MeshShape | TrainState, devices: Devices) -> TrainState:
-        """`ShapeDtypeStruct`s with shardings to restore into."""
-        if isinstance(target, MeshShape):
-            return self.trainer.targets(target, devices)
-        shardings = self._target_shardings(target)
-        meshes = {(s.mesh.shape.get(PIPE, 1), s.mesh.shape.get(DATA, 1))
-                   for s in jax.tree.leaves(shardings)}
-        abstract = self.trainer.abstract_state()
-        if len(meshes) == 1:  # that mesh's GPipe padding (pass a MeshShape if circular)
-            abstract = self.trainer.abstract_state(MeshShape(*meshes.pop()))
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-
-    def _target_shardings(self, target: TrainState) -> TrainState:
-        if not isinstance(target, TrainState):
-            raise TypeError(f"restore target must be a MeshShape or a TrainState of "
-                            f"NamedShardings, got {type(target).__name__}")
-        named = [s for s in jax.tree.leaves(target) if isinstance(s, NamedSharding)]
-        if not named:
-            raise TypeError("restore target TrainState holds no NamedSharding")
-        # Orbax needs a NamedSharding on every leaf; replicate the odd one (e.g. the step
-        # counter placed on a single device) over the mesh of the others.
-        replicated = NamedSharding(named[0].mesh, P())
-        return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, target)
-
-
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """Orbax's standard pytree handler, minus replica-parallel writes on one process.
-
-    Replica-parallel saving slices every replicated array per replica with a freshly
-    compiled `lax.slice` per shape, inside the blocking part of an async save: measured
-    on 8 CPU devices, 3-5 s for a first save on a mesh instead of 0.2 s. It only pays off
-    when the replicas sit on different hosts that write in parallel. Compression is off:
-    trained float weights and Adam moments barely compress (7% on random normals) and
-    zstd made save + restore about 1.5x slower. Plain Orbax reads the files as it reads
-    `StandardSave`'s.
-    """
-    default = ocp.type_handlers.get_type_handler(jax.Array)
-    arrays = ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=jax.process_count() > 1,
-        array_metadata_store=getattr(default, "_array_metadata_store", None))
-    return ocp.PyTreeCheckpointHandler(
-        use_compression=False, type_handler_registry=ocp.type_handlers.create_type_handler_registry(
-            (jax.Array, arrays)))
-
-
 _INCOMPATIBLE = "incompatible: "
 
 
 def _reason(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
-
-
-def _version() -> str:
-    from meshscale import __version__  # late: meshscale/__init__ imports this module
-
-    return __version__
