@@ -162,6 +162,54 @@ def test_stacks_saved_on_any_split_restore_onto_any_other(trainer, tmp_path):
                 assert all(not p.any() for p in padding), f"{source} -> {target}"
 
 
+# 6 layers on a circular 2-stage mesh (4 groups of 2 rows) are stored as 8 rows, where a
+# GPipe mesh of the same size holds 6: the stored padding is the saving mesh's schedule.
+SIX = MLPConfig(num_layers=6, features=8, hidden=16, inputs=4, outputs=2)
+CIRCULAR = MeshShape(2, 4, 2, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def six_layers():
+    return make_trainer(SIX)
+
+
+def test_a_padded_circular_stack_restores_onto_gpipe_and_circular_meshes(six_layers, tmp_path):
+    trainer = six_layers
+    targets = [MeshShape(2, 4), MeshShape(4, 2), MeshShape(2, 2, 2, repeats=2),
+               MeshShape(3, 1, 4, repeats=2), CIRCULAR]
+    assert [trainer.rows(s) for s in [CIRCULAR, *targets]] == [8, 6, 8, 8, 6, 8]
+    state = random_state(trainer, CIRCULAR, seed=30)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        assert ckpt.save(state, shape=CIRCULAR)
+        assert ckpt.metadata()["block_rows"] == 8
+        for target in targets:
+            restored = ckpt.restore(target)
+            assert_on_shardings(restored, trainer.shardings(target))
+            assert_same_values(layers_only(trainer, restored), layers_only(trainer, state))
+            padding = [np.asarray(x)[SIX.num_layers:] for x in
+                       jax.tree.leaves(restored.params["blocks"])]
+            assert all(not p.any() for p in padding), target
+        assert_same_values(ckpt.restore(CIRCULAR), state)  # padding rows and all
+
+
+def test_a_trainstate_of_the_saving_meshs_shardings_gets_the_stored_padding(
+        six_layers, tmp_path):
+    """Shardings do not say which schedule their mesh runs: onto the mesh a step was
+    saved from, its metadata does (the saved `MeshShape`, circular included); onto another
+    mesh, the stack is padded for GPipe on that mesh (pass a `MeshShape` if circular)."""
+    trainer = six_layers
+    state = random_state(trainer, CIRCULAR, seed=31)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        assert ckpt.save(state, shape=CIRCULAR)
+        restored = ckpt.restore(trainer.shardings(CIRCULAR))
+        assert_same_values(restored, state)  # 8 rows, as saved: not GPipe's 6
+        assert_on_shardings(restored, trainer.shardings(CIRCULAR))
+        gpipe = ckpt.restore(trainer.shardings(MeshShape(2, 2)))
+        assert trainer.rows(MeshShape(2, 2)) == 6
+        assert_same_values(gpipe, layers_only(trainer, state))
+        assert_on_shardings(gpipe, trainer.shardings(MeshShape(2, 2)))
+
+
 def test_restore_onto_a_trainstate_of_shardings_replicates_a_single_device_step(
         trainer, tmp_path):
     state = random_state(trainer, MeshShape(2, 4), seed=2)

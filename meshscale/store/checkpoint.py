@@ -63,8 +63,10 @@ from meshscale.store.format import (
     readable_metadata,
     restore_args,
     restore_targets,
+    saved_shape,
     state_handler,
     step_metadata,
+    target_shardings,
 )
 from meshscale.store.state_tree import state_to_tree, tree_fingerprint, tree_to_state
 from meshscale.training.trainer import Trainer, TrainState
@@ -250,16 +252,19 @@ class Checkpointer:
 
         Args:
           target: a `MeshShape` (shardings from `trainer.shardings(target, devices)`) or a
-            `TrainState` whose leaves are `NamedSharding`s (the stack is then padded for
-            a GPipe mesh of their ``pipe`` size; pass a `MeshShape` for a circular one).
+            `TrainState` whose leaves are `NamedSharding`s (onto the mesh the step was
+            saved from, the stack keeps its stored padding; onto another, it is padded
+            for a GPipe mesh of their ``pipe`` size: pass a `MeshShape` for a circular
+            one; `meshscale.store.format.restore_targets`).
           step: the step to read; None reads the newest readable one, skipping damaged
             newer steps (recorded in `last_fallback`, with a warning).
           devices: the devices of a `MeshShape` target's mesh.
         """
-        abstract = restore_targets(self.trainer, target, devices)
+        if not isinstance(target, MeshShape):
+            target_shardings(target)  # a wrong target is refused before any read
         if step is not None:
             step = self._existing_step(step)
-            state, problem = self._restore_step(step, abstract)
+            state, problem = self._restore_step(step, target, devices)
             if problem is not None:
                 self._damaged.add(step)
                 raise IncompatibleCheckpoint(
@@ -271,7 +276,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}: save one first")
         skipped: list[tuple[int, str]] = []
         for candidate in reversed(steps):
-            state, problem = self._restore_step(candidate, abstract)
+            state, problem = self._restore_step(candidate, target, devices)
             if problem is not None:  # damaged step (for some process): the previous one
                 skipped.append((candidate, problem))
                 self._damaged.add(candidate)
@@ -317,8 +322,8 @@ class Checkpointer:
                 f"no step {step} in {self.directory}: choose one of {steps}")
         return int(step)
 
-    def _restore_step(self, step: int, abstract: TrainState) -> tuple[TrainState | None,
-                                                                       str | None]:
+    def _restore_step(self, step: int, target: MeshShape | TrainState,
+                      devices: Devices) -> tuple[TrainState | None, str | None]:
         """(state, None), or (None, why step `step` is unreadable on some process).
 
         Every check is agreed before the next collective read: the commit marker and the
@@ -337,6 +342,9 @@ class Checkpointer:
             if problem.startswith(_INCOMPATIBLE):
                 raise IncompatibleCheckpoint(problem[len(_INCOMPATIBLE):])
             return None, problem
+        # Where the stored padding matters, the step's own record of its mesh says it.
+        abstract = restore_targets(self.trainer, target, devices,
+                                   saved_shape(meta, self.trainer))
         tree = state_to_tree(abstract)
         state = None
         try:

@@ -161,22 +161,49 @@ def state_handler() -> ocp.PyTreeCheckpointHandler:
             (jax.Array, arrays)))
 
 
-def restore_targets(trainer: Trainer, target: MeshShape | TrainState,
-                    devices: Devices) -> TrainState:
-    """`ShapeDtypeStruct`s with shardings to restore into."""
+def saved_shape(meta: dict, trainer: Trainer) -> MeshShape | None:
+    """The mesh a step was saved from, as its metadata records it, or None where it does
+    not: steps written before ``block_rows`` was recorded (their stack may be stored
+    unpadded whatever the mesh), and a mesh read off the state at save time ("2x4", no
+    schedule) whose GPipe padding is not the one stored (it was circular)."""
+    try:
+        shape = MeshShape.parse(meta["mesh_shape"])
+        rows = trainer.rows(shape)
+    except (KeyError, TypeError, ValueError):  # "unknown", or not a mesh of this model
+        return None
+    return shape if meta.get("block_rows") == rows else None
+
+
+def restore_targets(trainer: Trainer, target: MeshShape | TrainState, devices: Devices,
+                    saved: MeshShape | None = None) -> TrainState:
+    """`ShapeDtypeStruct`s with shardings to read a step saved from mesh `saved` into.
+
+    A `MeshShape` target is read into its own stored shapes (`Trainer.targets`). A
+    `TrainState` of shardings does not say which schedule its mesh runs, so the stack's
+    padding is decided here, once: onto the mesh the step was saved from (the same pipe
+    and data sizes as `saved`, from `saved_shape`) the state comes back as stored, its
+    schedule's padding included (circular or not). Onto another mesh, or from a step
+    that does not record its mesh (`saved` None, older steps: the behaviour they always
+    had), the stack is padded for a GPipe schedule on the target's mesh; pass a
+    `MeshShape` to restore onto a circular one.
+    """
     if isinstance(target, MeshShape):
         return trainer.targets(target, devices)
-    shardings = _target_shardings(target)
+    shardings = target_shardings(target)
     meshes = {(s.mesh.shape.get(PIPE, 1), s.mesh.shape.get(DATA, 1))
                for s in jax.tree.leaves(shardings)}
     abstract = trainer.abstract_state()
-    if len(meshes) == 1:  # that mesh's GPipe padding (pass a MeshShape if circular)
-        abstract = trainer.abstract_state(MeshShape(*meshes.pop()))
+    if len(meshes) == 1:
+        mesh = MeshShape(*meshes.pop())  # GPipe: another mesh, or an older step
+        if saved is not None and (saved.pipe, saved.data) == (mesh.pipe, mesh.data):
+            mesh = saved
+        abstract = trainer.abstract_state(mesh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
 
 
-def _target_shardings(target: TrainState) -> TrainState:
+def target_shardings(target: TrainState) -> TrainState:
+    """`target`'s shardings, all `NamedSharding`s; `TypeError` for anything else."""
     if not isinstance(target, TrainState):
         raise TypeError(f"restore target must be a MeshShape or a TrainState of "
                         f"NamedShardings, got {type(target).__name__}")
