@@ -223,14 +223,16 @@ def test_stack_of_kinds_that_does_not_repeat_whole_is_refused():
 
 
 def test_the_batch_structure_can_come_from_the_first_batch(tmp_path):
-    from meshscale import ElasticTrainer
+    from meshscale import CheckpointPolicy, ElasticTrainer, SearchSpace, SwitchPolicy, Timing
 
     trainer = Trainer(Model(Plain), optax.sgd(0.1), global_batch=4)  # no example_batch
     with pytest.raises(ContractError, match="call ElasticTrainer.init\\(batch\\)"):
         trainer.compile_step(MeshShape(2, 1))
-    elastic = ElasticTrainer(Model(Plain), optax.sgd(0.1), global_batch=4, p_min=2,
-                             checkpoint_dir=tmp_path, resources=2, persistent_cache=False,
-                             precompile="off", search_options={"warmup": 0, "steps": 1})
+    elastic = ElasticTrainer(Trainer(Model(Plain), optax.sgd(0.1), global_batch=4),
+                             checkpoint_dir=tmp_path, resources=2, space=SearchSpace(p_min=2),
+                             timing=Timing(warmup=0, steps=1),
+                             switching=SwitchPolicy(precompile="off"),
+                             checkpoints=CheckpointPolicy(persistent_cache=False))
     state = elastic.init(EXAMPLE)
     state, metrics = elastic.step(state, EXAMPLE)
     assert np.isfinite(float(metrics["loss"]))

@@ -12,7 +12,15 @@ import numpy as np
 import optax
 import pytest
 
-from meshscale import CompileCache, MeshscaleError, SearchSpace, Trainer
+from meshscale import (
+    CheckpointPolicy,
+    CompileCache,
+    MeshscaleError,
+    SearchSpace,
+    SwitchPolicy,
+    Timing,
+    Trainer,
+)
 from meshscale.elastic import resources
 from meshscale.elastic.trainer import ElasticTrainer
 from meshscale.planning.precompile import Precompiler, devices_for, likely_next_counts, resolve_mode
@@ -53,10 +61,11 @@ def test_after_precompiling_a_device_change_compiles_nothing_on_the_critical_pat
     cache = CompileCache()
     schedule = Schedule({0: 4, 4: 8})
     trainer = ElasticTrainer(
-        make_model("mlp"), optax.adam(1e-2), global_batch=BATCH, checkpoint_dir=tmp_path,
-        p_min=2, resources=resources.Callback(schedule, announced=lambda: [8]),
-        check_every=5, compile_cache=cache, persistent_cache=False, precompile="on",
-        search_options={"warmup": 1, "steps": 1, "max_pipe": 4})
+        Trainer(make_model("mlp"), optax.adam(1e-2), global_batch=BATCH, cache=cache),
+        checkpoint_dir=tmp_path, resources=resources.Callback(schedule, announced=lambda: [8]),
+        space=SearchSpace(p_min=2, max_pipe=4), timing=Timing(warmup=1, steps=1),
+        switching=SwitchPolicy(check_every=5, precompile="on"),
+        checkpoints=CheckpointPolicy(persistent_cache=False))
     state = trainer.init(BATCHES[0])
     assert trainer.precompiler.wait(timeout=600)
     background = [r for r in trainer.precompiler.records if r.num_devices == 8]
@@ -74,9 +83,10 @@ def test_after_precompiling_a_device_change_compiles_nothing_on_the_critical_pat
 def test_a_failing_precompile_is_recorded_and_never_breaks_training(tmp_path, monkeypatch):
     model = make_model("mlp")
     trainer = ElasticTrainer(
-        model, optax.adam(1e-2), global_batch=BATCH, checkpoint_dir=tmp_path, p_min=2,
-        resources=resources.Static(4), check_every=5, persistent_cache=False,
-        precompile=[3], search_options={"warmup": 1, "steps": 1, "max_pipe": 2})
+        Trainer(model, optax.adam(1e-2), global_batch=BATCH), checkpoint_dir=tmp_path,
+        resources=resources.Static(4), space=SearchSpace(p_min=2, max_pipe=2),
+        timing=Timing(warmup=1, steps=1), switching=SwitchPolicy(check_every=5, precompile=[3]),
+        checkpoints=CheckpointPolicy(persistent_cache=False))
     real = trainer.trainer.compile_step
 
     def compile_step(shape, devices=None, *, origin="on-demand"):
@@ -157,10 +167,11 @@ def test_the_search_runs_with_the_precompiler_paused(tmp_path):
         return prefer_more_devices(candidate)
 
     schedule = Schedule({0: 4})
-    trainer = ElasticTrainer(make_model("mlp"), optax.adam(1e-3), global_batch=BATCH,
-                             checkpoint_dir=tmp_path, p_min=2,
-                             resources=resources.Callback(schedule), persistent_cache=False,
-                             precompile=[3], search_options={"measure": measure})
+    trainer = ElasticTrainer(Trainer(make_model("mlp"), optax.adam(1e-3), global_batch=BATCH),
+                             checkpoint_dir=tmp_path, resources=resources.Callback(schedule),
+                             space=SearchSpace(p_min=2),
+                             switching=SwitchPolicy(precompile=[3], measure=measure),
+                             checkpoints=CheckpointPolicy(persistent_cache=False))
     trainer.init(BATCHES[0])
     assert gate_held and all(gate_held)
     trainer.close()
