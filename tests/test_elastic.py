@@ -17,12 +17,16 @@ import pytest
 from meshscale.models.mlp import MLPConfig, ResidualMLP
 
 from meshscale import (
+    CheckpointPolicy,
     CompileCache,
     IncompatibleCheckpoint,
     InsufficientDevices,
     InvalidArgument,
     MeshShape,
     ResourceError,
+    SearchSpace,
+    SwitchPolicy,
+    Timing,
     Trainer,
     resources,
 )
@@ -47,11 +51,18 @@ def close_trainers():
         OPEN.pop().close()
 
 
-def elastic(tmp_path, source, *, p_min=2, model=None, **options):
-    options.setdefault("check_every", 5)
-    trainer = ElasticTrainer(model or make_model("mlp"), OPTIMIZER, global_batch=BATCH,
-                             checkpoint_dir=tmp_path / "run", p_min=p_min, resources=source,
-                             compile_cache=CACHE, persistent_cache=False, **options)
+def elastic(tmp_path, source, *, model=None, example_batch=None, skip_nonfinite=False,
+            space=None, timing=None, switching=None, checkpoints=None):
+    """An MLP run in ``tmp_path/run`` on the shared compile cache CACHE, with no persistent
+    cache; unless given, p_min is 2 and the devices are checked every 5 steps."""
+    trainer = ElasticTrainer(
+        Trainer(model or make_model("mlp"), OPTIMIZER, global_batch=BATCH,
+                example_batch=example_batch, skip_nonfinite=skip_nonfinite, cache=CACHE),
+        checkpoint_dir=tmp_path / "run", resources=source,
+        space=space or SearchSpace(p_min=2), timing=timing,
+        switching=switching or SwitchPolicy(check_every=5),
+        checkpoints=dataclasses.replace(checkpoints or CheckpointPolicy(),
+                                        persistent_cache=False))
     OPEN.append(trainer)
     return trainer
 
@@ -95,7 +106,7 @@ def test_device_changes_keep_every_loss_with_real_try_runs(tmp_path):
     """4 -> 8 -> 6 -> 3 -> 8 devices, p_min 2: same losses as a fixed mesh at every step."""
     schedule = Schedule({0: 4, 4: 8, 9: 6, 14: 3, 19: 8})
     trainer = elastic(tmp_path, resources.Callback(schedule),
-                      search_options={"warmup": 1, "steps": 2, "max_pipe": 4})
+                      space=SearchSpace(p_min=2, max_pipe=4), timing=Timing(warmup=1, steps=2))
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
@@ -127,8 +138,8 @@ def test_device_changes_keep_every_loss_with_real_try_runs(tmp_path):
 def test_switching_at_every_change_keeps_every_loss_when_devices_are_not_a_multiple(tmp_path):
     """p_min 4 with 6 devices (not a multiple): vertical only; restored state is exact."""
     schedule = Schedule({0: 4, 4: 8, 9: 6, 14: 4, 19: 8})
-    trainer = elastic(tmp_path, resources.Callback(schedule), p_min=4,
-                      search_options={"measure": prefer_more_devices})
+    trainer = elastic(tmp_path, resources.Callback(schedule), space=SearchSpace(p_min=4),
+                      switching=SwitchPolicy(check_every=5, measure=prefer_more_devices))
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
@@ -156,7 +167,8 @@ def test_switches_between_even_uneven_and_circular_meshes_keep_every_loss(tmp_pa
     """4 -> 7 -> 6 -> 8 -> 5 devices: 8 layers on 2, 7, 3, 2 (circular) and 5 stages."""
     schedule = Schedule({0: 4, 4: 7, 9: 6, 14: 8, 19: 5})
     trainer = elastic(tmp_path, resources.Callback(schedule),
-                      search_options={"measure": prefer_uneven_and_circular, "repeats": "all"})
+                      space=SearchSpace(p_min=2, repeats="all"),
+                      switching=SwitchPolicy(check_every=5, measure=prefer_uneven_and_circular))
     state, losses = run(trainer, schedule, 25)
     expected, params = fixed_mesh_run(25)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
@@ -171,12 +183,11 @@ def test_try_runs_that_fit_only_without_the_live_state_release_and_restore_it(tm
     """A budget every candidate fits alone but none beside the live state: the live state
     is released after the pre-search checkpoint and read back; no loss changes."""
     schedule = Schedule({0: 2, 4: 4})
-    trainer = elastic(tmp_path, resources.Callback(schedule),
-                      search_options={"warmup": 0, "steps": 1})
+    trainer = elastic(tmp_path, resources.Callback(schedule), timing=Timing(warmup=0, steps=1))
     found = [c.shape for n in (2, 4) for c in candidates(n, p_min=2, num_layers=8,
                                                           global_batch=BATCH)]
     needs = [bytes_per_device(trainer.trainer.compile_step(s)) for s in found]
-    trainer.search_options["memory_budget"] = max(needs) + 1
+    trainer.space = dataclasses.replace(trainer.space, memory_budget=max(needs) + 1)
     state, losses = run(trainer, schedule, 10)
     expected, params = fixed_mesh_run(10)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
@@ -192,7 +203,8 @@ def test_a_try_run_that_raises_does_not_disturb_training(tmp_path):
         return prefer_more_devices(candidate)
 
     schedule = Schedule({0: 4, 4: 8})
-    trainer = elastic(tmp_path, resources.Callback(schedule), search_options={"measure": flaky})
+    trainer = elastic(tmp_path, resources.Callback(schedule),
+                      switching=SwitchPolicy(check_every=5, measure=flaky))
     state, losses = run(trainer, schedule, 10)
     np.testing.assert_allclose(losses, fixed_mesh_run(10)[0], rtol=1e-5)
     results = events(trainer, "search")[-1]["decision"].results
@@ -203,7 +215,7 @@ def test_a_try_run_that_raises_does_not_disturb_training(tmp_path):
 def test_below_p_min_saves_then_refuses_to_go_on(tmp_path):
     schedule = Schedule({0: 4, 4: 1})
     trainer = elastic(tmp_path, resources.Callback(schedule),
-                      search_options={"measure": prefer_more_devices})
+                      switching=SwitchPolicy(check_every=5, measure=prefer_more_devices))
     with pytest.raises(InsufficientDevices, match="needs p_min=2: wait for at least 2"):
         run(trainer, schedule, 10)
     assert trainer.checkpointer.latest_step() == 5
@@ -211,8 +223,9 @@ def test_below_p_min_saves_then_refuses_to_go_on(tmp_path):
 
 def test_init_refuses_too_few_devices_and_leaves_the_checkpoints_alone(tmp_path):
     schedule = Schedule({0: 4})
-    first = elastic(tmp_path, resources.Callback(schedule), checkpoint_every=2,
-                    search_options={"measure": prefer_more_devices})
+    first = elastic(tmp_path, resources.Callback(schedule),
+                    switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
+                    checkpoints=CheckpointPolicy(every=2))
     run(first, schedule, 4)
     first.checkpointer.wait()
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
@@ -229,9 +242,9 @@ def test_init_refuses_too_few_devices_and_leaves_the_checkpoints_alone(tmp_path)
 
 def test_bad_options_are_refused(tmp_path):
     with pytest.raises(InvalidArgument, match="p_min=9 is larger than the model's 8 layers"):
-        elastic(tmp_path, resources.Static(8), p_min=9)
+        elastic(tmp_path, resources.Static(8), space=SearchSpace(p_min=9))
     with pytest.raises(InvalidArgument, match="switch_via must be"):
-        elastic(tmp_path, resources.Static(8), switch_via="teleport")
+        elastic(tmp_path, resources.Static(8), switching=SwitchPolicy(via="teleport"))
     with pytest.raises(ResourceError):
         resources.FileSource(tmp_path / "missing.txt")
     bad = tmp_path / "devices.txt"
@@ -242,8 +255,9 @@ def test_bad_options_are_refused(tmp_path):
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     schedule = Schedule({0: 4})
-    first = elastic(tmp_path, resources.Callback(schedule), checkpoint_every=2,
-                    search_options={"measure": prefer_more_devices})
+    first = elastic(tmp_path, resources.Callback(schedule),
+                    switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
+                    checkpoints=CheckpointPolicy(every=2))
     run(first, schedule, 4)
     first.checkpointer.wait()
     latest = first.checkpointer.latest_step()
@@ -253,8 +267,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"\0garbage")
     schedule = Schedule({0: 4, 3: 8})  # seen by the check after step 4: the damaged step
-    second = elastic(tmp_path, resources.Callback(schedule), check_every=2,
-                     search_options={"measure": prefer_more_devices})
+    second = elastic(tmp_path, resources.Callback(schedule),
+                     switching=SwitchPolicy(check_every=2, measure=prefer_more_devices))
     with caplog.at_level("WARNING"):
         state = second.init(BATCHES[0])
     assert int(state.step) == 2
@@ -290,7 +304,8 @@ def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(
 
         schedule = t.Schedule({{0: 4, 4: 8}})
         trainer = t.elastic(pathlib.Path({str(tmp_path)!r}), t.resources.Callback(schedule),
-                            search_options={{"measure": measure}}, max_to_keep=2)
+                            switching=t.SwitchPolicy(check_every=5, measure=measure),
+                            checkpoints=t.CheckpointPolicy(max_to_keep=2))
         t.run(trainer, schedule, 10)
     """))
     child = subprocess.Popen([sys.executable, str(script)], cwd=root,
@@ -309,8 +324,9 @@ def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(
             child.wait()
     # Resume on 6 devices (the child had 8): init restores the pre-search checkpoint.
     schedule = Schedule({0: 6})
-    resumed = elastic(tmp_path, resources.Callback(schedule), max_to_keep=2,
-                      search_options={"measure": prefer_more_devices})
+    resumed = elastic(tmp_path, resources.Callback(schedule),
+                      switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
+                      checkpoints=CheckpointPolicy(max_to_keep=2))
     state = resumed.init(BATCHES[0])
     assert int(state.step) == 5
     assert events(resumed, "resume")[0]["checkpoint_step"] == 5
@@ -331,8 +347,8 @@ def test_steps_never_wait_on_the_device_and_losses_are_fetched_per_window(tmp_pa
     monkeypatch.setattr(ArrayImpl, "_value", property(
         lambda self: reads.append(1) or value.fget(self)))
     schedule = Schedule({0: 4})
-    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=100,
-                      timing_window=4, search_options={"measure": prefer_more_devices})
+    trainer = elastic(tmp_path, resources.Callback(schedule), timing=Timing(window=4),
+                      switching=SwitchPolicy(check_every=100, measure=prefer_more_devices))
     state = trainer.init(BATCHES[0])
     losses, reading_steps = [], []
     for i in range(10):
@@ -355,9 +371,9 @@ def test_steps_never_wait_on_the_device_and_losses_are_fetched_per_window(tmp_pa
 
 def test_baseline_comes_from_clean_timing_windows_only(tmp_path):
     schedule = Schedule({0: 4})
-    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=100,
-                      timing_window=3, checkpoint_every=8,
-                      search_options={"measure": prefer_more_devices})
+    trainer = elastic(tmp_path, resources.Callback(schedule), timing=Timing(window=3),
+                      switching=SwitchPolicy(check_every=100, measure=prefer_more_devices),
+                      checkpoints=CheckpointPolicy(every=8))
     state = trainer.init(BATCHES[0])
     for i in range(6):  # window 1 holds the warm-up steps: not counted; window 2 is
         state, _ = trainer.step(state, BATCHES[i])
@@ -382,8 +398,9 @@ def test_periodic_checkpoints_overlap_training_and_close_waits_for_them(tmp_path
     original = Checkpointer.wait
     monkeypatch.setattr(Checkpointer, "wait", lambda self: waits.append(1) or original(self))
     schedule = Schedule({0: 4, 8: 8})
-    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=5,
-                      checkpoint_every=2, search_options={"measure": prefer_more_devices})
+    trainer = elastic(tmp_path, resources.Callback(schedule),
+                      switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
+                      checkpoints=CheckpointPolicy(every=2))
     state = trainer.init(BATCHES[0])
     waits.clear()
     for i in range(9):  # saves at 2, 4, 6, 8 (and before the search at 10): no wait yet
@@ -412,9 +429,10 @@ def test_history_is_bounded_and_totals_count_the_whole_run(tmp_path):
     from meshscale.app.report import run_data, summary
 
     schedule = Schedule({0: 4, 6: 8})
-    trainer = elastic(tmp_path, resources.Callback(schedule), check_every=5, timing_window=2,
-                      history_limit=4, checkpoint_every=3,
-                      search_options={"measure": prefer_more_devices})
+    trainer = elastic(tmp_path, resources.Callback(schedule),
+                      timing=Timing(window=2, history_limit=4),
+                      switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
+                      checkpoints=CheckpointPolicy(every=3))
     run(trainer, schedule, 13)
     assert len(trainer.history) == 4 and len(trainer.steps) == 4
     assert [r.step for r in trainer.steps] == [10, 11, 12, 13]
@@ -425,3 +443,43 @@ def test_history_is_bounded_and_totals_count_the_whole_run(tmp_path):
     per_mesh = summary(run_data(trainer))["per_mesh"]
     assert {m: v["steps"] for m, v in per_mesh.items()} == totals.steps_per_mesh
     trainer.close()
+
+
+def test_old_keyword_form_still_works_with_a_deprecation_warning(tmp_path):
+    """The one call of the keyword form of meshscale 0.1 kept on purpose: it warns, builds
+    the same options and trains the same run (same losses, same switches) as the new form;
+    mixing the two forms is refused."""
+    measure = prefer_more_devices
+    schedules = {"new": Schedule({0: 4, 4: 8}), "old": Schedule({0: 4, 4: 8})}
+    new = elastic(tmp_path / "new", resources.Callback(schedules["new"]),
+                  space=SearchSpace(p_min=2, max_pipe=4), timing=Timing(warmup=1, window=2),
+                  switching=SwitchPolicy(check_every=5, via="memory", measure=measure),
+                  checkpoints=CheckpointPolicy(every=4))
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        old = ElasticTrainer(make_model("mlp"), OPTIMIZER, global_batch=BATCH,
+                             checkpoint_dir=tmp_path / "old" / "run", p_min=2,
+                             resources=resources.Callback(schedules["old"]),
+                             compile_cache=CACHE, persistent_cache=False, check_every=5,
+                             switch_via="memory", timing_window=2, checkpoint_every=4,
+                             search_options={"measure": measure, "max_pipe": 4, "warmup": 1})
+    OPEN.append(old)
+    assert (old.space, old.timing, old.switching, old.checkpoints) \
+        == (new.space, new.timing, new.switching, new.checkpoints)
+    assert old.trainer.cache is CACHE and not old.trainer.skip_nonfinite
+    losses = {}
+    for form, trainer in (("new", new), ("old", old)):
+        _, losses[form] = run(trainer, schedules[form], 10)
+    np.testing.assert_array_equal(np.asarray(losses["old"]), np.asarray(losses["new"]))
+    np.testing.assert_allclose(np.asarray(losses["new"]), fixed_mesh_run(10)[0], rtol=1e-5)
+    switches = {form: [(e["step"], e["before"], e["after"], e["num_devices"], e["reason"])
+                       for e in events(trainer, "switch")]
+                for form, trainer in (("new", new), ("old", old))}
+    assert switches["old"] == switches["new"]
+    assert [s[3] for s in switches["new"]] == [4, 8]  # the start and a switch at the change
+    with pytest.raises((TypeError, InvalidArgument)):  # a Trainer with an old keyword
+        ElasticTrainer(Trainer(make_model("mlp"), OPTIMIZER, global_batch=BATCH, cache=CACHE),
+                       checkpoint_dir=tmp_path / "mixed", resources=4, p_min=2)
+    with pytest.raises((TypeError, InvalidArgument)):  # the old form with an option object
+        ElasticTrainer(make_model("mlp"), OPTIMIZER, global_batch=BATCH,
+                       checkpoint_dir=tmp_path / "mixed", resources=4, p_min=2,
+                       space=SearchSpace(p_min=2))

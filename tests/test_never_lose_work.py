@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from meshscale import CheckpointPolicy, SwitchPolicy, Timing
 from meshscale.elastic import resources
 from meshscale.errors import InvalidBatch, NonFiniteStep, RunDirectoryLocked
 from meshscale.store.checkpoint import Checkpointer
@@ -42,9 +43,11 @@ CHILD_START = 240  # seconds a child may take to import, compile and reach its m
 
 # -- helpers ---------------------------------------------------------------------------
 def four_devices(tmp_path, **options):
-    """An ElasticTrainer on 4 devices in tmp_path/"run"; try-runs are not timed."""
+    """An ElasticTrainer on 4 devices in tmp_path/"run"; try-runs are not timed.
+    `options`: `elastic`'s (checkpoints=, timing=, skip_nonfinite=)."""
     return elastic(tmp_path, resources.Static(4),
-                   search_options={"measure": prefer_more_devices}, **options)
+                   switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
+                   **options)
 
 
 def train(trainer, state, first, last, batches=BATCHES):
@@ -87,6 +90,7 @@ PREAMBLE = """\
 import os, pathlib, sys, time
 sys.path.insert(0, {root!r})
 assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
+from meshscale import CheckpointPolicy, SwitchPolicy
 from meshscale.elastic import resources
 from meshscale.errors import CheckpointWriteError
 from tests import test_elastic as t
@@ -97,7 +101,8 @@ tmp = pathlib.Path({tmp!r})
 
 def four_devices(**options):
     return t.elastic(tmp, resources.Static(4),
-                     search_options={{"measure": prefer_more_devices}}, **options)
+                     switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
+                     **options)
 
 
 def wait_for(name, seconds=120):
@@ -159,10 +164,10 @@ def finish(process, seconds):
 
 # -- exit without close -----------------------------------------------------------------
 def test_exit_without_close_keeps_the_last_step(tmp_path):
-    """10 steps, checkpoint_every=5, the script returns without close(): the exit hook
+    """10 steps, a checkpoint every 5, the script returns without close(): the exit hook
     saves step 10 quietly, and a new trainer resumes there exactly."""
     body = """
-        trainer = four_devices(checkpoint_every=5)
+        trainer = four_devices(checkpoints=CheckpointPolicy(every=5))
         state = trainer.init(t.BATCHES[0])
         for i in range(10):
             state, _ = trainer.step(state, t.BATCHES[i])
@@ -178,7 +183,7 @@ def test_exit_without_close_keeps_the_last_step(tmp_path):
 
 # -- SIGTERM and SIGINT ---------------------------------------------------------------
 SLOW_LOOP = """
-    trainer = four_devices(checkpoint_every=100)
+    trainer = four_devices(checkpoints=CheckpointPolicy(every=100))
     state = trainer.init(t.BATCHES[0])
     for i in range(1000):
         state, _ = trainer.step(state, t.BATCHES[i % 30])
@@ -247,8 +252,10 @@ NAN_BATCHES[NAN_STEP - 1]["x"][5, 3] = np.nan
 
 
 def nan_run(tmp_path, policy):
-    return four_devices(tmp_path, checkpoint_every=4, max_to_keep=2, timing_window=2,
-                        on_nonfinite=policy)
+    return four_devices(tmp_path, timing=Timing(window=2),
+                        checkpoints=CheckpointPolicy(every=4, max_to_keep=2,
+                                                     on_nonfinite=policy),
+                        skip_nonfinite=policy == "skip_step")
 
 
 def test_nan_with_stop_raises_and_keeps_only_finite_checkpoints(tmp_path):
@@ -305,7 +312,7 @@ def test_a_directory_made_read_only_mid_run_fails_the_next_step_and_the_process_
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     body = """
-        trainer = four_devices(checkpoint_every=2)
+        trainer = four_devices(checkpoints=CheckpointPolicy(every=2))
         state = trainer.init(t.BATCHES[0])
         for i in range(4):
             state, _ = trainer.step(state, t.BATCHES[i])
@@ -344,7 +351,7 @@ def test_a_directory_made_read_only_mid_run_fails_the_next_step_and_the_process_
 def test_a_second_job_on_a_live_jobs_directory_is_refused_then_takes_over_a_dead_ones(
         tmp_path):
     body = """
-        trainer = four_devices(checkpoint_every=2)
+        trainer = four_devices(checkpoints=CheckpointPolicy(every=2))
         state = trainer.init(t.BATCHES[0])
         for i in range(4):
             state, _ = trainer.step(state, t.BATCHES[i])
@@ -367,7 +374,7 @@ def test_a_second_job_on_a_live_jobs_directory_is_refused_then_takes_over_a_dead
 
 # -- flipped bytes -------------------------------------------------------------------------
 def test_a_flipped_byte_in_the_newest_step_restores_the_previous_step(tmp_path, caplog):
-    trainer = four_devices(tmp_path, checkpoint_every=4)
+    trainer = four_devices(tmp_path, checkpoints=CheckpointPolicy(every=4))
     state = trainer.init(BATCHES[0])
     train(trainer, state, 0, 8)
     trainer.close()
@@ -380,7 +387,7 @@ def test_a_flipped_byte_in_the_newest_step_restores_the_previous_step(tmp_path, 
     largest.write_bytes(bytes(data))
     before = sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*"))
     with caplog.at_level("WARNING"):
-        resumed = four_devices(tmp_path, checkpoint_every=4)
+        resumed = four_devices(tmp_path, checkpoints=CheckpointPolicy(every=4))
         state = resumed.init(BATCHES[0])
     assert events(resumed, "resume")[0]["checkpoint_step"] == 4 and int(state.step) == 4
     assert resumed.checkpointer.last_fallback.skipped[0][0] == 8
@@ -408,7 +415,7 @@ def wrong_batches():
 
 
 def test_a_wrong_batch_is_refused_in_one_line_and_the_state_survives(tmp_path):
-    trainer = four_devices(tmp_path, checkpoint_every=None)
+    trainer = four_devices(tmp_path, checkpoints=CheckpointPolicy(every=None))
     state = trainer.init(BATCHES[0])
     state, losses = train(trainer, state, 0, 2)
     for what, (batch, pattern) in wrong_batches().items():
