@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from meshscale.models import registry
 
-from meshscale import MeshShape
+from meshscale import MeshShape, SwitchPolicy
 from meshscale.app import cli
 from meshscale.app.demo import DEFAULT_SCHEDULE, DemoConfig, elastic_trainer, parse_schedule, run
 from meshscale.app.run_dir import RunDirRefused
@@ -241,7 +241,7 @@ def test_the_demo_uses_seven_devices_when_that_is_the_fastest_try_run(tmp_path):
     model, batch_fn = registry.build(cfg.model, cfg.seed)
     granted = {"count": 8}
     elastic = elastic_trainer(cfg, model, resources.Callback(lambda: granted["count"]),
-                              search_options={"measure": prefer_more_devices})
+                              switching=SwitchPolicy(measure=prefer_more_devices))
     try:
         batch = batch_fn(cfg.global_batch, 0)
         state, _ = elastic.step(elastic.init(batch), batch)
