@@ -143,36 +143,43 @@ def damaged_on_one_process(trainer, state, run: Path) -> dict:
     import jax
 
     from meshscale import Checkpointer, MeshShape
+    from meshscale.store import checkpoint
 
     with Checkpointer(run / "damaged", trainer) as ckpt:
         ckpt.save(state, step=1)
         ckpt.save(state, step=2)
         ckpt.wait()
-        read = ckpt._read_metadata
+        read = checkpoint.readable_metadata  # a step's metadata, as restore reads it
 
-        def stale(step):
+        def stale(directory, step, *args):
             if step == 2 and jax.process_index() == 1:
                 raise FileNotFoundError("simulated: step 2 not visible on this host yet")
-            return read(step)
+            return read(directory, step, *args)
 
-        ckpt._read_metadata = stale
-        restored = ckpt.restore(MeshShape.parse(SHAPES[-1]))  # the plain steps' last mesh
+        checkpoint.readable_metadata = stale
+        try:
+            restored = ckpt.restore(MeshShape.parse(SHAPES[-1]))  # the plain steps' last mesh
+        finally:
+            checkpoint.readable_metadata = read
         expected, got = gather(state.params), gather(restored.params)
         return {"restored_step": ckpt.last_fallback.restored_step,
                 "skipped": [s for s, _ in ckpt.last_fallback.skipped],
                 "equal": all(bool((expected[k] == got[k]).all()) for k in expected)}
 
 
-def elastic_trainer(run: Path, source, trainer=None, **search):
+def elastic_trainer(run: Path, source, trainer=None, *, measure=None):
+    """An elastic run in `run` over SEARCH's space and timing (p_min 2), sharing
+    `trainer`'s optimizer and compiled steps when given; `measure`: injected try-runs."""
+    from meshscale import CheckpointPolicy, SwitchPolicy, Trainer
     from meshscale.elastic.trainer import ElasticTrainer
     from tests.helpers import make_model, make_optimizer
 
     return ElasticTrainer(
-        make_model("mlp"), trainer.optimizer if trainer else make_optimizer(),
-        global_batch=BATCH, checkpoint_dir=run, p_min=2, check_every=100,
-        checkpoint_every=SAVED_STEP, persistent_cache=False,
-        compile_cache=trainer.cache if trainer else None, resources=source,
-        search_options={**SEARCH, **search})
+        Trainer(make_model("mlp"), trainer.optimizer if trainer else make_optimizer(),
+                global_batch=BATCH, cache=trainer.cache if trainer else None),
+        checkpoint_dir=run, resources=source, **SEARCH,
+        switching=SwitchPolicy(check_every=100, measure=measure),
+        checkpoints=CheckpointPolicy(every=SAVED_STEP, persistent_cache=False))
 
 
 def job(out: Path, run: Path) -> None:

@@ -24,7 +24,6 @@ IMPORTED = time.time()  # in a worker: when Ray handed it this attempt's functio
 BATCH = 24
 P_MIN = 2
 CHECKPOINT_EVERY = 3
-SEARCH = {"microbatches": [2], "warmup": 1, "steps": 1}
 
 
 @functools.cache
@@ -47,7 +46,14 @@ def allowed(out: Path) -> int:
 def loop(config: dict) -> None:
     import jax
 
-    from meshscale import ElasticTrainer
+    from meshscale import (
+        CheckpointPolicy,
+        ElasticTrainer,
+        SearchSpace,
+        SwitchPolicy,
+        Timing,
+        Trainer,
+    )
     from meshscale.elastic import resources
     from meshscale.integrations import ray as meshscale_ray
     from meshscale.runtime import distributed
@@ -72,12 +78,12 @@ def loop(config: dict) -> None:
 
     record(event="joined", imported=IMPORTED)
     elastic = ElasticTrainer(
-        make_model("mlp"), make_optimizer(), global_batch=BATCH,
-        checkpoint_dir=config["checkpoint_dir"], p_min=config.get("p_min", P_MIN),
-        resources=resources.Static(jax.device_count()), checkpoint_every=CHECKPOINT_EVERY,
-        check_every=1000, precompile="off", on_event=on_event,
-        timing_window=2,  # attempts of a few steps still measure samples/s
-        search_options={**SEARCH, "measure": prefer_more_devices})
+        Trainer(make_model("mlp"), make_optimizer(), global_batch=BATCH),
+        checkpoint_dir=config["checkpoint_dir"], resources=resources.Static(jax.device_count()),
+        space=SearchSpace(p_min=config.get("p_min", P_MIN), microbatches=[2]),
+        timing=Timing(warmup=1, steps=1, window=2),  # a few steps still measure samples/s
+        switching=SwitchPolicy(check_every=1000, precompile="off", measure=prefer_more_devices),
+        checkpoints=CheckpointPolicy(every=CHECKPOINT_EVERY), on_event=on_event)
     state = elastic.init(host_batch(0))
     for i in range(int(state.step), config["steps"]):
         while allowed(out) <= i:
