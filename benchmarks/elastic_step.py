@@ -4,14 +4,15 @@ Three loops over the same GPT tiny batches, each round `--steps` steps ended by 
 block, the loops taking turns round by round (`benchmarks.common.interleaved`):
 
 1. bare: the compiled step the trainer runs, fed with `jax.device_put(batch, sharding)`;
-2. `ElasticTrainer.step` without checkpoints (device polls every `check_every`, a block
-   every `timing_window` steps for the loss records, the timing and the non-finite
-   check of every step's loss and gradient norm; the batch checked against the
-   compiled structure; the preemption check);
-3. the same with `on_nonfinite="skip_step"` (a select on the device per step);
-4. the same as (2) with `checkpoint_every=10` (asynchronous Orbax saves of the whole
-   state, each with its checksums and finiteness pass on the devices);
-5. the same with the default `checkpoint_every` (100).
+2. `ElasticTrainer.step` without checkpoints (device polls every
+   `SwitchPolicy.check_every`, a block every `Timing.window` steps for the loss records,
+   the timing and the non-finite check of every step's loss and gradient norm; the batch
+   checked against the compiled structure; the preemption check);
+3. the same with `CheckpointPolicy(on_nonfinite="skip_step")` and
+   `Trainer(skip_nonfinite=True)` (a select on the device per step);
+4. the same as (2) with `CheckpointPolicy(every=10)` (asynchronous Orbax saves of the
+   whole state, each with its checksums and finiteness pass on the devices);
+5. the same with the default `CheckpointPolicy.every` (100).
 
 Targets: (2) / (1) <= 1.05 and (4) / (1) <= 1.10 (median of the round ratios; min and
 max shown). Every loop runs on a 2x1/m2 mesh of 2 simulated devices (p_min 2, one
@@ -33,10 +34,18 @@ from flax import nnx  # noqa: E402
 from meshscale.models.gpt import GPT, GPTConfig  # noqa: E402
 from meshscale.models.text import ByteBatches, stdlib_text  # noqa: E402
 
-from meshscale import CompileCache, resources  # noqa: E402
+from meshscale import (  # noqa: E402
+    CheckpointPolicy,
+    CompileCache,
+    SearchSpace,
+    Timing,
+    Trainer,
+    resources,
+)
 from meshscale.elastic.trainer import ElasticTrainer  # noqa: E402
 
-SEARCH = {"max_pipe": 2, "microbatches": [2], "warmup": 1, "steps": 1}
+SPACE = SearchSpace(p_min=2, max_pipe=2, microbatches=[2])
+TIMING = Timing(warmup=1, steps=1)
 
 
 def main(argv=None) -> None:
@@ -52,16 +61,18 @@ def main(argv=None) -> None:
     optimizer, cache = optax.adam(1e-3), CompileCache()
     scratch = tempfile.TemporaryDirectory(prefix="meshscale-bench-")
 
-    def elastic(name: str, **options) -> ElasticTrainer:
+    def elastic(name: str, **checkpoints) -> ElasticTrainer:
+        """`checkpoints`: `CheckpointPolicy` fields."""
+        policy = CheckpointPolicy(max_to_keep=2, persistent_cache=False, **checkpoints)
         return ElasticTrainer(
-            GPT(cfg, rngs=nnx.Rngs(0)), optimizer, global_batch=args.batch,
-            checkpoint_dir=f"{scratch.name}/{name}", p_min=2, resources=resources.Static(2),
-            compile_cache=cache, persistent_cache=False, max_to_keep=2,
-            search_options=SEARCH, **options)
+            Trainer(GPT(cfg, rngs=nnx.Rngs(0)), optimizer, global_batch=args.batch,
+                    skip_nonfinite=policy.on_nonfinite == "skip_step", cache=cache),
+            checkpoint_dir=f"{scratch.name}/{name}", resources=resources.Static(2),
+            space=SPACE, timing=TIMING, checkpoints=policy)
 
-    trainers = {"plain": elastic("plain", checkpoint_every=None),
-                "skip": elastic("skip", checkpoint_every=None, on_nonfinite="skip_step"),
-                "saving": elastic("saving", checkpoint_every=10),
+    trainers = {"plain": elastic("plain", every=None),
+                "skip": elastic("skip", every=None, on_nonfinite="skip_step"),
+                "saving": elastic("saving", every=10),
                 "default": elastic("default")}
     plain, saving = trainers["plain"], trainers["saving"]
     states = {name: t.init(batches[0]) for name, t in trainers.items()}

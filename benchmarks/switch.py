@@ -26,13 +26,22 @@ from flax import nnx  # noqa: E402
 from meshscale.models.gpt import GPT, GPTConfig  # noqa: E402
 from meshscale.models.text import ByteBatches, stdlib_text  # noqa: E402
 
-from meshscale import CompileCache, Trainer, resources  # noqa: E402
+from meshscale import (  # noqa: E402
+    CheckpointPolicy,
+    CompileCache,
+    SearchSpace,
+    SwitchPolicy,
+    Timing,
+    Trainer,
+    resources,
+)
 from meshscale.elastic.trainer import ElasticTrainer  # noqa: E402
 from meshscale.layout.mesh import MeshShape  # noqa: E402
 from meshscale.planning.precompile import Precompiler  # noqa: E402
 from meshscale.store.checkpoint import Checkpointer  # noqa: E402
 
-SEARCH = {"warmup": 1, "steps": 2, "max_pipe": 4}
+SPACE = SearchSpace(p_min=2, max_pipe=4)
+TIMING = Timing(warmup=1, steps=2)
 
 
 def change(model, data, batch, *, precompile: bool) -> dict:
@@ -40,10 +49,12 @@ def change(model, data, batch, *, precompile: bool) -> dict:
     cache = CompileCache()
     with tempfile.TemporaryDirectory() as tmp:
         elastic = ElasticTrainer(
-            model, optax.adam(1e-3), global_batch=batch, checkpoint_dir=tmp, p_min=2,
+            Trainer(model, optax.adam(1e-3), global_batch=batch, cache=cache),
+            checkpoint_dir=tmp,
             resources=resources.Callback(lambda: counts["n"], announced=lambda: [6]),
-            check_every=10**9, compile_cache=cache, persistent_cache=False,
-            precompile="on" if precompile else "off", search_options=SEARCH)
+            space=SPACE, timing=TIMING,
+            switching=SwitchPolicy(check_every=10**9, precompile="on" if precompile else "off"),
+            checkpoints=CheckpointPolicy(persistent_cache=False))
         state = elastic.init(data.batch(0))
         for i in range(1, 6):
             state, _ = elastic.step(state, data.batch(i))
@@ -74,8 +85,8 @@ def slowdown(elastic, state, data) -> dict[str, float]:
         jax.block_until_ready(m["loss"])
 
     # Meshes not compiled yet (every microbatch count), so the compiler really works.
-    busy_compiler = Precompiler(elastic.trainer, p_min=2, budget=4,
-                                search_options={"microbatches": [1, 3, 6]})
+    busy_compiler = Precompiler(elastic.trainer, budget=4,
+                                space=SearchSpace(p_min=2, microbatches=[1, 3, 6]))
 
     def paused():
         with busy_compiler.paused():
@@ -120,7 +131,8 @@ def main(argv=None) -> None:
                          r["checkpoint"], r["search"], r["switch"], floor, r["seconds"] / floor,
                          "-" if r["slowdown"] is None else ratio_text(r["slowdown"])])
     print(f"8 -> 6 simulated {jax.devices()[0].platform} devices, jax {jax.__version__}; "
-          f"try-runs: {SEARCH}\n")
+          f"try-runs: warmup {TIMING.warmup}, {TIMING.steps} timed steps, "
+          f"max_pipe {SPACE.max_pipe}\n")
     print(table(["model", "compiles", "new mesh", "change->first step s", "compiles on path",
                  "checkpoint s", "search s", "switch s", "save+restore s",
                  "change / save+restore",

@@ -31,17 +31,19 @@ def loop(config: dict) -> None:
     import optax
     from meshscale.models import registry
 
-    from meshscale import ElasticTrainer
+    from meshscale import CheckpointPolicy, ElasticTrainer, SearchSpace, SwitchPolicy, Trainer
     from meshscale.elastic import resources
     from meshscale.runtime import distributed
 
     model, batch_fn = registry.build(config.get("model", "gpt-tiny"), seed=0)
     steps = config.get("steps", STEPS)
     with ElasticTrainer(                                  # closed at the end: last step saved
-            model, optax.adam(3e-3), global_batch=24, p_min=config.get("p_min", P_MIN),
+            Trainer(model, optax.adam(3e-3), global_batch=24),
             checkpoint_dir=config["checkpoint_dir"],      # storage every worker sees
             resources=resources.Static(jax.device_count()),  # every device of every worker
-            checkpoint_every=50, total_steps=steps) as elastic:  # at most 50 steps lost
+            space=SearchSpace(p_min=config.get("p_min", P_MIN)),
+            switching=SwitchPolicy(total_steps=steps),    # a switch must pay off before the end
+            checkpoints=CheckpointPolicy(every=50)) as elastic:  # at most 50 steps lost
         state = elastic.init(batch_fn(24, 0))             # resumes onto the best mesh
         for i in range(int(state.step), steps):
             state, metrics = elastic.step(state, batch_fn(24, i))  # batch i: a function of i
