@@ -122,14 +122,29 @@ def tree_specs(tree: Any, *, mesh_shape: MeshShape, num_layers: int,
         tree)
 
 
+def splits_over_data(mode: StateSharding) -> tuple[bool, bool]:
+    """Whether `mode` splits (parameters, optimizer state) over ``data`` too: the one
+    place that says what replicate, zero1 and fsdp mean."""
+    check_state_sharding(mode)
+    return mode == "fsdp", mode in ("zero1", "fsdp")
+
+
+def stored_params(params: Any, *, mesh_shape: MeshShape, num_layers: int, rows: int,
+                  mode: StateSharding) -> Any:
+    """The parameters' shapes as stored on `mesh_shape`'s mesh under `mode`
+    (`padded_abstract`)."""
+    return padded_abstract(params, mesh_shape=mesh_shape, num_layers=num_layers, rows=rows,
+                           split_over_data=splits_over_data(mode)[0])
+
+
 def state_specs(params: Any, opt_state: Any, *, mesh_shape: MeshShape, num_layers: int,
                 mode: StateSharding) -> tuple[Any, Any]:
     """(parameter specs, optimizer-state specs) for `mode`."""
-    check_state_sharding(mode)
+    over_data = splits_over_data(mode)
     return (tree_specs(params, mesh_shape=mesh_shape, num_layers=num_layers,
-                       split_over_data=mode == "fsdp"),
+                       split_over_data=over_data[0]),
             tree_specs(opt_state, mesh_shape=mesh_shape, num_layers=num_layers,
-                       split_over_data=mode in ("zero1", "fsdp")))
+                       split_over_data=over_data[1]))
 
 
 def data_dim(spec: P) -> int | None:

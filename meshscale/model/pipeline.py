@@ -305,16 +305,16 @@ def pipeline_loss(
 
     `stored` (the parameters' `jax.ShapeDtypeStruct`s as stored on this mesh) and `specs`
     (their `PartitionSpec` tree, every parameter) are the Trainer's; when None they are
-    derived as the Trainer derives them (`sharding.padded_abstract`, `sharding.state_specs`
+    derived as the Trainer derives them (`sharding.stored_params`, `sharding.state_specs`
     for `state_sharding`, which is used for nothing else).
 
     `rng` is a step's key (`meshscale.model.rng`); layers then get per-example keys that do
     not depend on the mesh."""
     sched = Schedule.of(shape, fmodel.num_layers)
     if stored is None:  # as `Trainer.abstract_state`
-        stored = sharding.padded_abstract(
+        stored = sharding.stored_params(
             fmodel.abstract_params(), mesh_shape=shape, num_layers=fmodel.num_layers,
-            rows=sched.rows, split_over_data=state_sharding == "fsdp")
+            rows=sched.rows, mode=state_sharding)
     if specs is None:  # as `Trainer.specs`
         specs = sharding.state_specs(stored, None, mesh_shape=shape,
                                      num_layers=fmodel.num_layers, mode=state_sharding)[0]

@@ -208,9 +208,9 @@ class Trainer:
     def _stored(self, shape: MeshShape) -> tuple[TrainState, TrainState]:
         """(abstract state as stored on `shape`'s mesh, its `PartitionSpec`s), cached."""
         if shape not in self._stored_cache:
-            params = sharding.padded_abstract(
+            params = sharding.stored_params(
                 self.fmodel.abstract_params(), mesh_shape=shape, num_layers=self.num_layers,
-                rows=self.rows(shape), split_over_data=self.state_sharding == "fsdp")
+                rows=self.rows(shape), mode=self.state_sharding)
             abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                                   jax.eval_shape(self.optimizer.init, params))
             param_specs, opt_specs = sharding.state_specs(
