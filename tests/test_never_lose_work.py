@@ -87,7 +87,11 @@ def kept_steps_are_finite(tmp_path, trainer):
 
 
 PREAMBLE = """\
-import os, pathlib, sys, time
+import os, pathlib, signal, sys, time
+# A script run from a terminal: Ctrl-C raises KeyboardInterrupt. (A pytest worker that
+# started Ray ignores SIGINT, and a child would inherit that; meshscale keeps an ignored
+# signal ignored.)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
 from meshscale import CheckpointPolicy, SwitchPolicy
@@ -241,6 +245,24 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert "stopped by SIGINT" not in stderr, stderr[-3000:]
     # the exit hook still saved the last trained step
     assert (tmp_path / "run" / "state" / "3" / "commit_success.txt").is_file()
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """A job started with SIGINT ignored (``cmd &`` in a script) keeps ignoring it; SIGTERM
+    still saves at the next step."""
+    from meshscale.elastic.interrupts import Interrupts
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        interrupts = Interrupts()
+        interrupts.install()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == interrupts._handle
+        interrupts.uninstall()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) != interrupts._handle
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # -- non-finite steps ----------------------------------------------------------------------

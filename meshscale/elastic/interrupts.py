@@ -54,6 +54,8 @@ class Interrupts:
             return
         wanted = (signal.SIGINT,) if self._agreed else (signal.SIGINT, signal.SIGTERM)
         for number in wanted:
+            if signal.getsignal(number) == signal.SIG_IGN:
+                continue  # ignored by whoever started us (`cmd &` ignores SIGINT): kept so
             self._previous[number] = signal.signal(number, self._handle)
 
     def uninstall(self) -> None:
