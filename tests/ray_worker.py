@@ -5,8 +5,8 @@ It is an ordinary meshscale loop (it would run the same as a plain process): an
 test it also
 - waits before each step until the test allows it (``OUT/allow``: the last step that may
   train), so that nodes are added, removed and workers killed at known steps;
-- appends what happened to ``OUT/progress.jsonl`` (process 0: events and losses) and
-  writes each worker's pid to ``OUT/pids/<attempt>-<rank>``.
+- appends what happened to ``OUT/progress.jsonl`` (process 0: events and losses), with
+  the Ray demo's own recorder, and writes each worker's pid to ``OUT/pids/<attempt>-<rank>``.
 Batches are a pure function of the step index, so a step trained twice gives one loss.
 """
 
@@ -36,61 +36,40 @@ def host_batch(i: int) -> dict:
     return {k: np.asarray(v) for k, v in make_model("mlp").example_batch(BATCH, seed=i).items()}
 
 
-def allowed(out: Path) -> int:
-    try:
-        return int((out / "allow").read_text())
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
 def loop(config: dict) -> None:
     import jax
 
-    from meshscale import (
-        CheckpointPolicy,
-        ElasticTrainer,
-        SearchSpace,
-        SwitchPolicy,
-        Timing,
-        Trainer,
-    )
+    import meshscale as ms
+    from meshscale.app.ray_demo import ProgressLog, wait_until_allowed
     from meshscale.elastic import resources
     from meshscale.integrations import ray as meshscale_ray
-    from meshscale.runtime import distributed
     from tests.helpers import make_model, make_optimizer, prefer_more_devices
 
     out = Path(config["out"])
-    attempt = distributed.broadcast(os.getpid())  # process 0's pid names this attempt
+    record = ProgressLog(out)  # process 0's pid names this attempt
     (out / "pids").mkdir(exist_ok=True)
-    (out / "pids" / f"{attempt}-{jax.process_index()}").write_text(str(os.getpid()))
-
-    def record(**line):
-        if distributed.is_main():
-            with open(out / "progress.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.time(), "attempt": attempt,
-                                    "workers": jax.process_count(),
-                                    "devices": jax.device_count(), **line}) + "\n")
+    (out / "pids" / f"{record.attempt}-{jax.process_index()}").write_text(str(os.getpid()))
 
     def on_event(event):
         if event["event"] in ("resume", "start", "checkpoint", "switch"):
             record(event=event["event"], **{k: event.get(k) for k in (
                 "checkpoint_step", "after", "num_devices", "reason") if k in event})
 
-    record(event="joined", imported=IMPORTED)
-    elastic = ElasticTrainer(
-        Trainer(make_model("mlp"), make_optimizer(), global_batch=BATCH),
+    record(event="joined", imported=IMPORTED, time=time.time())
+    elastic = ms.ElasticTrainer(
+        ms.Trainer(make_model("mlp"), make_optimizer(), global_batch=BATCH),
         checkpoint_dir=config["checkpoint_dir"], resources=resources.Static(jax.device_count()),
-        space=SearchSpace(p_min=config.get("p_min", P_MIN), microbatches=[2]),
-        timing=Timing(warmup=1, steps=1, window=2),  # a few steps still measure samples/s
-        switching=SwitchPolicy(check_every=1000, precompile="off", measure=prefer_more_devices),
-        checkpoints=CheckpointPolicy(every=CHECKPOINT_EVERY), on_event=on_event)
+        space=ms.SearchSpace(p_min=config.get("p_min", P_MIN), microbatches=[2]),
+        timing=ms.Timing(warmup=1, steps=1, window=2),  # a few steps still measure samples/s
+        switching=ms.SwitchPolicy(check_every=1000, precompile="off",
+                                  measure=prefer_more_devices),
+        checkpoints=ms.CheckpointPolicy(every=CHECKPOINT_EVERY), on_event=on_event)
     state = elastic.init(host_batch(0))
     for i in range(int(state.step), config["steps"]):
-        while allowed(out) <= i:
-            time.sleep(0.05)
+        wait_until_allowed(out, i)
         state, metrics = elastic.step(state, host_batch(i))
         sent = meshscale_ray.report(elastic, metrics, step=i + 1)
-        record(event="step", step=i + 1, loss=sent["loss"], mesh=sent["mesh"])
+        record(event="step", step=i + 1, loss=sent["loss"], mesh=sent["mesh"], time=time.time())
 
 
 class ReportedMetrics(UserCallback):

@@ -63,30 +63,14 @@ def loop(config: dict) -> None:
     import jax
     import optax
 
-    from meshscale import (
-        CheckpointPolicy,
-        ElasticTrainer,
-        SearchSpace,
-        SwitchPolicy,
-        Timing,
-        Trainer,
-    )
-    from meshscale.app import report
+    import meshscale as ms
     from meshscale.elastic import events, resources
     from meshscale.integrations import ray as meshscale_ray
     from meshscale.models import registry
-    from meshscale.runtime import distributed
 
     run = Path(config["run_dir"])
     model, batch_fn = registry.build(config["model"], config["seed"])
-    attempt = distributed.broadcast(os.getpid())
-
-    def record(**line):
-        if distributed.is_main():
-            with open(run / "progress.jsonl", "a") as f:
-                f.write(json.dumps(report.to_plain({
-                    "attempt": attempt, "workers": jax.process_count(),
-                    "devices": jax.device_count(), **line})) + "\n")
+    record = ProgressLog(run)
 
     def on_event(event: events.Event):
         if isinstance(event, events.Start | events.Resume | events.Search | events.Switch
@@ -94,16 +78,16 @@ def loop(config: dict) -> None:
             record(**{k: v for k, v in event.as_dict().items()
                       if k not in ("time", "device_ids")})
 
-    elastic = ElasticTrainer(
-        Trainer(model, optax.adam(config["learning_rate"]), global_batch=config["global_batch"]),
+    elastic = ms.ElasticTrainer(
+        ms.Trainer(model, optax.adam(config["learning_rate"]),
+                   global_batch=config["global_batch"]),
         checkpoint_dir=config["checkpoint_dir"], resources=resources.Static(jax.device_count()),
-        space=SearchSpace(p_min=config["p_min"]), timing=Timing(warmup=1, steps=2),
-        switching=SwitchPolicy(check_every=10**9, total_steps=config["steps"]),
-        checkpoints=CheckpointPolicy(every=config["checkpoint_every"]), on_event=on_event)
+        space=ms.SearchSpace(p_min=config["p_min"]), timing=ms.Timing(warmup=1, steps=2),
+        switching=ms.SwitchPolicy(check_every=10**9, total_steps=config["steps"]),
+        checkpoints=ms.CheckpointPolicy(every=config["checkpoint_every"]), on_event=on_event)
     state = elastic.init(batch_fn(config["global_batch"], 0))
     for i in range(int(state.step), config["steps"]):
-        while _allowed(run) <= i:
-            time.sleep(0.05)
+        wait_until_allowed(run, i)
         state, metrics = elastic.step(state, batch_fn(config["global_batch"], i))
         if (i + 1) % 10 == 0:  # Ray's report is a barrier: not every step
             meshscale_ray.report(elastic, metrics, step=i + 1)
@@ -111,11 +95,42 @@ def loop(config: dict) -> None:
                samples_per_second=float(metrics["samples_per_second"]))
 
 
-def _allowed(run: Path) -> int:
+class ProgressLog:
+    """Process 0 of a Ray attempt appends what happens to ``RUN/progress.jsonl``, one JSON
+    line per call, tagged with the attempt (process 0's pid) and its worker and device
+    counts; the other processes write nothing. Collective: every process constructs it."""
+
+    def __init__(self, run: Path):
+        import jax
+
+        from meshscale.runtime import distributed
+
+        self.path, self.main = Path(run) / "progress.jsonl", distributed.is_main()
+        self.attempt = distributed.broadcast(os.getpid())
+        self.tags = {"attempt": self.attempt, "workers": jax.process_count(),
+                     "devices": jax.device_count()}
+
+    def __call__(self, **line) -> None:
+        from meshscale.app import report
+
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(report.to_plain({**self.tags, **line})) + "\n")
+
+
+def allowed(run: Path) -> int:
+    """The last step the driver lets the workers train (``RUN/allow``; 0 before it exists)."""
     try:
-        return int((run / "allow").read_text())
+        return int((Path(run) / "allow").read_text())
     except (FileNotFoundError, ValueError):
         return 0
+
+
+def wait_until_allowed(run: Path, step: int) -> None:
+    """Blocks before training step ``step`` until the driver allows it, so that a change of
+    workers lands at its step."""
+    while allowed(run) <= step:
+        time.sleep(0.05)
 
 
 def run(cfg: RayDemoConfig) -> list[dict]:
