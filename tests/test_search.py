@@ -188,3 +188,26 @@ def test_old_search_keywords_still_work_deprecated_and_never_mix_with_space(devi
         search(FAKE_TRAINER, None, [], devices, space=P_MIN_2, p_min=2, measure=measure)
     with pytest.raises(TypeError, match="unexpected keyword"):
         search(FAKE_TRAINER, None, [], devices, space=P_MIN_2, warmpu=1, measure=measure)
+
+
+def test_search_reports_each_try_run_to_progress_and_says_what_it_ruled_out(devices):
+    heard = []
+
+    def measure(c):
+        if c.shape.pipe == 3:
+            raise RuntimeError("boom")
+        return ran(str(c.shape), 100.0, c.kind)
+
+    d = search(FAKE_TRAINER, None, [], devices[:6], space=P_MIN_2, measure=measure,
+               progress=lambda p: heard.append(
+                   (p.index, p.total, str(p.candidate.shape),
+                    None if p.result is None else p.result.status)))
+    shapes = [str(r.shape) for r in d.results]
+    assert heard == [x for i, s in enumerate(shapes) for x in (
+        (i, len(shapes), s, None),
+        (i, len(shapes), s, "failed: RuntimeError: boom" if s.startswith("3x") else "ok"))]
+    # B=32 on 6 devices: 3 replicas of pipe 2 do not divide it; pipe 1 is below p_min
+    assert [str(w) for w in d.ruled_out] == [
+        "pipe 1: fewer stages than p_min 2",
+        "2x3: global batch 32 does not split into 3 replicas: 2x2 (4 of 6 devices) is "
+        "tried instead"]

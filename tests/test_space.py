@@ -10,6 +10,7 @@ from meshscale.planning.space import (
     default_microbatches,
     microbatch_choices,
     repeat_choices,
+    ruled_out,
 )
 
 LAYERS = st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16, 24])
@@ -228,3 +229,52 @@ def test_search_space_is_one_checked_object_and_lists_the_rule():
         SearchSpace(repeats="some")
     with pytest.raises(InvalidArgument, match="must be resolved first"):
         SearchSpace(p_min="auto").candidates(8, num_layers=8, global_batch=16)
+
+
+@PROPS
+@given(space_inputs(), st.sampled_from([None, "all", [2, 3]]))
+def test_every_pipe_width_not_tried_at_full_width_is_explained(args, microbatches):
+    """Each pipe width 1..n is tried with its widest data axis (n // pipe), or a ruled-out
+    line names it: as a pipe range, or as the pipe x data shapes left out."""
+    n, p_min, layers, batch, current = args
+    if n < p_min:
+        return
+    kw = dict(p_min=p_min, num_layers=layers, global_batch=batch, current=current,
+              microbatches=microbatches)
+    found, why = candidates(n, **kw), ruled_out(n, **kw)
+    covered = set()
+    for line in why:
+        assert line.reason and str(line) == f"{line.what}: {line.reason}"
+        if line.what.startswith("pipe "):
+            first, _, last = line.what.removeprefix("pipe ").partition("-")
+            covered |= set(range(int(first), int(last or first) + 1))
+        else:
+            covered.add(int(line.what.split("x")[0]))
+    for pipe in range(1, n + 1):
+        widest = max((c.shape.data for c in found if c.shape.pipe == pipe), default=0)
+        if widest < n // pipe:
+            assert pipe in covered, (pipe, widest, [str(w) for w in why])
+
+
+def test_ruled_out_names_batch_p_min_layers_max_pipe_and_the_vertical_rule():
+    lines = [str(w) for w in ruled_out(4, p_min=1, num_layers=8, global_batch=7)]
+    assert lines == [
+        "1x4, 1x3, 1x2: global batch 7 does not split into 4, 3 or 2 replicas: 1x1 (1 of 4 "
+        "devices) is tried instead",
+        "2x2: global batch 7 does not split into 2 replicas: 2x1 (2 of 4 devices) is tried "
+        "instead"]
+    lines = [str(w) for w in SearchSpace(p_min=2, max_pipe=6).ruled_out(
+        16, num_layers=8, global_batch=24)]
+    assert lines[:3] == ["pipe 1: fewer stages than p_min 2",
+                         "pipe 7-8: more stages than max_pipe 6",
+                         "pipe 9-16: more stages than the model's 8 layers"]
+    assert lines[3].startswith("3x5: global batch 24 does not split into 5 replicas: 3x4")
+    odd = [str(w) for w in ruled_out(7, p_min=2, num_layers=8, global_batch=24,
+                                     current=MeshShape(2, 2, 2))]
+    assert "2x3: 7 devices is not a multiple of p_min 2, so only the pipe axis may change: " \
+           "the data axis stays at most 2" in odd
+    assert ruled_out(8, p_min=1, num_layers=8, global_batch=24) == []  # all tried in full
+    none = ruled_out(4, p_min=2, num_layers=4, global_batch=16, microbatches=[3, 5])
+    assert str(none[1]) == ("2x2, 2x1: with 2 or 1 replicas no microbatch count of [3, 5] "
+                            "splits the replica batch: no data axis works, so no 2-stage "
+                            "mesh is tried")

@@ -37,7 +37,7 @@ from meshscale.errors import (
 from meshscale.layout.mesh import MeshShape
 from meshscale.model.contract import Batch
 from meshscale.planning import memory
-from meshscale.planning.space import Candidate, SearchSpace
+from meshscale.planning.space import Candidate, RuledOut, SearchSpace
 from meshscale.planning.tryrun import LiveState, TryRunResult, failure_status, try_run
 from meshscale.runtime import distributed
 from meshscale.training.compile_cache import enable_persistent_cache
@@ -47,6 +47,21 @@ from meshscale.training.trainer import Trainer, TrainState
 log = logging.getLogger(__name__)
 
 Measure = Callable[[Candidate], TryRunResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class TryRunProgress:
+    """Where a search stands, for a progress display (`search`'s ``progress``): try-run
+    `index` (from 0) of `total`, of `candidate`; `result` is None as it starts, its
+    result once it ended."""
+
+    index: int
+    total: int
+    candidate: Candidate
+    result: TryRunResult | None = None
+
+
+Progress = Callable[[TryRunProgress], None]
 _ROUNDING = 1e-9  # 105 vs 100 samples/s is "at" a 5% threshold, whatever floats say
 
 
@@ -112,6 +127,9 @@ class Decision:
       reason: the decision in words.
       threshold: the improvement a switch had to beat.
       p_min: the pipe width floor used (resolved when it was ``"auto"``).
+      ruled_out: the meshes the search space left out on these devices and why, one
+        `RuledOut` each (p_min, layers, max_pipe, the global batch, the vertical-only
+        rule); memory shows in `results` (a ``"skipped: ..."`` status).
     """
 
     baseline: Baseline | None
@@ -123,6 +141,7 @@ class Decision:
     reason: str
     threshold: float
     p_min: int | None = None
+    ruled_out: tuple[RuledOut, ...] = ()
 
     @property
     def target(self) -> MeshShape | None:
@@ -223,7 +242,8 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
            threshold: float = 0.05, current: MeshShape | None = None,
            remaining_steps: int | None = None, switch_cost: float | None = None,
            eps: float = 0.05, measure: Measure | None = None,
-           compile_cache_dir: str | os.PathLike | None = None, **legacy) -> Decision:
+           compile_cache_dir: str | os.PathLike | None = None,
+           progress: Progress | None = None, **legacy) -> Decision:
     """Try-run every candidate mesh on `devices` and decide whether to switch.
 
     Args:
@@ -246,6 +266,8 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
       measure: replaces `try_run` (``Candidate -> TryRunResult``), e.g. in tests.
       compile_cache_dir: turn on JAX's persistent compilation cache there (put it under
         the run directory, so a restarted job loads instead of compiling).
+      progress: called as each try-run starts and ends (`TryRunProgress`), e.g. to draw
+        a progress bar; the search knows nothing of how it is shown.
       legacy: the keywords of the old form (p_min, max_pipe, microbatches, repeats,
         memory_budget, warmup, steps), deprecated: pass `space` and `timing`.
 
@@ -263,33 +285,49 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         p_min = _agreed_p_min(trainer, devices, budget)
     if current is None and baseline is not None:
         current = baseline.shape
-    found = space.candidates(len(devices), num_layers=trainer.num_layers,
-                             global_batch=trainer.global_batch, current=current, p_min=p_min)
+    rule = dict(num_layers=trainer.num_layers, global_batch=trainer.global_batch,
+                current=current, p_min=p_min)
+    found = space.candidates(len(devices), **rule)
+    ruled_out = tuple(space.ruled_out(len(devices), **rule))
     if not found:
         raise InvalidMeshShape(
             f"no valid mesh on {len(devices)} devices with p_min={p_min}: no pipe width in "
             f"[{p_min}, {space.max_pipe or len(devices)}] is at most num_layers="
             f"{trainer.num_layers} with a data axis dividing global batch "
-            f"{trainer.global_batch}: lower p_min or max_pipe")
+            f"{trainer.global_batch}: lower p_min or max_pipe ("
+            + "; ".join(map(str, ruled_out)) + ")")
     if measure is None:
         def measure(candidate: Candidate) -> TryRunResult:
             return try_run(trainer, state, batches, candidate, devices, timing=timing,
                            memory_budget=budget)
+    results = measure_all(found, measure, progress)
+    baseline = like_with_like(baseline, results, current)
+    decision = decide(baseline, results, threshold=threshold, remaining_steps=remaining_steps,
+                      switch_cost=switch_cost, eps=eps, global_batch=trainer.global_batch,
+                      available_devices=len(devices), p_min=p_min)
+    decision = dataclasses.replace(decision, ruled_out=ruled_out)
+    decision = distributed.broadcast(decision)  # one decision: process 0's, everywhere
+    log.info("search on %d devices: %s", len(devices), decision.reason)
+    return decision
+
+
+def measure_all(found: Sequence[Candidate], measure: Measure,
+                progress: Progress | None = None) -> list[TryRunResult]:
+    """One result per candidate, in order; a measurement that raises is a failed result
+    (the search goes on). `progress` hears each start and end."""
     results = []
-    for candidate in found:
+    for index, candidate in enumerate(found):
+        if progress is not None:
+            progress(TryRunProgress(index, len(found), candidate))
         try:
             result = measure(candidate)
         except Exception as e:  # a broken measurement is a failed candidate, not a crash
             log.warning("try-run of %s raised: %s", candidate.shape, e)
             result = TryRunResult.not_run(candidate, failure_status(e))
         results.append(result)
-    baseline = like_with_like(baseline, results, current)
-    decision = decide(baseline, results, threshold=threshold, remaining_steps=remaining_steps,
-                      switch_cost=switch_cost, eps=eps, global_batch=trainer.global_batch,
-                      available_devices=len(devices), p_min=p_min)
-    decision = distributed.broadcast(decision)  # one decision: process 0's, everywhere
-    log.info("search on %d devices: %s", len(devices), decision.reason)
-    return decision
+        if progress is not None:
+            progress(TryRunProgress(index, len(found), candidate, result))
+    return results
 
 
 def _agreed_p_min(trainer: Trainer, devices, budget: int | None) -> int:

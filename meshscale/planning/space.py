@@ -36,6 +36,23 @@ REPEAT_CHOICES = (1, 2, 4)  # rounds of the circular schedule tried by repeats="
 
 
 @dataclasses.dataclass(frozen=True)
+class RuledOut:
+    """Meshes the rule leaves out on these devices, and why, in one line.
+
+    ``what`` names them: pipe widths (``"pipe 1"``, ``"pipe 9-16"``) or pipe x data
+    shapes (``"2x4"``, ``"2x4, 2x3"``); ``reason`` says which input rules them out (p_min,
+    the layer count, max_pipe, the global batch, the microbatch counts, the vertical-only
+    rule) and what runs instead.
+    """
+
+    what: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Candidate:
     """A mesh shape to try, tagged with how it relates to the mesh running now.
 
@@ -177,6 +194,17 @@ class SearchSpace:
                           global_batch=global_batch, current=current, max_pipe=self.max_pipe,
                           microbatches=self.microbatches, repeats=self.repeats)
 
+    def ruled_out(self, n_devices: int, *, num_layers: int, global_batch: int,
+                  current: MeshShape | None = None, p_min: int | None = None) -> list[RuledOut]:
+        """`ruled_out` over this space (`p_min`: the resolved width when it is "auto")."""
+        p_min = self.p_min if p_min is None else p_min
+        if p_min == "auto":
+            raise InvalidArgument("SearchSpace(p_min='auto') must be resolved first "
+                                  "(search does it from the memory budget)")
+        return ruled_out(n_devices, p_min=p_min, num_layers=num_layers,
+                         global_batch=global_batch, current=current, max_pipe=self.max_pipe,
+                         microbatches=self.microbatches, repeats=self.repeats)
+
 
 def require_devices(n_devices: int, p_min: int) -> None:
     """Raise `InsufficientDevices` (saying how many are needed) when `n_devices < p_min`."""
@@ -213,6 +241,29 @@ def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int
       InsufficientDevices: `n_devices < p_min` (no mesh can hold one model copy).
       InvalidArgument: nonsensical arguments (non-positive counts).
     """
+    return _scan(n_devices, p_min=p_min, num_layers=num_layers, global_batch=global_batch,
+                 current=current, max_pipe=max_pipe, microbatches=microbatches,
+                 repeats=repeats)[0]
+
+
+def ruled_out(n_devices: int, *, p_min: int, num_layers: int, global_batch: int,
+              current: MeshShape | None = None, max_pipe: int | None = None,
+              microbatches: MicrobatchChoice = None,
+              repeats: RepeatChoice = None) -> list[RuledOut]:
+    """Why `candidates` (same arguments) leaves meshes out: one `RuledOut` per pipe
+    width range below p_min or above the layer count or `max_pipe`, and one per pipe width
+    whose data axis is narrower than its devices allow (the global batch or the microbatch
+    counts do not split; the vertical-only rule). Empty when every device count is tried.
+    """
+    return _scan(n_devices, p_min=p_min, num_layers=num_layers, global_batch=global_batch,
+                 current=current, max_pipe=max_pipe, microbatches=microbatches,
+                 repeats=repeats)[1]
+
+
+def _scan(n_devices: int, *, p_min: int, num_layers: int, global_batch: int,
+          current: MeshShape | None, max_pipe: int | None, microbatches: MicrobatchChoice,
+          repeats: RepeatChoice) -> tuple[list[Candidate], list[RuledOut]]:
+    """(the candidates, what is ruled out and why): the rule, in one pass."""
     for name, value in (("n_devices", n_devices), ("p_min", p_min),
                         ("num_layers", num_layers), ("global_batch", global_batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -225,11 +276,18 @@ def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int
                    global_batch=global_batch, max_pipe=max_pipe)
     data_cap = n_devices if n_devices % p_min == 0 else reference.data
     top = min(n_devices, num_layers, n_devices if max_pipe is None else max_pipe)
+    ruled = _pipe_widths_ruled_out(n_devices, p_min, num_layers, max_pipe)
 
     found: dict[MeshShape, Kind] = {}
     for pipe in range(p_min, top + 1):
+        if data_cap < n_devices // pipe:
+            ruled.append(RuledOut(f"{pipe}x{n_devices // pipe}", (
+                f"{n_devices} devices is not a multiple of p_min {p_min}, so only the pipe "
+                f"axis may change: the data axis stays at most {data_cap}")))
+        misses: dict[int, str] = {}  # data -> why not
         for data in range(min(data_cap, n_devices // pipe), 0, -1):
             if global_batch % data:
+                misses[data] = "batch"
                 continue
             counts = _microbatch_options(pipe, global_batch // data, microbatches)
             if microbatches is None and refit is not None and (pipe, data) == (
@@ -243,9 +301,59 @@ def candidates(n_devices: int, *, p_min: int, num_layers: int, global_batch: int
                         shape = MeshShape(pipe, data, m, r)
                         found[shape] = _kind(shape, reference, current is not None)
                 break
+            misses[data] = "microbatches"
+        else:
+            data = 0  # no valid data axis at all
+        ruled += _data_axes_ruled_out(pipe, misses, data, n_devices, global_batch,
+                                      microbatches)
     if refit is not None:
         found[refit] = "current"
-    return [Candidate(shape, kind) for shape, kind in sorted(found.items())]
+    return [Candidate(shape, kind) for shape, kind in sorted(found.items())], ruled
+
+
+def _pipe_widths_ruled_out(n_devices: int, p_min: int, num_layers: int,
+                           max_pipe: int | None) -> list[RuledOut]:
+    """Pipe widths 1..n_devices that are no candidate, in runs of the same reason."""
+    def why(pipe: int) -> str | None:
+        if pipe < p_min:
+            return f"fewer stages than p_min {p_min}"
+        if pipe > num_layers:
+            return f"more stages than the model's {num_layers} layers"
+        if max_pipe is not None and pipe > max_pipe:
+            return f"more stages than max_pipe {max_pipe}"
+        return None
+
+    runs: list[tuple[int, int, str]] = []  # (first, last, reason)
+    for pipe in range(1, n_devices + 1):
+        reason = why(pipe)
+        if reason is None:
+            continue
+        if runs and runs[-1][2] == reason and runs[-1][1] == pipe - 1:
+            runs[-1] = (runs[-1][0], pipe, reason)
+        else:
+            runs.append((pipe, pipe, reason))
+    return [RuledOut(f"pipe {a}" if a == b else f"pipe {a}-{b}", reason)
+            for a, b, reason in runs]
+
+
+def _data_axes_ruled_out(pipe: int, misses: dict[int, str], chosen: int, n_devices: int,
+                         global_batch: int, microbatches: MicrobatchChoice) -> list[RuledOut]:
+    """One line per reason the data axis of `pipe` is narrower than tried (`chosen`: the
+    data axis kept, 0 when none was)."""
+    instead = (f"{pipe}x{chosen} ({pipe * chosen} of {n_devices} devices) is tried instead"
+               if chosen else f"no data axis works, so no {pipe}-stage mesh is tried")
+    out = []
+    for kind in ("batch", "microbatches"):
+        datas = [d for d, k in misses.items() if k == kind]
+        if not datas:
+            continue
+        replicas = ", ".join(map(str, datas[:-1])) + (" or " if len(datas) > 1 else "") \
+            + f"{datas[-1]} replica{'s' if len(datas) > 1 or datas[-1] > 1 else ''}"
+        why = (f"global batch {global_batch} does not split into {replicas}"
+               if kind == "batch" else f"with {replicas} no microbatch count of "
+               f"{list(microbatches) if microbatches else microbatches} splits the replica batch")
+        out.append(RuledOut(", ".join(f"{pipe}x{d}" for d in datas), f"{why}: {instead}"))
+    return out
 
 
 def _refit(current: MeshShape | None, n_devices: int, *, p_min: int, num_layers: int,
