@@ -5,7 +5,7 @@ The public surface is re-exported here; implementation lives in one module per c
 """
 
 from meshscale.elastic import resources
-from meshscale.elastic.options import CheckpointPolicy, SwitchPolicy
+from meshscale.elastic.options import CheckpointPolicy, MetricsPolicy, SwitchPolicy
 from meshscale.elastic.trainer import ElasticTrainer
 from meshscale.errors import (
     ContractError,
@@ -19,6 +19,8 @@ from meshscale.errors import (
 )
 from meshscale.layout.mesh import MeshShape, make_mesh
 from meshscale.model.contract import LayerStack, ReshardableModel, run_layers, stack_layers
+from meshscale.observe.goodput import Ledger
+from meshscale.observe.writers import MetricWriter, TensorBoardWriter
 from meshscale.planning.search import Baseline, Decision, search
 from meshscale.planning.space import Candidate, SearchSpace, candidates
 from meshscale.planning.tryrun import TryRunResult, try_run
@@ -33,7 +35,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointPolicy",
     "Checkpointer",
+    "Ledger",
+    "MetricWriter",
+    "MetricsPolicy",
     "SwitchPolicy",
+    "TensorBoardWriter",
     "CompileCache",
     "ContractError",
     "ElasticTrainer",

@@ -77,7 +77,8 @@ class Adapting:
         self._emit(events.DevicesChanged, before=len(self._granted), after=len(devices),
                    device_ids=list(device_ids(devices)))
         self._save(state, reason="before search")
-        self.checkpointer.wait()  # on disk before anything is tried: a switch restores it
+        with self.ledger.spend("checkpoint"):
+            self.checkpointer.wait()  # on disk before anything is tried: a switch restores it
         try:
             self._require(devices)
         finally:
@@ -134,13 +135,16 @@ class Adapting:
             self.trainer.init_state(shape, devs) if step is None
             else self.checkpointer.restore(shape, step=step, devices=devs)))
         quiet = self.precompiler.paused() if self.precompiler else contextlib.nullcontext()
-        with quiet:  # try-runs are timed on cores the compiler does not share
+        with quiet, self.ledger.spend("search_tryrun"):  # on cores the compiler leaves alone
             decision = search(self.trainer, live, batches, devices, space=self.space,
                               timing=self.timing, baseline=baseline,
                               threshold=self.switching.threshold, eps=self.switching.eps,
                               measure=self.switching.measure, current=current,
                               remaining_steps=remaining_steps,
                               switch_cost=self._last_switch_cost)
+        compiled = sum(r.compile_seconds for r in decision.results
+                       if math.isfinite(r.compile_seconds))
+        self.ledger.move(compiled, "search_tryrun", "search_compile")
         self._emit(events.Search, num_devices=len(devices), decision=decision,
                    seconds=time.perf_counter() - start)
         if live.released:
@@ -152,41 +156,42 @@ class Adapting:
     def _switch(self, state: TrainState, shape: MeshShape, devices, *,
                 reason: str) -> TrainState:
         """Move `state` onto `shape`: restore the checkpoint written before the search."""
-        start = time.perf_counter()
-        before = self.shape
-        step = self._step
-        self._break_window()
-        latest = self.checkpointer.latest_step()
-        on_disk = self.switching.via != "memory" and latest == step
-        if not on_disk and distributed.can_place():
-            state = self.trainer.place(state, shape, devices)
-        elif not on_disk and reason == "start" and latest is None:
-            state = self.trainer.init_state(shape, devices)  # fresh, across processes
-        else:  # through the checkpoint: exactly this step, never an older one behind it
-            if not on_disk:  # across processes, the only way to move the state
-                self._save(state, reason="before switch")
-            if not self._fits_beside(state, shape, devices):
-                jax.tree.map(lambda x: x.delete(), state)  # on disk: make room first
-            try:
-                state = self.checkpointer.restore(shape, step=step, devices=devices)
-            except IncompatibleCheckpoint as e:
-                if not distributed.can_place() or state_deleted(state):
-                    raise
-                log.warning("switch: %s; moving the state in memory instead", e)
+        with self.ledger.spend("switch"):  # a save inside is checkpoint time
+            start = time.perf_counter()
+            before = self.shape
+            step = self._step
+            self._break_window()
+            latest = self.checkpointer.latest_step()
+            on_disk = self.switching.via != "memory" and latest == step
+            if not on_disk and distributed.can_place():
                 state = self.trainer.place(state, shape, devices)
-        self._step_fn = self.trainer.compile_step(shape, devices)
-        self._batch_sharding = self.trainer.batch_sharding(shape, devices)  # once per mesh
-        self.shape, self.devices = shape, list(devices[: shape.num_devices])
-        self._granted = list(devices)
-        self.step_log.recent.clear()
-        self._since_switch = 0
-        cost = time.perf_counter() - start
-        if reason != "start":
-            self._last_switch_cost = cost
-        self._emit(events.Switch, before=str(before) if before else None, after=str(shape),
-                   num_devices=shape.num_devices, reason=reason, seconds=cost)
-        self._plan_precompile()
-        return state
+            elif not on_disk and reason == "start" and latest is None:
+                state = self.trainer.init_state(shape, devices)  # fresh, across processes
+            else:  # through the checkpoint: exactly this step, never an older one behind it
+                if not on_disk:  # across processes, the only way to move the state
+                    self._save(state, reason="before switch")
+                if not self._fits_beside(state, shape, devices):
+                    jax.tree.map(lambda x: x.delete(), state)  # on disk: make room first
+                try:
+                    state = self.checkpointer.restore(shape, step=step, devices=devices)
+                except IncompatibleCheckpoint as e:
+                    if not distributed.can_place() or state_deleted(state):
+                        raise
+                    log.warning("switch: %s; moving the state in memory instead", e)
+                    state = self.trainer.place(state, shape, devices)
+            self._step_fn = self.trainer.compile_step(shape, devices)
+            self._batch_sharding = self.trainer.batch_sharding(shape, devices)  # once per mesh
+            self.shape, self.devices = shape, list(devices[: shape.num_devices])
+            self._granted = list(devices)
+            self.step_log.recent.clear()
+            self._since_switch = 0
+            cost = time.perf_counter() - start
+            if reason != "start":
+                self._last_switch_cost = cost
+            self._emit(events.Switch, before=str(before) if before else None, after=str(shape),
+                       num_devices=shape.num_devices, reason=reason, seconds=cost)
+            self._plan_precompile()
+            return state
 
     def _fits_beside(self, state: TrainState, shape: MeshShape, devices) -> bool:
         """Whether `shape`'s state fits on its devices beside the live `state` (True when

@@ -2,9 +2,9 @@
 
 What the model trains with (precision, dropout keys, donation, state sharding, remat) is
 the `Trainer`'s; which meshes may be tried is the `SearchSpace`; how steps are timed is
-the `Timing`. What is left to the elastic loop is when to save (`CheckpointPolicy`) and
-when to move (`SwitchPolicy`). Each is checked when built, so a bad value fails where it
-is written.
+the `Timing`. What is left to the elastic loop is when to save (`CheckpointPolicy`), when
+to move (`SwitchPolicy`) and where its metrics go (`MetricsPolicy`). Each is checked when
+built, so a bad value fails where it is written.
 """
 
 from __future__ import annotations
@@ -108,6 +108,47 @@ class SwitchPolicy:
         if not isinstance(self.precompile, str):
             object.__setattr__(self, "precompile", tuple(self.precompile))
         resolve_mode(self.precompile)  # refuses an unknown mode here, not at the first step
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsPolicy:
+    """Where the loop's metrics go: per timing window the losses of its steps,
+    samples/s, mesh, device count and goodput, and every event. Process 0 writes them in
+    a background thread; the loop never waits for a write.
+
+    Attributes:
+      directory: where ``metrics.jsonl`` and the TensorBoard files go (a local path);
+        None: the checkpoint directory.
+      jsonl: write ``metrics.jsonl`` (the run's own record: the report reads it and a
+        restarted job finds there which steps it trains again). Off only to measure what
+        writing costs.
+      tensorboard: write TensorBoard event files to ``directory/tensorboard``; None: when
+        ``tensorboardX`` is installed (``meshscale[tensorboard]``), True: refuse to start
+        without it.
+      writers: more `meshscale.observe.writers.MetricWriter` s (a ``clu.metric_writers``
+        writer as is, W&B in a few lines).
+    """
+
+    directory: str | None = None
+    jsonl: bool = True
+    tensorboard: bool | None = None
+    writers: Sequence = ()
+
+    def __post_init__(self):
+        from meshscale.observe.writers import MetricWriter
+
+        object.__setattr__(self, "writers", tuple(self.writers))
+        for writer in self.writers:
+            if not isinstance(writer, MetricWriter):
+                raise InvalidArgument(f"MetricsPolicy.writers: {writer!r} is not a "
+                                      "MetricWriter (write_scalars, write_texts, flush, close)")
+        if self.tensorboard not in (None, True, False):
+            raise InvalidArgument(f"MetricsPolicy.tensorboard must be None, True or False, "
+                                  f"got {self.tensorboard!r}")
+        if self.directory is not None and "://" in str(self.directory):
+            raise InvalidArgument(f"MetricsPolicy.directory must be a local path, got "
+                                  f"{self.directory!r}: the JSONL record is appended line "
+                                  "by line")
 
 
 # -- the keyword form of meshscale 0.1 (deprecated) -----------------------------------

@@ -49,7 +49,8 @@ class NeverLoseWork:
                 "'rewind'", step=bad, checkpoint_step=latest)
         self._break_window()
         jax.tree.map(lambda x: x.delete(), state)  # garbage: make room for the restore
-        state = self.checkpointer.restore(self.shape, devices=self.devices)
+        with self.ledger.spend("restore"):
+            state = self.checkpointer.restore(self.shape, devices=self.devices)
         fallback = self.checkpointer.last_fallback
         self._step = fallback.restored_step if fallback else latest
         self._nonfinite, self._state = None, state
@@ -110,8 +111,9 @@ class NeverLoseWork:
             return
         start = time.perf_counter()
         try:
-            if not self.checkpointer.save(state, shape=self.shape, step=step):
-                return  # this step is on disk already (a damaged copy is replaced)
+            with self.ledger.spend("checkpoint"):
+                if not self.checkpointer.save(state, shape=self.shape, step=step):
+                    return  # this step is on disk already (a damaged copy is replaced)
         except NonFiniteStep:  # finite loss and gradients, yet nan/inf in the state
             self._nonfinite = step
             return

@@ -36,9 +36,23 @@ class StepRecord:
     num_devices: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A closed timing window: its steps, their fetched losses, the window's wall time
+    per step and samples/s, on which mesh."""
+
+    steps: list[int]
+    losses: list[float]
+    seconds: float
+    samples_per_second: float
+    mesh: str
+    num_devices: int
+
+
 @dataclasses.dataclass
 class Totals:
-    """Whole-run counters, kept however short the bounded history is."""
+    """Whole-run counters, kept however short the bounded history is. `goodput` is the
+    run's `meshscale.observe.goodput` summary (wall seconds, goodput, seconds per cause)."""
 
     steps: int = 0
     switches: int = 0
@@ -46,6 +60,7 @@ class Totals:
     checkpoints: int = 0
     seconds_per_mesh: dict[str, float] = dataclasses.field(default_factory=dict)
     steps_per_mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+    goodput: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -66,8 +81,9 @@ class StepLog:
     the step times of the newest `baseline_window` clean windows, and run totals."""
 
     def __init__(self, *, global_batch: int, timing_window: int, history_limit: int,
-                 baseline_window: int):
+                 baseline_window: int, on_window: Callable[[Window], None] | None = None):
         self.global_batch = global_batch
+        self.on_window = on_window  # told of every closed window (metrics)
         self.timing_window = timing_window
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=history_limit)
         self.recent: collections.deque[float] = collections.deque(maxlen=baseline_window)
@@ -124,6 +140,10 @@ class StepLog:
         t.seconds_per_mesh[window.mesh] = t.seconds_per_mesh.get(window.mesh, 0.0) \
             + seconds * len(losses)
         t.steps_per_mesh[window.mesh] = t.steps_per_mesh.get(window.mesh, 0) + len(losses)
+        if self.on_window is not None:
+            self.on_window(Window([step for step, _, _ in window.losses],
+                                  [float(x) for x in losses], seconds, sps, window.mesh,
+                                  window.num_devices))
         return _nonfinite(window.losses[window.checked:])
 
     def interrupt(self, quiet: Callable[[int], bool] = lambda activity: True) -> list[int]:

@@ -51,7 +51,8 @@ from meshscale.elastic import resources as resources_lib
 from meshscale.elastic.adapting import Adapting
 from meshscale.elastic.events import Event
 from meshscale.elastic.interrupts import Interrupts
-from meshscale.elastic.options import CheckpointPolicy, SwitchPolicy
+from meshscale.elastic.options import CheckpointPolicy, MetricsPolicy, SwitchPolicy
+from meshscale.elastic.run_metrics import RunMetrics
 from meshscale.elastic.safety import NeverLoseWork, state_deleted
 from meshscale.elastic.steplog import StepLog, StepRecord
 from meshscale.errors import (
@@ -60,6 +61,7 @@ from meshscale.errors import (
 )
 from meshscale.layout.mesh import MeshShape
 from meshscale.model.contract import Batch
+from meshscale.observe.goodput import PRODUCTIVE, Ledger
 from meshscale.planning.precompile import Precompiler, resolve_mode
 from meshscale.planning.space import SearchSpace
 from meshscale.runtime import distributed
@@ -97,6 +99,8 @@ class ElasticTrainer(NeverLoseWork, Adapting):
       switching: when to look for a better mesh and when to move (`SwitchPolicy`).
       checkpoints: what reaches disk and when; non-finite steps; signals
         (`CheckpointPolicy`).
+      metrics: where per-window metrics and events are written (`MetricsPolicy`; by
+        default ``metrics.jsonl`` and TensorBoard files in `checkpoint_dir`).
       on_event: called with every event as it happens (the CLI prints them); on process 0
         only when the job has several processes.
 
@@ -110,12 +114,15 @@ class ElasticTrainer(NeverLoseWork, Adapting):
                  space: SearchSpace | None = None, timing: Timing | None = None,
                  switching: SwitchPolicy | None = None,
                  checkpoints: CheckpointPolicy | None = None,
+                 metrics: MetricsPolicy | None = None,
                  on_event: Callable[[Event], None] | None = None, **legacy):
         if legacy_args or legacy or not isinstance(trainer, Trainer):
             self.__init__(**_from_old_form(trainer, legacy_args, legacy, checkpoint_dir,
                                            resources, on_event, space, timing, switching,
-                                           checkpoints))
+                                           checkpoints, metrics))
             return
+        # Where every second goes (goodput), from the process start on: built first.
+        self.ledger = Ledger()
         space, timing = space or SearchSpace(), timing or Timing()
         self.switching, self.checkpoints = switching or SwitchPolicy(), \
             checkpoints or CheckpointPolicy()
@@ -142,6 +149,8 @@ class ElasticTrainer(NeverLoseWork, Adapting):
                 enable_persistent_cache(self.checkpoint_dir / "jax_cache")
             self.checkpointer = Checkpointer(self.checkpoint_dir / "state", self.trainer,
                                              max_to_keep=self.checkpoints.max_to_keep)
+            self.run_metrics = RunMetrics(metrics or MetricsPolicy(), self.checkpoint_dir,
+                                          self.ledger)
         except BaseException:
             self.run_lock.release()
             raise
@@ -160,8 +169,8 @@ class ElasticTrainer(NeverLoseWork, Adapting):
             maxlen=timing.history_limit)
         self.step_log = StepLog(global_batch=trainer.global_batch, timing_window=timing.window,
                                 history_limit=timing.history_limit,
-                                baseline_window=timing.baseline_steps)
-        self.totals = self.step_log.totals
+                                baseline_window=timing.baseline_steps,
+                                on_window=self.run_metrics.window)
         self._step = 0  # the step counter on the host: reading state.step would sync
         self._stepped = False  # events before the first step carry no step number
         self._closed = False
@@ -181,9 +190,16 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         if kind in _COUNTED:
             setattr(self.totals, _COUNTED[kind], getattr(self.totals, _COUNTED[kind]) + 1)
         log.info("%s %s", kind.kind, {k: v for k, v in data.items() if k != "decision"})
+        self.run_metrics.event(event, self._step)
         if self.on_event is not None and distributed.is_main():
             self.on_event(event)
         return event
+
+    @property
+    def totals(self):
+        """Whole-run counters and goodput (`meshscale.elastic.steplog.Totals`)."""
+        self.step_log.totals.goodput = self.ledger.snapshot()
+        return self.step_log.totals
 
     # -- start-up ---------------------------------------------------------------------
     def init(self, example_batch: Batch) -> TrainState:
@@ -198,7 +214,8 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         staging = self._staging_shape(devices)
         latest = self.checkpointer.latest_step()
         if latest is not None:
-            state = self.checkpointer.restore(staging, devices=devices)
+            with self.ledger.spend("restore"):
+                state = self.checkpointer.restore(staging, devices=devices)
             self._step = int(state.step)  # once, at start-up
             self._emit(events.Resume, checkpoint_step=self._step, num_devices=len(devices))
         else:
@@ -217,6 +234,7 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         self._state = state
         if self.interrupts is not None:
             self.interrupts.install()
+        self.ledger.set_base(PRODUCTIVE)  # from here on the loop trains
         return state
 
     # -- the loop ---------------------------------------------------------------------
@@ -300,7 +318,8 @@ class ElasticTrainer(NeverLoseWork, Adapting):
     def wait(self) -> None:
         """Wait for the steps in flight and for every checkpoint being written."""
         self.flush()
-        self.checkpointer.wait()
+        with self.ledger.spend("checkpoint"):
+            self.checkpointer.wait()
 
     def close(self) -> None:
         """Finish: record the steps in flight, save the last step (unless it is on disk,
@@ -322,9 +341,11 @@ class ElasticTrainer(NeverLoseWork, Adapting):
             elif self._nonfinite is not None:
                 log.warning("step %d was not finite: the last step is not saved",
                             self._nonfinite)
-            self.checkpointer.close()  # waits; raises for a failed write
+            with self.ledger.spend("checkpoint"):
+                self.checkpointer.close()  # waits; raises for a failed write
         finally:
             self._state = None
+            self.step_log.totals.goodput = self.run_metrics.close(self._step)
             if self.precompiler is not None:
                 self.precompiler.close()
             if self.interrupts is not None:

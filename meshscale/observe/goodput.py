@@ -1,0 +1,145 @@
+"""Goodput: where every second of a run went.
+
+An elastic job's headline number is the share of its wall time that trained the model.
+`Ledger` charges every second since the process started to exactly one cause: one clock,
+a stack of causes, the innermost charged (a checkpoint written during a switch is
+checkpoint time, not switch time), so the causes add up to the wall time by
+construction and nothing is counted twice. Causes:
+
+- ``productive``: training steps (the loop between its steps included: the step is
+  dispatched asynchronously, so the device works while the host prepares the next batch);
+- ``retrained``: steps trained again after a restart (their step number was reached
+  before, by an attempt that died before saving it);
+- ``startup``: process start, imports, JAX initialisation, building the model and the
+  first state (read from the OS: the time before `Ledger` existed counts);
+- ``restore``: reading a checkpoint back (on resume and after a non-finite step);
+- ``checkpoint``: the blocking part of saves and waits for writes;
+- ``search_compile`` / ``search_tryrun``: compiling and timing candidate meshes;
+- ``switch``: moving the state onto a new mesh and compiling its step;
+- ``idle``: the loop waiting for devices or for the user's schedule
+  (``with ledger.spend("idle"):``); user code may name its own causes the same way.
+
+`combine` sums the ledgers of the attempts of one run (a Ray restart or a resumed job is a
+new process with its own ledger): the time between one attempt's last record and the
+next attempt's process start is ``between_attempts``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+
+PRODUCTIVE = "productive"
+CAUSES = (PRODUCTIVE, "retrained", "startup", "restore", "checkpoint", "search_compile",
+          "search_tryrun", "switch", "idle")
+BETWEEN_ATTEMPTS = "between_attempts"
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Ledger:
+    """Charges the time since `started` to one cause at a time.
+
+    Args:
+      base: the cause charged when no `spend` is open (``startup`` until the loop trains).
+      age: seconds the process ran before this ledger (charged to ``startup``); default:
+        read from the OS.
+      clock: a monotonic clock (tests inject one).
+    """
+
+    def __init__(self, base: str = "startup", *, age: float | None = None,
+                 clock=time.monotonic):
+        self._clock = clock
+        self._mark = clock()
+        age = process_age() if age is None else age
+        self.started = self._mark - (age or 0.0)  # on `clock`
+        self.started_at = time.time() - (age or 0.0)  # wall clock: for combining attempts
+        self._seconds: dict[str, float] = {"startup": age or 0.0}
+        self._stack = [base]
+
+    def _settle(self) -> None:
+        now = self._clock()
+        cause = self._stack[-1]
+        self._seconds[cause] = self._seconds.get(cause, 0.0) + now - self._mark
+        self._mark = now
+
+    @contextlib.contextmanager
+    def spend(self, cause: str) -> Iterator[None]:
+        """Charge the time inside the block to `cause` (nested: the innermost)."""
+        self._settle()
+        self._stack.append(cause)
+        try:
+            yield
+        finally:
+            self._settle()
+            self._stack.pop()
+
+    def set_base(self, cause: str) -> None:
+        """From now on charge time outside any `spend` to `cause`."""
+        self._settle()
+        self._stack[0] = cause
+
+    def move(self, seconds: float, source: str, target: str) -> None:
+        """Re-charge up to `seconds` already charged to `source` to `target` (a search's
+        compile share, a window's retrained steps)."""
+        self._settle()
+        moved = max(0.0, min(seconds, self._seconds.get(source, 0.0)))
+        self._seconds[source] = self._seconds.get(source, 0.0) - moved
+        self._seconds[target] = self._seconds.get(target, 0.0) + moved
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per cause so far (the open cause charged up to now)."""
+        self._settle()
+        return {c: s for c, s in self._seconds.items() if s > 0 or c == PRODUCTIVE}
+
+    def snapshot(self) -> dict:
+        """The JSON form: wall seconds, goodput, seconds per cause."""
+        return summary(self.seconds)
+
+
+def summary(seconds: Mapping[str, float]) -> dict:
+    """wall = the sum of the causes; goodput = productive / wall; badput by cause."""
+    wall = sum(seconds.values())
+    good = seconds.get(PRODUCTIVE, 0.0)
+    return {"wall_seconds": wall, "goodput": good / wall if wall > 0 else 0.0,
+            "seconds": dict(sorted(seconds.items(), key=lambda kv: -kv[1]))}
+
+
+def combine(attempts: Iterable[Mapping]) -> dict:
+    """One run's goodput from its attempts' last snapshots, in time order; each a mapping
+    with ``started_at`` (wall clock of the process start), ``time`` (when the snapshot
+    was taken) and ``goodput`` (a `snapshot`). The gap between an attempt's last snapshot
+    and the next one's process start (a crash, a restart, waiting for capacity) is
+    charged to ``between_attempts``."""
+    total: dict[str, float] = {}
+    attempts = sorted(attempts, key=lambda a: a["started_at"])
+    for i, attempt in enumerate(attempts):
+        for cause, s in attempt["goodput"]["seconds"].items():
+            total[cause] = total.get(cause, 0.0) + s
+        if i + 1 < len(attempts):
+            gap = attempts[i + 1]["started_at"] - attempt["time"]
+            total[BETWEEN_ATTEMPTS] = total.get(BETWEEN_ATTEMPTS, 0.0) + max(0.0, gap)
+    return {**summary(total), "attempts": len(attempts)}
+
+
+def of_run(records: Iterable[Mapping]) -> dict:
+    """One run's goodput from its ``metrics.jsonl`` records: every attempt's last snapshot
+    (an attempt: one process, named by its pid and start time), `combine` d."""
+    last: dict[tuple, Mapping] = {}
+    for record in records:
+        if "goodput" in record and "started_at" in record:
+            last[(record.get("attempt"), round(record["started_at"], 1))] = record
+    return combine(last.values())
