@@ -4,6 +4,7 @@ The public surface is re-exported here; implementation lives in one module per c
 (see the module map in the README).
 """
 
+from meshscale import _logging  # noqa: F401 (first: orbax must not configure logging)
 from meshscale.elastic import resources
 from meshscale.elastic.options import CheckpointPolicy, MetricsPolicy, SwitchPolicy
 from meshscale.elastic.trainer import ElasticTrainer
