@@ -48,20 +48,26 @@ class DemoConfig:
     state_sharding: str = "zero1"
 
 
-def parse_schedule(text: str, *, max_devices: int) -> list[tuple[int, int]]:
-    """"4@0,8@80" -> [(0, 4), (80, 8)]: (step, devices) sorted by step, starting at 0."""
+def parse_schedule(text: str, *, max_devices: int, noun: str = "devices",
+                   example: str = DEFAULT_SCHEDULE,
+                   limit: str = "raise --devices") -> list[tuple[int, int]]:
+    """"4@0,8@80" -> [(0, 4), (80, 8)]: (step, count) sorted by step, starting at 0.
+
+    `noun` is what is counted (ray-demo schedules "workers"), `example` a valid schedule
+    and `limit` how to allow more than `max_devices`; the errors speak of them."""
     try:
         pairs = sorted((int(step), int(count)) for count, step in
                        (item.strip().split("@") for item in text.split(",") if item.strip()))
     except ValueError as e:
-        raise ValueError(f"bad --schedule {text!r}: write DEVICES@STEP,... e.g. "
-                         f"{DEFAULT_SCHEDULE}") from e
+        raise ValueError(f"bad --schedule {text!r}: write {noun.upper()}@STEP,... e.g. "
+                         f"{example}") from e
     if not pairs or pairs[0][0] != 0:
-        raise ValueError(f"bad --schedule {text!r}: the first entry must be at step 0 (N@0)")
+        raise ValueError(f"bad --schedule {text!r}: the first entry must be at step 0 (N@0: "
+                         f"{noun} at the start)")
     for _, count in pairs:
         if not 1 <= count <= max_devices:
-            raise ValueError(f"bad --schedule {text!r}: {count} devices is outside 1..{max_devices}"
-                             f" (raise --devices)")
+            raise ValueError(f"bad --schedule {text!r}: {count} {noun} is outside "
+                             f"1..{max_devices} ({limit})")
     return pairs
 
 
@@ -79,16 +85,15 @@ def run(cfg: DemoConfig) -> dict:
     how to resume, and is raised again.
     """
     import jax
-    from rich.console import Console
 
-    from meshscale.app import report
+    from meshscale.app import report, terminal
     from meshscale.app import run_dir as run_dirs
     from meshscale.elastic.resources import FileSource
     from meshscale.errors import Interrupted
     from meshscale.models import registry
     from meshscale.training.compile_cache import enable_persistent_cache
 
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = terminal.console()
     schedule = parse_schedule(cfg.schedule, max_devices=min(cfg.devices, jax.device_count()))
     planned = run_dirs.plan(cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     model, batch_fn = registry.build(cfg.model, cfg.seed)  # before anything is written
@@ -102,7 +107,7 @@ def run(cfg: DemoConfig) -> dict:
     device_file = os.path.join(cfg.run_dir, "devices.txt")
     FileSource.write(device_file, devices_at(schedule, 0))
     pending: dict = {}
-    on_event = _event_printer(console, pending)
+    on_event = _event_printer(console, pending, check_every=cfg.check_every)
 
     elastic = elastic_trainer(cfg, model, FileSource(device_file), on_event=on_event)
     if cfg.resume:  # the devices the schedule grants at the step we resume from
@@ -171,18 +176,21 @@ def _train_loop(cfg, console, elastic, state, first, schedule, device_file, batc
     return state
 
 
-def _event_printer(console, pending: dict):
+def _event_printer(console, pending: dict, *, check_every: int | None = None):
     """`on_event` for the demo: try-run tables and decisions as they happen; a
     checkpoint event also writes the report (``pending["save"]``), so the record on disk
     is never behind the checkpoint."""
-    from meshscale.app import report
+    from meshscale.app import report, terminal
     from meshscale.elastic import events
 
     def on_event(event: events.Event):
         if isinstance(event, events.Search):
             pending["search"] = event
             console.print(report.tryrun_table(report.to_plain(event.decision),
-                                              title=f"try-runs on {event.num_devices} devices"))
+                                              title=terminal.search_title(event)))
+            if event.decision.ruled_out:  # e.g. a --batch no data axis divides
+                console.print(terminal.ruled_out_line(event.decision), markup=False,
+                              highlight=False)
             if not event.decision.switch:
                 console.print(report.decision_words(report.to_plain(event)))
         elif isinstance(event, events.Switch) and "search" in pending:
@@ -191,9 +199,7 @@ def _event_printer(console, pending: dict):
         elif isinstance(event, events.Checkpoint) and "save" in pending:
             pending["save"]()
         elif isinstance(event, events.DevicesChanged | events.Resume):
-            console.print(f"[bold]{event.kind.replace('_', ' ')}[/]: "
-                          + ", ".join(f"{k}={v}" for k, v in event.as_dict().items()
-                                      if k not in ("event", "time", "device_ids")))
+            console.print(terminal.event_line(event, check_every=check_every))
 
     return on_event
 

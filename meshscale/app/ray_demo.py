@@ -46,6 +46,7 @@ class RayDemoConfig:
     seed: int = 0
     global_batch: int = 24
     checkpoint_every: int = 10
+    state_sharding: str = "zero1"
     learning_rate: float = 3e-3
     timeout: float = 300.0  # seconds one phase (a restart, a stretch of steps) may take
     overwrite: bool = False  # move an existing run_dir aside to run_dir.old-N first
@@ -55,7 +56,8 @@ def parse_schedule(text: str, *, max_workers: int = 8) -> list[tuple[int, int]]:
     """"1@0,3@30" -> [(0, 1), (30, 3)]: (step, workers), sorted, starting at step 0."""
     from meshscale.app.demo import parse_schedule as parse
 
-    return parse(text, max_devices=max_workers)
+    return parse(text, max_devices=max_workers, noun="workers", example=DEFAULT_SCHEDULE,
+                 limit=f"at most {max_workers} workers")
 
 
 def loop(config: dict) -> None:
@@ -69,6 +71,8 @@ def loop(config: dict) -> None:
     from meshscale.models import registry
 
     run = Path(config["run_dir"])
+    if config.get("import_dir") and config["import_dir"] not in sys.path:
+        sys.path.insert(0, config["import_dir"])  # --model module:factory, as the driver
     model, batch_fn = registry.build(config["model"], config["seed"])
     record = ProgressLog(run)
 
@@ -80,7 +84,8 @@ def loop(config: dict) -> None:
 
     elastic = ms.ElasticTrainer(
         ms.Trainer(model, optax.adam(config["learning_rate"]),
-                   global_batch=config["global_batch"]),
+                   global_batch=config["global_batch"],
+                   state_sharding=config.get("state_sharding", "fsdp")),
         checkpoint_dir=config["checkpoint_dir"], resources=resources.Static(jax.device_count()),
         space=ms.SearchSpace(p_min=config["p_min"]), timing=ms.Timing(warmup=1, steps=2),
         switching=ms.SwitchPolicy(check_every=10**9, total_steps=config["steps"]),
@@ -135,10 +140,10 @@ def wait_until_allowed(run: Path, step: int) -> None:
 
 def run(cfg: RayDemoConfig) -> list[dict]:
     """Run the demo; returns one summary row per attempt (also printed)."""
-    from rich.console import Console
     from rich.table import Table
 
     from meshscale.app import run_dir as run_dirs
+    from meshscale.app import terminal
     from meshscale.integrations import ray as meshscale_ray
 
     meshscale_ray.require_ray()
@@ -146,7 +151,7 @@ def run(cfg: RayDemoConfig) -> list[dict]:
     from ray.cluster_utils import Cluster
 
     schedule = parse_schedule(cfg.schedule)
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = terminal.console()
     # no --resume here: the driver's schedule and progress file start at step 0
     moved = run_dirs.take(run_dirs.plan(cfg.run_dir, resume=None, overwrite=cfg.overwrite))
     if moved is not None:
@@ -165,7 +170,8 @@ def run(cfg: RayDemoConfig) -> list[dict]:
                 w for _, w in schedule)), resources_per_worker={SLOT: 1},
             cpu_devices_per_worker=cfg.devices_per_worker, resize_interval_s=1.0,
             max_failures=2 * len(schedule),  # a node removed counts as a failure
-            config={**dataclasses.asdict(cfg), "run_dir": str(run_dir)})
+            config={**dataclasses.asdict(cfg), "run_dir": str(run_dir),
+                    "import_dir": os.getcwd()})
         outcome: dict = {}
         fit = threading.Thread(target=lambda: _fit(trainer, outcome), daemon=True)
         fit.start()
@@ -256,7 +262,7 @@ class _Watcher:
             self.lines += [json.loads(x) for x in complete[len(self.lines):]]
 
     def _print(self, line: dict) -> None:
-        from meshscale.app import report
+        from meshscale.app import report, terminal
 
         kind = line["event"]
         if kind in ("start", "resume"):
@@ -266,8 +272,8 @@ class _Watcher:
                                f"{line['devices']} devices: {what}")
         elif kind == "search":
             self._pending_search = line
-            self.console.print(report.tryrun_table(line["decision"], title=(
-                f"try-runs on {line['num_devices']} devices")))
+            self.console.print(report.tryrun_table(line["decision"],
+                                                   title=terminal.search_title(line)))
         elif kind == "switch" and self._pending_search is not None:
             self.console.print(report.decision_words(self._pending_search, line))
             self._pending_search = None

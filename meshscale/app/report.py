@@ -208,14 +208,16 @@ def summary_table(data: dict) -> Table:
 def print_history(elastic_or_data, console: Console | None = None) -> None:
     """Every search with its try-run table and decision, then the summary."""
     data = elastic_or_data if isinstance(elastic_or_data, dict) else run_data(elastic_or_data)
-    console = console or Console()
+    from meshscale.app import terminal
+
+    console = console or terminal.console()
     events = data["events"]
     for i, e in enumerate(events):
         if e["event"] != "search":
             continue
         switch = next((x for x in events[i + 1:] if x["event"] in ("switch", "search")), None)
         switch = switch if switch and switch["event"] == "switch" else None
-        console.print(tryrun_table(e["decision"], title=f"search at step {e.get('step')}",
+        console.print(tryrun_table(e["decision"], title=terminal.search_title(e),
                                    chosen=chosen_after(events, i)))
         console.print(decision_words(e, switch))
     console.print(summary_table(data))

@@ -5,35 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshscale.app.commands.options import add_run_options, positive
-from meshscale.models import registry
+from meshscale.app.commands.options import DEFAULTS, add_model_options, add_run_options, positive
 from meshscale.runtime.simulated import device_environment
-
-TOO_SLOW_FOR_THE_DEMO = ("gpt-small",)  # hundreds of steps on simulated CPU devices
 
 
 def add(subparsers) -> None:
-    from meshscale.app.demo import DEFAULT_SCHEDULE, DemoConfig
-    from meshscale.layout.sharding import STATE_SHARDINGS
+    from meshscale.app.demo import DemoConfig
 
     d = DemoConfig()
     p = subparsers.add_parser(
         "demo", help="train a GPT on stdlib text while the device count changes",
         description="An ordinary ElasticTrainer run on simulated CPU devices, driven by a "
                     "device file the demo rewrites on --schedule; writes RUN_DIR/report.json "
-                    "and RUN_DIR/report.png.")
-    add_run_options(p, d, schedule_help=f"DEVICES@STEP,... (default {DEFAULT_SCHEDULE})")
-    p.add_argument("--devices", type=positive, default=d.devices,
-                   help="simulated CPU devices in the pool (default 8)")
-    p.add_argument("--model", default=d.model,
-                   choices=[n for n in registry.NAMES if n not in TOO_SLOW_FOR_THE_DEMO])
-    p.add_argument("--state-sharding", choices=STATE_SHARDINGS,
-                   default=d.state_sharding, help="where parameters and optimizer state live")
+                    "and RUN_DIR/report.png. Ctrl-C saves the step and prints the command "
+                    "that resumes it.")
+    add_run_options(p, d, schedule_help="device counts over the run, DEVICES@STEP,...")
+    add_model_options(p)
+    p.add_argument("--devices", type=positive, default=DEFAULTS.devices,
+                   help="simulated CPU devices in the pool (the most --schedule may grant)")
     p.add_argument("--check-every", type=positive, default=d.check_every,
-                   help="poll the device file every this many steps")
+                   help="poll the device file every this many steps (a change is seen at "
+                        "the next poll)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in RUN_DIR from its last checkpoint (default: off; "
-                        "refused when RUN_DIR holds no checkpoint)")
+                   help="continue the run in RUN_DIR from its last checkpoint (refused when "
+                        "RUN_DIR holds no checkpoint)")
     p.set_defaults(run=run)
 
 

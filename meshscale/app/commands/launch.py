@@ -15,11 +15,15 @@ def add(subparsers) -> None:
                     "job on this machine (loopback coordinator, simulated CPU devices, gloo "
                     "collectives); the script calls meshscale.runtime.distributed.initialize(). "
                     "Output is prefixed [pK]; if one process fails the others are stopped.")
-    p.add_argument("--processes", type=positive, default=2)
-    p.add_argument("--devices-per-process", type=positive, default=4)
-    p.add_argument("--timeout", type=float, default=None, help="seconds before all are stopped")
-    p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SCRIPT ARGS")
+    p.add_argument("--processes", type=positive, default=2, help="JAX processes to start")
+    p.add_argument("--devices-per-process", type=positive, default=4,
+                   help="simulated CPU devices each process sees")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds before all are stopped (default: no limit)")
+    p.add_argument("--port", type=int, default=None,
+                   help="coordinator port (default: a free one)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SCRIPT ARGS",
+                   help="the script every process runs, and its arguments")
     p.set_defaults(run=run)
 
 

@@ -10,7 +10,7 @@ def add(subparsers) -> None:
     p = subparsers.add_parser("report", help="re-render a run's tables and report.png",
                               description="Re-render RUN_DIR/report.png and the terminal "
                                           "tables from RUN_DIR/report.json.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory holding report.json (e.g. runs/demo)")
     p.set_defaults(run=run)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-from meshscale.app.commands.options import positive
+from meshscale.app.commands.options import DEFAULTS, add_model_options, positive
 from meshscale.models import registry
 from meshscale.runtime.simulated import device_environment
 
@@ -24,14 +23,6 @@ def take_devices(count: int | None):
             f"asked for {count} devices, the {jax.default_backend()} backend has "
             f"{len(devices)}: lower --devices (or use --platform cpu to simulate them)")
     return devices[:count] if count else devices
-
-
-def _model(text: str) -> str:
-    if text in registry.NAMES or ":" in text:
-        return text
-    raise argparse.ArgumentTypeError(
-        f"--model takes one of {', '.join(registry.NAMES)} or package.module:factory, "
-        f"got {text!r}")
 
 
 def build_model(name: str, seed: int):
@@ -66,93 +57,80 @@ def _counts(flag: str, example: str):
 
 
 def add(subparsers) -> None:
-    from meshscale.layout.sharding import STATE_SHARDINGS
     from meshscale.training.timing import Timing
 
     timing = Timing()
     p = subparsers.add_parser(
         "search", help="try-run every candidate mesh and say which trains fastest",
         description="Try-run every candidate mesh for a model on N devices (simulated CPU "
-                    "devices by default) and decide whether switching to the best pays.")
-    p.add_argument("--model", type=_model, default="gpt-tiny",
-                   help=f"{', '.join(registry.NAMES)}, or package.module:factory "
-                        "(your own model)")
-    p.add_argument("--devices", type=int, default=8, help="devices to use (default 8)")
+                    "devices by default) and decide whether switching to the best pays; "
+                    "say which meshes the rule left out and why.")
+    add_model_options(p, p_min_type=_p_min,
+                      p_min_help=", or auto: the fewest whose compiled step fits "
+                                 "--device-memory")
+    p.add_argument("--devices", type=positive, default=DEFAULTS.devices, help="devices to use")
     p.add_argument("--platform", choices=("cpu", "auto"), default="cpu",
                    help="cpu: simulate --devices CPU devices; auto: JAX's own devices")
-    p.add_argument("--p-min", type=_p_min, default=1,
-                   help="fewest pipeline stages, or 'auto' (needs a memory budget)")
     p.add_argument("--device-memory", default=None,
-                   help="per-device memory budget, e.g. 2GiB (CPU reports none)")
-    p.add_argument("--batch", type=int, default=32, help="global batch (fixed across meshes)")
+                   help="per-device memory budget, e.g. 2GiB; meshes over it are skipped "
+                        "unrun (default: the backend's limit; CPU reports none)")
     p.add_argument("--current", default=None,
-                   help="the running mesh, e.g. 2x2/m2: its baseline is measured first")
-    p.add_argument("--max-pipe", type=int, default=None)
+                   help="the running mesh, e.g. 2x2/m2: its baseline is measured first "
+                        "(default: none, the start-up rule: run the fastest)")
+    p.add_argument("--max-pipe", type=positive, default=None,
+                   help="most pipeline stages to try (default: no bound but the devices "
+                        "and layers)")
     p.add_argument("--microbatches", type=_counts("--microbatches", "2,4,8"), default=None,
-                   help="auto (one count per mesh), all (near p, 2p, 4p) or a list like 2,4")
+                   help="auto (one count per mesh), all (near p, 2p, 4p) or a list like 2,4 "
+                        "(default: auto)")
     p.add_argument("--repeats", type=_counts("--repeats", "1,2"), default=None,
                    help="circular-schedule rounds: auto (1: plain GPipe), all (1, 2, 4) or "
-                        "a list like 1,2")
-    p.add_argument("--warmup", type=int, default=timing.warmup)
-    p.add_argument("--steps", type=int, default=timing.steps, help="timed steps per try-run")
-    p.add_argument("--threshold", type=float, default=0.05)
-    p.add_argument("--eps", type=float, default=0.05)
-    p.add_argument("--remaining-steps", type=int, default=None)
-    p.add_argument("--switch-cost", type=float, default=None, help="seconds a switch costs")
+                        "a list like 1,2 (default: auto)")
+    p.add_argument("--warmup", type=int, default=timing.warmup,
+                   help="untimed steps per try-run after it compiles")
+    p.add_argument("--steps", type=positive, default=timing.steps, help="timed steps per try-run")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="switch only when the best beats the current mesh by more than this "
+                        "fraction")
+    p.add_argument("--eps", type=float, default=0.05,
+                   help="maximum useful devices: the fewest within this fraction of the best "
+                        "samples/s")
+    p.add_argument("--remaining-steps", type=positive, default=None,
+                   help="steps left to train; with --switch-cost a switch must pay for itself "
+                        "(default: unknown, no payback test)")
+    p.add_argument("--switch-cost", type=float, default=None,
+                   help="seconds a switch costs (default: unknown, no payback test)")
     p.add_argument("--run-dir", default=None,
-                   help="JAX's persistent compilation cache goes to RUN_DIR/jax_cache")
-    p.add_argument("--json", dest="json_path", default=None, help="also write the result here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--state-sharding", choices=STATE_SHARDINGS, default="fsdp",
-                   help="where parameters and optimizer state live besides their stage")
+                   help="JAX's persistent compilation cache goes to RUN_DIR/jax_cache "
+                        "(default: none, every compile is fresh)")
+    p.add_argument("--json", dest="json_path", default=None,
+                   help="also write the result to this file (default: none)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with device_environment(args.devices, args.platform):
-        import optax
-        from rich.console import Console
-
-        from meshscale import SearchSpace, Timing, Trainer, search
-        from meshscale.app import report
-        from meshscale.layout.mesh import MeshShape
+        from meshscale.app import report, terminal
         from meshscale.planning.memory import format_bytes, memory_budget, resolve_p_min
-        from meshscale.planning.space import candidates, require_devices
+        from meshscale.planning.space import require_devices
 
-        console = Console(width=None if sys.stdout.isatty() else 120)
+        console = terminal.console()
         devices = take_devices(args.devices)
         if args.p_min != "auto":
             require_devices(len(devices), args.p_min)  # before the slow part
-        model, batch_fn = build_model(args.model, args.seed)
-        trainer = Trainer(model, optax.adam(1e-3), global_batch=args.batch,
-                          state_sharding=args.state_sharding)
-        batches = [batch_fn(args.batch, i) for i in range(args.warmup + args.steps)]
+        trainer, batches = _trainer_and_batches(args)
         budget = memory_budget(devices, args.device_memory)
-        cache_dir = os.path.join(args.run_dir, "jax_cache") if args.run_dir else None
         p_min = resolve_p_min(trainer, devices, args.p_min, budget)
-        current = MeshShape.parse(args.current) if args.current else None
-        if current is not None:
-            state, baseline = measure_baseline(trainer, batches, current, devices,
-                                               warmup=args.warmup, steps=args.steps)
-        else:  # start-up: the live state sits on the first candidate mesh
-            first = candidates(len(devices), p_min=p_min, num_layers=trainer.num_layers,
-                               global_batch=args.batch, max_pipe=args.max_pipe)
-            state = trainer.init_state(first[0].shape if first else MeshShape(1, 1), devices)
-            baseline = None
-        space = SearchSpace(p_min=p_min, max_pipe=args.max_pipe, microbatches=args.microbatches,
-                            repeats=args.repeats, memory_budget=budget)
         start = time.perf_counter()
-        decision = search(
-            trainer, state, batches, devices, space=space,
-            timing=Timing(warmup=args.warmup, steps=args.steps), baseline=baseline,
-            threshold=args.threshold, current=current, remaining_steps=args.remaining_steps,
-            switch_cost=args.switch_cost, eps=args.eps, compile_cache_dir=cache_dir)
+        decision = _search(args, console, trainer, batches, devices, p_min, budget)
         seconds = time.perf_counter() - start
         title = (f"meshscale search: {args.model}, {len(devices)} devices, batch {args.batch}, "
                  f"p_min {p_min}, budget {format_bytes(budget)}")
         console.print(report.tryrun_table(report.to_plain(decision), title=title))
         words = describe(decision, len(devices), eps=args.eps)
-        console.print(words)
+        (print if terminal.quiet() else console.print)(words)  # -q: the result alone
+        for line in ruled_out_lines(decision):
+            console.print(line, markup=False, highlight=False)
         console.print(f"search took {seconds:.1f} s")
         if args.json_path:
             report.write_json(report.to_plain({
@@ -164,6 +142,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_and_batches(args: argparse.Namespace):
+    """The command's `Trainer` and the host batches its try-runs cycle through."""
+    import optax
+
+    from meshscale import Trainer
+
+    model, batch_fn = build_model(args.model, args.seed)
+    trainer = Trainer(model, optax.adam(1e-3), global_batch=args.batch,
+                      state_sharding=args.state_sharding)
+    return trainer, [batch_fn(args.batch, i) for i in range(args.warmup + args.steps)]
+
+
+def _search(args: argparse.Namespace, console, trainer, batches, devices, p_min, budget):
+    """The search itself, with a progress bar per try-run (none under -q)."""
+    from meshscale import SearchSpace, Timing, search
+    from meshscale.app import terminal
+    from meshscale.layout.mesh import MeshShape
+    from meshscale.planning.space import candidates
+
+    current = MeshShape.parse(args.current) if args.current else None
+    if current is not None:
+        state, baseline = measure_baseline(trainer, batches, current, devices,
+                                           warmup=args.warmup, steps=args.steps)
+    else:  # start-up: the live state sits on the first candidate mesh
+        first = candidates(len(devices), p_min=p_min, num_layers=trainer.num_layers,
+                           global_batch=args.batch, max_pipe=args.max_pipe)
+        state = trainer.init_state(first[0].shape if first else MeshShape(1, 1), devices)
+        baseline = None
+    space = SearchSpace(p_min=p_min, max_pipe=args.max_pipe, microbatches=args.microbatches,
+                        repeats=args.repeats, memory_budget=budget)
+    bar = None if terminal.quiet() else terminal.TryRunBar(console)
+    try:
+        return search(
+            trainer, state, batches, devices, space=space,
+            timing=Timing(warmup=args.warmup, steps=args.steps), baseline=baseline,
+            threshold=args.threshold, current=current, remaining_steps=args.remaining_steps,
+            switch_cost=args.switch_cost, eps=args.eps, progress=bar,
+            compile_cache_dir=os.path.join(args.run_dir, "jax_cache") if args.run_dir else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def describe(decision, num_devices: int, *, eps: float) -> str:
     """The decision in words: what to do, why, and how many devices are worth keeping."""
     words = f"{num_devices} devices: {decision.reason}"
@@ -171,6 +192,14 @@ def describe(decision, num_devices: int, *, eps: float) -> str:
         words += (f". Maximum useful devices: {decision.max_useful_devices} of {num_devices} "
                   f"(the fewest within {eps:.0%} of the best samples/s)")
     return words + "."
+
+
+def ruled_out_lines(decision) -> list[str]:
+    """Why meshes were not tried (the rule) or did not run (memory, failures), one line
+    each, under a heading; empty when every candidate ran and nothing was ruled out."""
+    lines = [f"  {w}" for w in decision.ruled_out]
+    lines += [f"  {r.shape}: {r.status}" for r in decision.results if not r.ok]
+    return ["ruled out:", *lines] if lines else []
 
 
 def measure_baseline(trainer, batches, shape, devices, *, warmup: int, steps: int):
