@@ -50,3 +50,106 @@ def test_the_mesh_drawn_as_chosen_is_the_one_the_job_ran_on():
     assert styles == ["bold green", None]
     styles = [row.style for row in tryrun_table(moved["decision"], chosen="2x3/m4").rows]
     assert styles == [None, "bold green"]
+
+
+def demo_like_run() -> dict:
+    """report.json's form for a run that started on 4 devices, grew to 8 at step 40, was
+    restarted at step 60 and shrank to 3 at step 80 (windows of 10 steps)."""
+    meshes = {4: "2x2/m4", 8: "2x4/m4", 3: "3x1/m6"}
+    windows = []
+    for first in range(1, 121, 10):
+        n = 4 if first < 41 else 8 if first < 81 else 3
+        windows.append({"first_step": first, "step": first + 9, "num_devices": n,
+                        "losses": [5.0 / (first + k) for k in range(10)],
+                        "samples_per_second": 40.0 * n, "mesh": meshes[n]})
+    events = [{"event": "start", "step": None, "num_devices": 4},
+              {"event": "switch", "step": None, "after": "2x2/m4", "reason": "start"},
+              {"event": "devices_changed", "step": 40, "before": 4, "after": 8},
+              {"event": "switch", "step": 40, "after": "2x4/m4", "reason": "faster"},
+              {"event": "resume", "step": 60, "checkpoint_step": 60, "num_devices": 8},
+              {"event": "switch", "step": 60, "after": "2x4/m4", "reason": "start"},
+              {"event": "devices_changed", "step": 80, "before": 8, "after": 3},
+              {"event": "switch", "step": 80, "after": "3x1/m6",
+               "reason": "forced: current mesh lost devices"}]
+    per_mesh = {"-": {"startup": 9.0, "between_attempts": 4.0},
+                "2x2/m4": {"productive": 20.0, "switch": 2.0, "search_compile": 5.0},
+                "2x4/m4": {"productive": 15.0, "checkpoint": 3.0, "retrained": 2.0,
+                           "restore": 1.0},
+                "3x1/m6": {"productive": 30.0, "switch": 1.0, "search_tryrun": 2.0}}
+    from meshscale.observe import goodput
+
+    total: dict[str, float] = {}
+    for causes in per_mesh.values():
+        for cause, seconds in causes.items():
+            total[cause] = total.get(cause, 0.0) + seconds
+    run = {**goodput.summary(total),
+           "per_mesh": {m: goodput.summary(c) for m, c in per_mesh.items()}}
+    return {"windows": windows, "events": events, "goodput": run, "steps": []}
+
+
+def test_every_switch_is_marked_with_its_reason():
+    from meshscale.app.picture import granted, switch_marks
+
+    run = demo_like_run()
+    assert switch_marks(run["events"]) == [
+        (0, "2x2/m4", "start-up"), (40, "2x4/m4", "4->8 devices"),
+        (60, "2x4/m4", "resume"), (80, "3x1/m6", "8->3 devices")]
+    assert granted(run["events"]) == [(0, 4), (40, 8), (60, 8), (80, 3)]
+
+
+def out_of_view(fig) -> set:
+    """Tick labels matplotlib keeps but does not draw: their tick is outside the axis."""
+    hidden = set()
+    for ax in fig.axes:
+        for axis, index in ((ax.xaxis, 0), (ax.yaxis, 1)):
+            low, high = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks():
+                if not low - 1e-9 <= tick.get_loc() <= high + 1e-9:
+                    hidden |= {tick.label1, tick.label2}
+    return hidden
+
+
+def test_report_png_labels_never_overlap_at_the_default_size(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from meshscale.app import picture
+
+    fig = picture.figure(demo_like_run())
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.get_size_inches() * picture.DPI
+        assert (width, height) == (880, 1040)
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()
+                 and t not in out_of_view(fig)]
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+        marks = [b for name, b in boxes if "(" in name and "/m" in name]
+        assert len(marks) == 4  # every switch is named
+        for box in marks:  # inside the picture
+            assert 0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height
+        overlapping = [(a, b) for i, (a, box_a) in enumerate(boxes)
+                       for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
+        assert not overlapping
+        titles = " ".join(ax.get_title() for ax in fig.axes)
+        assert "per timing window" in titles and "goodput 69% of 94 s" in titles
+    finally:
+        plt.close(fig)
+    assert picture.plot(demo_like_run(), str(tmp_path / "r.png")).endswith("r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_goodput_table_and_line_give_every_cause_for_the_run_and_per_mesh():
+    from meshscale.app.goodput_view import goodput_line, goodput_table
+
+    run = demo_like_run()["goodput"]
+    assert run["wall_seconds"] == 94.0
+    assert goodput_line(run) == (
+        "goodput 69% of 94.0 s; badput: startup 10%, search_compile 5%, between_attempts 4%, "
+        "switch 3%, checkpoint 3%, retrained 2%, search_tryrun 2%, restore 1%")
+    table = goodput_table(run)
+    assert [c.header for c in table.columns] == ["cause", "run s", "share", "2x2/m4 s",
+                                                 "2x4/m4 s", "3x1/m6 s"]
+    causes = list(table.columns[0].cells)
+    assert len(causes) == 10 and causes[-1] == "goodput"
+    assert list(table.columns[3].cells)[-1] == "74%"  # 20 productive of 27 on 2x2/m4

@@ -55,27 +55,36 @@ class TensorBoardWriter:
     (``metrics.jsonl`` is flushed line by line)."""
 
     def __init__(self, logdir: str | os.PathLike):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
+        if not tensorboard_available():
             raise InvalidArgument(
                 "TensorBoard event files need tensorboardX: pip install "
-                "'meshscale[tensorboard]', or pass MetricsPolicy(tensorboard=False)") from None
-        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=FLUSH_SECONDS)
+                "'meshscale[tensorboard]', or pass MetricsPolicy(tensorboard=False)")
+        self.logdir = os.fspath(logdir)
+        self._writer = None  # made at the first write: a job refused at start writes nothing
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=self.logdir, flush_secs=FLUSH_SECONDS)
+        return self._writer
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         for name, value in scalars.items():
-            self._writer.add_scalar(name, value, global_step=step)
+            self.writer.add_scalar(name, value, global_step=step)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         for name, value in texts.items():
-            self._writer.add_text(name, value, global_step=step)
+            self.writer.add_text(name, value, global_step=step)
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def tensorboard_available() -> bool:
