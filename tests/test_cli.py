@@ -66,7 +66,7 @@ def test_every_option_of_every_command_has_help_showing_its_default():
             if action.default is None:
                 assert "default: None" not in shown, f"{name} {action.option_strings}: say " \
                                                      "what no value means"
-            elif not isinstance(action.default, bool):
+            elif not isinstance(action.default, bool) and action.default != argparse.SUPPRESS:
                 assert f"default: {action.default}" in shown, (name, shown)
             checked += 1
     assert checked >= 40
@@ -101,6 +101,17 @@ def test_model_takes_registry_names_and_factories_in_every_command(capsys):
             commands[name].parse_args(["--model", "resnet"])
         assert "--model takes one of gpt-tiny, gpt-small, llama-tiny, mlp or " \
                "package.module:factory, got 'resnet'" in capsys.readouterr().err
+
+
+def test_v_and_q_go_before_or_after_the_command(capsys):
+    parser = cli.build_parser()
+    for argv, loud in ((["-v", "report", "r"], (True, False)), (["report", "r", "-q"],
+                       (False, True)), (["report", "r"], (False, False))):
+        args = parser.parse_args(argv)
+        assert (args.verbose, args.quiet) == loud, argv
+    with pytest.raises(SystemExit):
+        cli.main(["-v", "report", "r", "-q"])
+    assert "-v and -q together: pick one" in capsys.readouterr().err
 
 
 def test_ray_demo_refuses_devices_in_one_line_naming_the_fix(capsys):

@@ -13,6 +13,7 @@ first and imports inside.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -33,16 +34,22 @@ COMMANDS = [search, demo, report, launch, ray_demo]  # parser order: `meshscale 
 def build_parser() -> Parser:
     parser = Parser(prog="meshscale",
                     description="Re-parallelize JAX training when its devices change.")
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-v", "--verbose", action="store_true",
-                          help="log what meshscale does: INFO lines on stderr")
-    loudness.add_argument("-q", "--quiet", action="store_true",
-                          help="print errors and results only: no progress, tables or "
-                               "warnings")
+    _add_loudness(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add(subparsers)
+    for sub in subparsers.choices.values():  # `meshscale search -v` works too
+        _add_loudness(sub, default=argparse.SUPPRESS)  # unset: the top level's stands
     return parser
+
+
+def _add_loudness(parser: Parser, *, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="log what meshscale does: INFO lines on stderr (default: off)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="print errors and results only: no progress, tables or "
+                            "warnings (default: off)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    if args.verbose and args.quiet:
+        parser.error("-v and -q together: pick one")
     restore = loudness(verbose=args.verbose, quiet=args.quiet)
     try:
         return args.run(args)
