@@ -12,11 +12,13 @@ block, the loops taking turns round by round (`benchmarks.common.interleaved`):
    `Trainer(skip_nonfinite=True)` (a select on the device per step);
 4. the same as (2) with `CheckpointPolicy(every=10)` (asynchronous Orbax saves of the
    whole state, each with its checksums and finiteness pass on the devices);
-5. the same with the default `CheckpointPolicy.every` (100).
+5. the same with the default `CheckpointPolicy.every` (100);
+6. (2) without metrics (`MetricsPolicy(jsonl=False, tensorboard=False)`): (2) writes
+   every timing window to metrics.jsonl and TensorBoard, as every run does by default.
 
-Targets: (2) / (1) <= 1.05 and (4) / (1) <= 1.10 (median of the round ratios; min and
-max shown). Every loop runs on a 2x1/m2 mesh of 2 simulated devices (p_min 2, one
-candidate), so the three compare the same executable.
+Targets: (2) / (1) <= 1.05, (4) / (1) <= 1.10 and (2) / (6) <= 1.02, what the metrics
+writers cost (median of the round ratios; min and max shown). Every loop runs on a 2x1/m2
+mesh of 2 simulated devices (p_min 2, one candidate), so all compare the same executable.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from meshscale.models.text import ByteBatches, stdlib_text  # noqa: E402
 from meshscale import (  # noqa: E402
     CheckpointPolicy,
     CompileCache,
+    MetricsPolicy,
     SearchSpace,
     Timing,
     Trainer,
@@ -61,19 +64,22 @@ def main(argv=None) -> None:
     optimizer, cache = optax.adam(1e-3), CompileCache()
     scratch = tempfile.TemporaryDirectory(prefix="meshscale-bench-")
 
-    def elastic(name: str, **checkpoints) -> ElasticTrainer:
+    def elastic(name: str, metrics: MetricsPolicy | None = None,
+                **checkpoints) -> ElasticTrainer:
         """`checkpoints`: `CheckpointPolicy` fields."""
         policy = CheckpointPolicy(max_to_keep=2, persistent_cache=False, **checkpoints)
         return ElasticTrainer(
             Trainer(GPT(cfg, rngs=nnx.Rngs(0)), optimizer, global_batch=args.batch,
                     skip_nonfinite=policy.on_nonfinite == "skip_step", cache=cache),
             checkpoint_dir=f"{scratch.name}/{name}", resources=resources.Static(2),
-            space=SPACE, timing=TIMING, checkpoints=policy)
+            space=SPACE, timing=TIMING, checkpoints=policy, metrics=metrics)
 
     trainers = {"plain": elastic("plain", every=None),
                 "skip": elastic("skip", every=None, on_nonfinite="skip_step"),
                 "saving": elastic("saving", every=10),
-                "default": elastic("default")}
+                "default": elastic("default"),
+                "unwatched": elastic("unwatched", every=None, metrics=MetricsPolicy(
+                    jsonl=False, tensorboard=False))}
     plain, saving = trainers["plain"], trainers["saving"]
     states = {name: t.init(batches[0]) for name, t in trainers.items()}
     assert len({t.shape for t in trainers.values()}) == 1
@@ -106,6 +112,7 @@ def main(argv=None) -> None:
     scratch.cleanup()
     step_ratio = ratio(times["plain"], times["bare"])
     ckpt_ratio = ratio(times["saving"], times["bare"])
+    metrics_ratio = ratio(times["plain"], times["unwatched"])
     per_step = lambda name: sorted(t / args.steps for t in times[name])[len(times[name]) // 2]
     print(f"GPT tiny, global batch {args.batch}, mesh {shape} on {len(devices)} simulated "
           f"{jax.devices()[0].platform} devices, jax {jax.__version__}; {args.rounds} "
@@ -123,7 +130,12 @@ def main(argv=None) -> None:
          ratio_text(ckpt_ratio), "<= 1.10", str(ckpt_ratio["median"] <= 1.10)],
         ["ElasticTrainer.step, default checkpoint_every", per_step("default"),
          ratio_text(ratio(times["default"], times["bare"])), "", ""],
+        ["ElasticTrainer.step without metrics writers", per_step("unwatched"),
+         ratio_text(ratio(times["unwatched"], times["bare"])), "", ""],
     ]))
+    print(f"\nmetrics writers (metrics.jsonl + TensorBoard, every {TIMING.window}-step "
+          f"window) / none: {ratio_text(metrics_ratio)}; target <= 1.02: "
+          f"{metrics_ratio['median'] <= 1.02}")
 
 
 if __name__ == "__main__":

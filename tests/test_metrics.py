@@ -127,6 +127,13 @@ def test_goodput_accounts_for_the_wall_time_of_a_restarted_run(restarted_run):
                   goodput.BETWEEN_ATTEMPTS):
         assert seconds.get(cause, 0) > 0, (cause, seconds)
     assert run["goodput"] == pytest.approx(seconds["productive"] / run["wall_seconds"])
+    # per mesh: start-up before any mesh; the 4- and 8-device meshes trained
+    meshes = run["per_mesh"]
+    assert meshes[goodput.NO_MESH]["seconds"]["startup"] > 0
+    assert sum(m["wall_seconds"] for m in meshes.values()) == pytest.approx(
+        run["wall_seconds"])
+    trained = {label for label, m in meshes.items() if m["seconds"].get("productive")}
+    assert len(trained) >= 2 and goodput.NO_MESH not in trained
     # the second attempt's own ledger: causes agree with the events that timed themselves
     own = printed["goodput"]["seconds"]
     switched = sum(e["seconds"] for e in printed["events"] if e["event"] == "switch")
@@ -153,9 +160,13 @@ def test_ledger_charges_the_innermost_cause_and_moves_shares():
     assert ledger.seconds == {"startup": 3.0, "productive": 3.5, "switch": 2.0,
                               "checkpoint": 2.0, "retrained": 1.5}
     assert ledger.snapshot()["wall_seconds"] == 12.0
-    assert ledger.snapshot()["goodput"] == pytest.approx(3.5 / 12)
     ledger.move(99.0, "retrained", "idle")  # never more than was charged
     assert ledger.seconds["idle"] == 1.5 and "retrained" not in ledger.seconds
+    ledger.relabel("2x2/m4")  # time from here on is charged to this mesh too
+    now[0] = 11.0
+    assert ledger.per_mesh()["2x2/m4"] == {"productive": 1.0}
+    assert ledger.per_mesh()[goodput.NO_MESH]["switch"] == 2.0
+    assert ledger.snapshot()["per_mesh"]["2x2/m4"]["goodput"] == 1.0
 
 
 def test_combine_charges_the_gap_between_attempts():
@@ -166,6 +177,7 @@ def test_combine_charges_the_gap_between_attempts():
     assert run["seconds"] == {"productive": 36.0, goodput.BETWEEN_ATTEMPTS: 10.0,
                               "startup": 4.0}
     assert run["wall_seconds"] == 50.0 and run["attempts"] == 2
+    assert run["per_mesh"][goodput.NO_MESH]["wall_seconds"] == 50.0
 
 
 class Recorder:

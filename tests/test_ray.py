@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from meshscale import MeshShape, Trainer
+from meshscale.observe import goodput
+from meshscale.observe.writers import read_jsonl
 from tests import ray_worker as worker
 from tests.helpers import SIMPLE_TOL, make_model, make_optimizer
 
@@ -207,7 +209,20 @@ def test_restarts_by_ray_resume_the_latest_checkpoint_on_the_new_device_count(cl
     assert last["step"] == TOTAL_STEPS and last["workers"] == 1
     assert last["resumed_from"] == began["checkpoint_step"]  # the last attempt's
     assert last["mesh"] == switch["after"] and last["samples_per_second"] > 0
+    # goodput of the whole run, every attempt (its process start and JAX init included)
+    run = goodput.of_run(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    assert run["attempts"] == 4, run
+    seconds = run["seconds"]
+    assert seconds["retrained"] > 0  # steps 4, 7 and 8 were trained again
+    assert min(seconds["startup"], seconds[goodput.BETWEEN_ATTEMPTS], seconds["restore"],
+               seconds["productive"]) > 0, seconds
+    # measured outside the workers: no more than the test's time, no less than the
+    # first attempt's first line to the last attempt's last
+    first_joined = next(x["time"] for x in lines if x["event"] == "joined")
+    assert lines[-1]["time"] - first_joined <= run["wall_seconds"] \
+        <= time.monotonic() - start, (run, lines[-1]["time"] - first_joined)
     times = [x["time"] for x in lines if x["event"] == "joined"] + [lines[-1]["time"]]
+    print(f"goodput {run['goodput']:.0%} of {run['wall_seconds']:.1f} s: {seconds}")
     print(f"ray elastic scenario: {time.monotonic() - start:.1f} s; attempts (joined to "
           f"next joined): {[round(b - a, 1) for a, b in itertools.pairwise(times)]}")
 

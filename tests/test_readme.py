@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import meshscale
 from meshscale import MeshShape
 from meshscale.app import cli
 from meshscale.errors import ResourceError
@@ -49,6 +50,7 @@ OWN_MODEL = "class Regressor(meshscale.LayerStack):"
 ADAPTER = "class Adapted(meshscale.LayerStack):"
 MULTI_HOST = "distributed.initialize()                      # first"
 RAY = "trainer = meshscale_ray.jax_trainer("
+WRITER = "class PrintWriter:"
 SNIPPETS = {
     "make test   # builds .venv": "test_first_block_make_targets_exist_and_run_the_demo_command",
     CLONE: "test_clone_to_picture_block_runs_its_report_command",
@@ -57,6 +59,7 @@ SNIPPETS = {
     ADAPTER: "test_adapter_block_fits_in_30_lines_and_is_exact",
     MULTI_HOST: "test_multi_host_block_runs_as_two_processes_under_launch",
     RAY: "test_ray_block_builds_the_elastic_jax_trainer",
+    WRITER: "test_writer_block_receives_the_loops_scalars_and_texts",
 }
 
 # What cannot run here, and what the test checks instead.
@@ -227,6 +230,34 @@ def test_own_loop_block_trains_saves_and_resumes_from_its_checkpoint(own_loop):
     assert 4 in saved  # `with elastic:` saved the last step
     assert second_bounds == [(4, 10_000)]  # "resumes from the latest checkpoint if any"
     assert int(second["state"].step) == 5
+
+
+def test_own_loop_block_writes_metrics_and_tensorboard_files(own_loop):
+    """The run of the own-loop block leaves metrics.jsonl (every step's loss, in windows)
+    and TensorBoard files in its checkpoint directory, as the metrics section says."""
+    from meshscale.observe.writers import read_jsonl
+
+    work, ((first, _), (second, _)), _ = own_loop
+    lines = read_jsonl(work / "runs/my_run/metrics.jsonl")
+    windows = [x for x in lines if x["kind"] == "window"]
+    steps = [s for w in windows for s in range(w["first_step"], w["step"] + 1)]
+    assert steps == [1, 2, 3, 4, 5]  # 4 steps, then the resumed run's fifth
+    losses = [x for w in windows for x in w["losses"]]
+    assert losses[:4] == pytest.approx([r.loss for r in first["elastic"].steps])
+    assert [x["kind"] for x in lines].count("close") == 2
+    assert list((work / "runs/my_run/tensorboard").glob("events.out.tfevents.*"))
+    goodput = second["elastic"].totals.goodput
+    assert 0 < goodput["goodput"] < 1 and goodput["seconds"]["startup"] > 0
+
+
+def test_writer_block_receives_the_loops_scalars_and_texts(capsys):
+    from meshscale.observe.writers import MetricsLog
+
+    scope = run_block(block(WRITER), {"meshscale": meshscale})
+    log = MetricsLog(None, scope["metrics"].writers)  # what the loop feeds its writers
+    log.record({}, {7: {"loss": 2.5}}, {7: {"mesh": "2x2/m4"}})
+    log.close()
+    assert capsys.readouterr().out.splitlines() == ["7 {'loss': 2.5}", "7 {'mesh': '2x2/m4'}"]
 
 
 def test_clone_to_picture_block_runs_its_report_command(own_loop, monkeypatch):

@@ -62,13 +62,22 @@ def demo_like_run() -> dict:
         windows.append({"first_step": first, "step": first + 9, "num_devices": n,
                         "losses": [5.0 / (first + k) for k in range(10)],
                         "samples_per_second": 40.0 * n, "mesh": meshes[n]})
+    def search(step, n, shapes, chosen):
+        return {"event": "search", "step": step, "num_devices": n, "decision": {
+            "switch": True, "best": {"shape": chosen},
+            "results": [{"shape": s, "status": "ok", "samples_per_second": 10.0 * (i + 1)}
+                        for i, s in enumerate(shapes)]}}
+
     events = [{"event": "start", "step": None, "num_devices": 4},
+              search(None, 4, ["2x2/m4", "4x1/m8", "3x1/m6"], "2x2/m4"),
               {"event": "switch", "step": None, "after": "2x2/m4", "reason": "start"},
               {"event": "devices_changed", "step": 40, "before": 4, "after": 8},
+              search(40, 8, ["2x4/m4", "8x1/m16"], "2x4/m4"),
               {"event": "switch", "step": 40, "after": "2x4/m4", "reason": "faster"},
               {"event": "resume", "step": 60, "checkpoint_step": 60, "num_devices": 8},
               {"event": "switch", "step": 60, "after": "2x4/m4", "reason": "start"},
               {"event": "devices_changed", "step": 80, "before": 8, "after": 3},
+              search(80, 3, ["3x1/m6"], "3x1/m6"),
               {"event": "switch", "step": 80, "after": "3x1/m6",
                "reason": "forced: current mesh lost devices"}]
     per_mesh = {"-": {"startup": 9.0, "between_attempts": 4.0},
@@ -101,7 +110,7 @@ def out_of_view(fig) -> set:
     """Tick labels matplotlib keeps but does not draw: their tick is outside the axis."""
     hidden = set()
     for ax in fig.axes:
-        for axis, index in ((ax.xaxis, 0), (ax.yaxis, 1)):
+        for axis in (ax.xaxis, ax.yaxis):
             low, high = sorted(axis.get_view_interval())
             for tick in axis.get_major_ticks():
                 if not low - 1e-9 <= tick.get_loc() <= high + 1e-9:
@@ -120,7 +129,7 @@ def test_report_png_labels_never_overlap_at_the_default_size(tmp_path):
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         width, height = fig.get_size_inches() * picture.DPI
-        assert (width, height) == (880, 1040)
+        assert (width, height) == (880, 1280)
         texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()
                  and t not in out_of_view(fig)]
         boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
@@ -131,6 +140,8 @@ def test_report_png_labels_never_overlap_at_the_default_size(tmp_path):
         overlapping = [(a, b) for i, (a, box_a) in enumerate(boxes)
                        for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
         assert not overlapping
+        groups = [name for name, _ in boxes if name.endswith(" dev")]
+        assert groups == ["start: 4 dev", "step 40: 8 dev", "step 80: 3 dev"]
         titles = " ".join(ax.get_title() for ax in fig.axes)
         assert "per timing window" in titles and "goodput 69% of 94 s" in titles
     finally:

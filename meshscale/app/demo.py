@@ -18,6 +18,7 @@ import sys
 from meshscale import (
     CheckpointPolicy,
     ElasticTrainer,
+    MetricsPolicy,
     SearchSpace,
     SwitchPolicy,
     Timing,
@@ -208,7 +209,7 @@ def _finish(cfg: DemoConfig, console, model, state, out: dict) -> dict:
     """A text sample (gpt-tiny), report.png and the summary table at the end of a run."""
     import jax
 
-    from meshscale.app import report
+    from meshscale.app import goodput_view, report
     from meshscale.model.contract import FunctionalModel
 
     if cfg.model == "gpt-tiny":
@@ -220,9 +221,14 @@ def _finish(cfg: DemoConfig, console, model, state, out: dict) -> dict:
         report.write_json(out, os.path.join(cfg.run_dir, "report.json"))
     png = report.plot(out, os.path.join(cfg.run_dir, "report.png"))
     console.print(report.summary_table(out))
+    console.print(goodput_view.goodput_table(out["goodput"]))
+    console.print(goodput_view.goodput_line(out["goodput"]), markup=False, highlight=False)
     if "sample" in out:
         console.print("[bold]sampled from the trained model:[/]\ndef " + out["sample"])
-    console.print(f"report: {os.path.join(cfg.run_dir, 'report.json')}, {png}")
+    console.print(f"report: {os.path.join(cfg.run_dir, 'report.json')}, {png}; metrics: "
+                  f"{os.path.join(cfg.run_dir, 'metrics.jsonl')}, TensorBoard: tensorboard "
+                  f"--logdir {os.path.join(cfg.run_dir, 'tensorboard')}", markup=False,
+                  highlight=False, soft_wrap=True)
     return out
 
 
@@ -241,7 +247,7 @@ def elastic_trainer(cfg: DemoConfig, model, resources, *, on_event=None,
         switching=dataclasses.replace(switching, check_every=cfg.check_every,
                                       total_steps=cfg.steps),
         checkpoints=CheckpointPolicy(every=cfg.checkpoint_every, persistent_cache=False),
-        on_event=on_event)
+        metrics=MetricsPolicy(directory=cfg.run_dir), on_event=on_event)
 
 
 # `DemoConfig` field -> `meshscale demo` flag (learning_rate has none)

@@ -1,17 +1,18 @@
 """report.png: one picture of an elastic run, read from its plain data (report.json).
 
-Four panels sharing the step axis where they can: the loss; the device count and the
-mesh over steps, every switch marked (start-up, resume, device change, faster mesh);
-throughput per timing window by mesh; where the wall time went (goodput and badput by
-cause, for the run and per mesh). Text labels are placed so they never overlap at the
-default size: mesh names sit inside the device-count panel, one per stretch, staggered.
+Five panels: on the step axis the loss; the device count and the mesh, every switch
+marked (start-up, resume, device change, faster mesh); throughput per timing window by
+mesh; then the try-runs of every search (the mesh run next in green); where the wall time
+went (goodput and badput by cause, for the run and per mesh). Labels never overlap at the
+default size: switch names sit in the device panel and search names above their bars,
+each staggered in two rows (tests/test_report.py checks every text box).
 """
 
 from __future__ import annotations
 
 from meshscale.observe.goodput import NO_MESH, PRODUCTIVE
 
-DPI = 80  # the default size: 880 x 1040 pixels
+DPI = 80  # the default size: 880 x 1280 pixels
 CAUSE_COLOURS = {PRODUCTIVE: "tab:green", "retrained": "tab:olive", "startup": "tab:grey",
                  "restore": "tab:brown", "checkpoint": "tab:blue",
                  "search_compile": "tab:purple", "search_tryrun": "tab:pink",
@@ -78,13 +79,14 @@ def figure(data: dict):
     import matplotlib.pyplot as plt
 
     windows = windows_of(data)
-    fig, axes = plt.subplots(4, 1, figsize=(11, 13), constrained_layout=True,
-                             gridspec_kw={"height_ratios": [3, 2, 3, 2]})
+    fig, axes = plt.subplots(5, 1, figsize=(11, 16), constrained_layout=True,
+                             gridspec_kw={"height_ratios": [3, 2, 3, 3, 2]})
     marks = switch_marks(data.get("events", []))
     _loss(axes[0], windows, marks)
     _devices(axes[1], windows, marks, granted(data.get("events", [])))
     _throughput(axes[2], windows, data)
-    _goodput(axes[3], (data.get("totals") or {}).get("goodput") or data.get("goodput") or {})
+    _tryruns(axes[3], data.get("events", []))
+    _goodput(axes[4], data.get("goodput") or (data.get("totals") or {}).get("goodput") or {})
     for ax in axes[:3]:
         ax.set_xlim(0, max([w["step"] for w in windows], default=1) + 1)
     return fig
@@ -139,6 +141,40 @@ def _throughput(ax, windows, data) -> None:
                  "save, search or switch cut it), by mesh", xlabel="step", ylabel="samples/s")
     if meshes:
         ax.legend(fontsize=8, markerscale=1.5, ncol=min(4, len(meshes)), loc="upper left")
+
+
+def _tryruns(ax, events: list[dict]) -> None:
+    """One bar per try-run, grouped by search; each group named above its bars."""
+    from meshscale.app.report import chosen_after
+
+    x, labels, ticks, tallest = 0, [], [], 0.0
+    searches = [(e, chosen_after(events, i)) for i, e in enumerate(events)
+                if e["event"] == "search"]
+    groups = []
+    for e, ran in searches:
+        first = x
+        for r in e["decision"].get("results", []):
+            ok = r.get("status") == "ok"
+            height = r.get("samples_per_second") or 0.0
+            tallest = max(tallest, height)
+            ax.bar(x, height, color="tab:green" if ok and r.get("shape") == ran
+                   else ("tab:blue" if ok else "lightgrey"))
+            labels.append(r.get("shape", "?"))
+            ticks.append(x)
+            x += 1
+        groups.append((first, x - 1, e))
+        x += 1
+    ax.set_ylim(0, (tallest or 1.0) * 1.45)
+    for k, (first, last, e) in enumerate(groups):
+        ax.axvspan(first - 0.5, last + 0.5, color="grey", alpha=0.08, lw=0)
+        where = "start" if e.get("step") is None else f"step {e['step']}"
+        ax.annotate(f"{where}: {e.get('num_devices')} dev", ((first + last) / 2, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(0, -4 - 11 * (k % 2)),
+                    textcoords="offset points", ha="center", va="top", fontsize=8)
+    ax.set_xticks(ticks, labels, rotation=60, fontsize=7)
+    ax.set_xlim(-1, max(x - 1, 1))
+    ax.set(title="try-runs at each search (green: the mesh run next; grey: skipped or "
+                 "failed)", ylabel="samples/s")
 
 
 def _goodput(ax, goodput: dict) -> None:

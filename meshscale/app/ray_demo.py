@@ -89,10 +89,12 @@ def loop(config: dict) -> None:
         checkpoint_dir=config["checkpoint_dir"], resources=resources.Static(jax.device_count()),
         space=ms.SearchSpace(p_min=config["p_min"]), timing=ms.Timing(warmup=1, steps=2),
         switching=ms.SwitchPolicy(check_every=10**9, total_steps=config["steps"]),
-        checkpoints=ms.CheckpointPolicy(every=config["checkpoint_every"]), on_event=on_event)
+        checkpoints=ms.CheckpointPolicy(every=config["checkpoint_every"]),
+        metrics=ms.MetricsPolicy(directory=str(run)), on_event=on_event)
     state = elastic.init(batch_fn(config["global_batch"], 0))
     for i in range(int(state.step), config["steps"]):
-        wait_until_allowed(run, i)
+        with elastic.ledger.spend("idle"):  # held back by the driver's schedule
+            wait_until_allowed(run, i)
         state, metrics = elastic.step(state, batch_fn(config["global_batch"], i))
         if (i + 1) % 10 == 0:  # Ray's report is a barrier: not every step
             meshscale_ray.report(elastic, metrics, step=i + 1)
@@ -140,7 +142,6 @@ def wait_until_allowed(run: Path, step: int) -> None:
 
 def run(cfg: RayDemoConfig) -> list[dict]:
     """Run the demo; returns one summary row per attempt (also printed)."""
-    from rich.table import Table
 
     from meshscale.app import run_dir as run_dirs
     from meshscale.app import terminal
@@ -204,6 +205,18 @@ def run(cfg: RayDemoConfig) -> list[dict]:
         for key in RAY_SETTINGS:
             os.environ.pop(key, None)
     rows = watch.summary()
+    _print_summary(console, rows, run_dir)
+    return rows
+
+
+def _print_summary(console, rows: list[dict], run_dir: Path) -> None:
+    """One row per attempt, then the goodput of the whole run (every attempt)."""
+    from rich.table import Table
+
+    from meshscale.app import goodput_view
+    from meshscale.observe import goodput
+    from meshscale.observe.writers import read_jsonl
+
     table = Table(title="attempts (each a Ray worker group)")
     for column in ("attempt", "workers", "devices", "resumed from", "mesh", "steps trained",
                    "of which again", "last loss"):
@@ -212,9 +225,13 @@ def run(cfg: RayDemoConfig) -> list[dict]:
         table.add_row(*(str(row[k]) for k in ("attempt", "workers", "devices", "resumed_from",
                                               "mesh", "steps", "again", "loss")))
     console.print(table)
+    run_goodput = goodput.of_run(read_jsonl(run_dir / "metrics.jsonl"))
+    console.print(goodput_view.goodput_table(run_goodput))
+    console.print(goodput_view.goodput_line(run_goodput) + " (every attempt: process start, "
+                  "JAX init and the gaps between attempts count as badput)", markup=False,
+                  highlight=False)
     console.print(f"checkpoints: {run_dir / 'checkpoints'}; progress: "
-                  f"{run_dir / 'progress.jsonl'}")
-    return rows
+                  f"{run_dir / 'progress.jsonl'}; metrics: {run_dir / 'metrics.jsonl'}")
 
 
 def _fit(trainer, outcome: dict) -> None:

@@ -7,9 +7,7 @@ at import time; the terminal look lives here and in `cli.py` only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -19,33 +17,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from meshscale.elastic import events
-from meshscale.layout.mesh import MeshShape
+from meshscale.observe import goodput
+from meshscale.observe.plain import to_plain
+from meshscale.observe.writers import read_jsonl
 from meshscale.planning.memory import format_bytes
+
+__all__ = ["to_plain"]  # re-exported: the JSON form callers import from here
 
 
 # -- plain data --------------------------------------------------------------------------
-def to_plain(obj: Any) -> Any:
-    """JSON-ready form of events: dataclasses -> dicts, shapes -> "PxD/mM", nan -> None."""
-    if isinstance(obj, MeshShape):
-        return str(obj)
-    if isinstance(obj, events.Event):
-        return to_plain(obj.as_dict())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item"):  # numpy / jax scalars
-        return to_plain(obj.item())
-    return str(obj)
-
-
 def machine() -> dict:
     import jax
 
@@ -67,9 +47,15 @@ def machine() -> dict:
 
 def run_data(elastic, **extra) -> dict:
     """The JSON form of an `ElasticTrainer` run: the kept events and steps (the newest
-    `history_limit`), the whole-run totals, the machine."""
-    return to_plain({"machine": machine(), "steps": elastic.steps,
-                     "events": elastic.history, "totals": elastic.totals, **extra})
+    `history_limit`), the whole-run totals, the machine; from its ``metrics.jsonl``,
+    every timing window and the goodput of the whole run (all its attempts)."""
+    path = elastic.run_metrics.log.path
+    lines = read_jsonl(path) if path else []
+    totals = elastic.totals
+    run = goodput.of_run(lines) if lines else totals.goodput
+    return to_plain({"machine": machine(), "steps": elastic.steps, "events": elastic.history,
+                     "totals": totals, "goodput": run,
+                     "windows": [x for x in lines if x.get("kind") == "window"], **extra})
 
 
 def chosen_after(events: list[dict], index: int) -> str | None:
@@ -199,9 +185,7 @@ def summary_table(data: dict) -> Table:
     for mesh, m in s["per_mesh"].items():
         table.add_row(mesh, str(m["steps"]), f"{m['seconds']:.1f}",
                       f"{m['samples_per_second']:.1f}")
-    table.caption = (f"search {s['search_seconds']:.1f} s ({s['search_share']:.0%}), "
-                     f"checkpoint+switch {s['switch_seconds']:.1f} s ({s['switch_share']:.0%}), "
-                     f"loss {_num(s['first_loss'])} -> {_num(s['final_loss'])}")
+    table.caption = f"loss {_num(s['first_loss'])} -> {_num(s['final_loss'])}"
     return table
 
 
@@ -221,62 +205,17 @@ def print_history(elastic_or_data, console: Console | None = None) -> None:
                                    chosen=chosen_after(events, i)))
         console.print(decision_words(e, switch))
     console.print(summary_table(data))
+    if data.get("goodput"):
+        from meshscale.app import goodput_view
+
+        console.print(goodput_view.goodput_table(data["goodput"]))
 
 
-# -- pictures ----------------------------------------------------------------------------
 def plot(data: dict, path: str) -> str:
-    """report.png: loss with mesh changes marked; samples/s coloured by mesh; try-run bars."""
-    import matplotlib
+    """report.png (`meshscale.app.picture`)."""
+    from meshscale.app import picture
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = data["steps"]
-    searches = [(e, chosen_after(data["events"], i)) for i, e in enumerate(data["events"])
-                if e["event"] == "search"]
-    switches = [e for e in data["events"] if e["event"] == "switch" and e.get("step")]
-    fig, axes = plt.subplots(3, 1, figsize=(10, 11), constrained_layout=True)
-    steps = [s for s in steps if s.get("seconds") is not None]
-    xs = [s["step"] for s in steps]
-
-    ax = axes[0]
-    ax.plot(xs, [s["loss"] for s in steps], color="black", lw=1)
-    for e in switches:
-        ax.axvline(e["step"], color="tab:red", ls="--", lw=0.8)
-        ax.annotate(e["after"], (e["step"], ax.get_ylim()[1]), rotation=90, va="top",
-                    fontsize=8, color="tab:red")
-    ax.set(title="training loss (dashed: mesh switches)", xlabel="step", ylabel="loss")
-
-    ax = axes[1]
-    meshes = list(dict.fromkeys(s["mesh"] for s in steps))
-    colours = plt.get_cmap("tab10")
-    for i, mesh in enumerate(meshes):
-        pts = [(s["step"], s["samples_per_second"]) for s in steps if s["mesh"] == mesh]
-        ax.scatter(*zip(*pts, strict=True), s=6, color=colours(i % 10), label=mesh)
-    ax.set(title="throughput per step, by mesh", xlabel="step", ylabel="samples/s")
-    ax.legend(fontsize=8, markerscale=2)
-
-    ax = axes[2]
-    x, labels, ticks = 0, [], []
-    for si, (e, ran) in enumerate(searches):
-        for r in e["decision"].get("results", []):
-            ok = r.get("status") == "ok"
-            chosen = ok and r.get("shape") == ran  # what the job ran on, not the best
-            ax.bar(x, r.get("samples_per_second") or 0.0,
-                   color="tab:green" if chosen else ("tab:blue" if ok else "lightgrey"))
-            labels.append(r.get("shape", "?"))
-            ticks.append(x)
-            x += 1
-        if si < len(searches) - 1:
-            ax.axvline(x, color="grey", lw=0.5)
-        ax.text(x - 0.5, 0, f"{e.get('num_devices')} dev", ha="right", va="bottom", fontsize=8)
-        x += 1
-    ax.set_xticks(ticks, labels, rotation=60, fontsize=7)
-    ax.set(title="try-runs at each search (green: the mesh run next, grey: skipped/failed)",
-           ylabel="samples/s")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return picture.plot(data, path)
 
 
 def render(run_dir: str) -> tuple[str, str]:

@@ -156,6 +156,7 @@ class Adapting:
     def _switch(self, state: TrainState, shape: MeshShape, devices, *,
                 reason: str) -> TrainState:
         """Move `state` onto `shape`: restore the checkpoint written before the search."""
+        self.ledger.relabel(str(shape))  # a switch's cost is charged to the mesh it makes
         with self.ledger.spend("switch"):  # a save inside is checkpoint time
             start = time.perf_counter()
             before = self.shape

@@ -19,6 +19,9 @@ construction and nothing is counted twice. Causes:
 - ``idle``: the loop waiting for devices or for the user's schedule
   (``with ledger.spend("idle"):``); user code may name its own causes the same way.
 
+Every second is also charged to the mesh the loop is on (`label`; a switch's cost to the
+mesh it moves to), so goodput reads per mesh as well as for the run.
+
 `combine` sums the ledgers of the attempts of one run (a Ray restart or a resumed job is a
 new process with its own ledger): the time between one attempt's last record and the
 next attempt's process start is ``between_attempts``.
@@ -35,6 +38,7 @@ PRODUCTIVE = "productive"
 CAUSES = (PRODUCTIVE, "retrained", "startup", "restore", "checkpoint", "search_compile",
           "search_tryrun", "switch", "idle")
 BETWEEN_ATTEMPTS = "between_attempts"
+NO_MESH = "-"  # time before the first mesh (start-up), and between attempts
 
 
 def process_age() -> float | None:
@@ -66,14 +70,20 @@ class Ledger:
         age = process_age() if age is None else age
         self.started = self._mark - (age or 0.0)  # on `clock`
         self.started_at = time.time() - (age or 0.0)  # wall clock: for combining attempts
-        self._seconds: dict[str, float] = {"startup": age or 0.0}
+        self.label = NO_MESH  # the mesh charged along with the cause
+        self._seconds: dict[tuple[str, str], float] = {(NO_MESH, "startup"): age or 0.0}
         self._stack = [base]
 
     def _settle(self) -> None:
         now = self._clock()
-        cause = self._stack[-1]
-        self._seconds[cause] = self._seconds.get(cause, 0.0) + now - self._mark
+        key = (self.label, self._stack[-1])
+        self._seconds[key] = self._seconds.get(key, 0.0) + now - self._mark
         self._mark = now
+
+    def relabel(self, label: str) -> None:
+        """From now on charge time to mesh `label` too."""
+        self._settle()
+        self.label = label
 
     @contextlib.contextmanager
     def spend(self, cause: str) -> Iterator[None]:
@@ -95,19 +105,38 @@ class Ledger:
         """Re-charge up to `seconds` already charged to `source` to `target` (a search's
         compile share, a window's retrained steps)."""
         self._settle()
-        moved = max(0.0, min(seconds, self._seconds.get(source, 0.0)))
-        self._seconds[source] = self._seconds.get(source, 0.0) - moved
-        self._seconds[target] = self._seconds.get(target, 0.0) + moved
+        source_key, target_key = (self.label, source), (self.label, target)
+        moved = max(0.0, min(seconds, self._seconds.get(source_key, 0.0)))
+        self._seconds[source_key] = self._seconds.get(source_key, 0.0) - moved
+        self._seconds[target_key] = self._seconds.get(target_key, 0.0) + moved
 
     @property
     def seconds(self) -> dict[str, float]:
         """Seconds per cause so far (the open cause charged up to now)."""
+        return _by_cause(self.per_mesh())
+
+    def per_mesh(self) -> dict[str, dict[str, float]]:
+        """Seconds per cause on each mesh (``-``: before the first mesh)."""
         self._settle()
-        return {c: s for c, s in self._seconds.items() if s > 0 or c == PRODUCTIVE}
+        out: dict[str, dict[str, float]] = {}
+        for (label, cause), s in self._seconds.items():
+            if s > 0 or cause == PRODUCTIVE:
+                out.setdefault(label, {})[cause] = s
+        return out
 
     def snapshot(self) -> dict:
-        """The JSON form: wall seconds, goodput, seconds per cause."""
-        return summary(self.seconds)
+        """The JSON form: wall seconds, goodput, seconds per cause, and per mesh."""
+        per_mesh = self.per_mesh()
+        return {**summary(_by_cause(per_mesh)),
+                "per_mesh": {label: summary(c) for label, c in per_mesh.items()}}
+
+
+def _by_cause(per_mesh: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for causes in per_mesh.values():
+        for cause, s in causes.items():
+            total[cause] = total.get(cause, 0.0) + s
+    return total
 
 
 def summary(seconds: Mapping[str, float]) -> dict:
@@ -124,15 +153,20 @@ def combine(attempts: Iterable[Mapping]) -> dict:
     was taken) and ``goodput`` (a `snapshot`). The gap between an attempt's last snapshot
     and the next one's process start (a crash, a restart, waiting for capacity) is
     charged to ``between_attempts``."""
-    total: dict[str, float] = {}
+    per_mesh: dict[str, dict[str, float]] = {}
     attempts = sorted(attempts, key=lambda a: a["started_at"])
     for i, attempt in enumerate(attempts):
-        for cause, s in attempt["goodput"]["seconds"].items():
-            total[cause] = total.get(cause, 0.0) + s
+        meshes = attempt["goodput"].get("per_mesh") or {NO_MESH: attempt["goodput"]}
+        for label, part in meshes.items():
+            mine = per_mesh.setdefault(label, {})
+            for cause, s in part["seconds"].items():
+                mine[cause] = mine.get(cause, 0.0) + s
         if i + 1 < len(attempts):
-            gap = attempts[i + 1]["started_at"] - attempt["time"]
-            total[BETWEEN_ATTEMPTS] = total.get(BETWEEN_ATTEMPTS, 0.0) + max(0.0, gap)
-    return {**summary(total), "attempts": len(attempts)}
+            gap = max(0.0, attempts[i + 1]["started_at"] - attempt["time"])
+            mine = per_mesh.setdefault(NO_MESH, {})
+            mine[BETWEEN_ATTEMPTS] = mine.get(BETWEEN_ATTEMPTS, 0.0) + gap
+    return {**summary(_by_cause(per_mesh)), "attempts": len(attempts),
+            "per_mesh": {label: summary(c) for label, c in per_mesh.items()}}
 
 
 def of_run(records: Iterable[Mapping]) -> dict:
