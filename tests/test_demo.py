@@ -19,6 +19,7 @@ from meshscale.app.run_dir import RunDirRefused
 from meshscale.elastic import resources
 from meshscale.elastic.trainer import ElasticTrainer
 from meshscale.errors import Interrupted
+from meshscale.observe.writers import read_jsonl
 from tests.helpers import contents, prefer_more_devices, read_only_tmpfs
 
 # One worker runs the module, so the uninterrupted demo (module fixture) runs once.
@@ -54,6 +55,22 @@ def test_demo_report_holds_every_change_decision_and_step(full_run):
     assert report["machine"]["versions"]["jax"]
     png = (run_dir / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    # metrics: every window's losses and mesh read back from metrics.jsonl; TensorBoard
+    windows = [x for x in read_jsonl(run_dir / "metrics.jsonl") if x["kind"] == "window"]
+    assert windows == report["windows"]
+    losses = {s: x for w in windows for s, x in zip(range(w["first_step"], w["step"] + 1),
+                                                    w["losses"], strict=True)}
+    assert sorted(losses) == list(range(1, 41))
+    np.testing.assert_allclose([losses[s["step"]] for s in report["steps"]],
+                               [s["loss"] for s in report["steps"]], rtol=1e-6)
+    assert all(MeshShape.parse(w["mesh"]).num_devices == w["num_devices"] for w in windows)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # goodput: every cause the demo goes through, summing to the wall time
+    run_goodput = report["goodput"]
+    assert sum(run_goodput["seconds"].values()) == pytest.approx(run_goodput["wall_seconds"])
+    for cause in ("productive", "startup", "checkpoint", "switch", "search_tryrun"):
+        assert run_goodput["seconds"][cause] > 0, cause
+    assert run_goodput["attempts"] == 1 and 0 < run_goodput["goodput"] < 1
     # everything the run wrote is inside its run directory, the compile cache too
     assert any((run_dir / "jax_cache").iterdir())
     assert not (run_dir.parent / ".jax_cache").exists()
@@ -79,8 +96,9 @@ def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run):
     state_dir = run_dir / "checkpoints" / "state"
     try:
         deadline = time.time() + 300
-        while not (state_dir.is_dir() and any(p.name.isdigit() and int(p.name) >= 10
-                                              for p in state_dir.iterdir())):
+        moved = run_dir.with_name("killed.old-1")  # the copy, moved aside by --overwrite
+        while not (moved.is_dir() and state_dir.is_dir() and any(
+                p.name.isdigit() and int(p.name) >= 10 for p in state_dir.iterdir())):
             assert child.poll() is None, child.stderr.read().decode()[-3000:]
             assert time.time() < deadline
             time.sleep(0.05)
@@ -92,10 +110,12 @@ def test_resume_after_sigkill_continues_with_the_uninterrupted_losses(full_run):
     assert cli.main(["demo", *ARGS, "--run-dir", str(run_dir), "--resume"]) == 0
     resumed = json.loads((run_dir / "report.json").read_text())
     restart = next(e for e in resumed["events"] if e["event"] == "restart")
-    assert restart["step"] >= 10
+    assert 10 <= restart["step"] < 40  # from the killed run's checkpoint, steps to go
     after = {s["step"]: s["loss"] for s in resumed["steps"] if s["step"] > restart["step"]}
     expected = {s["step"]: s["loss"] for s in uninterrupted["steps"] if s["step"] in after}
     assert sorted(after) == list(range(restart["step"] + 1, 41))
+    # goodput of both attempts: the killed one (a child) until its last record
+    assert resumed["goodput"]["attempts"] == 2
     np.testing.assert_allclose([after[k] for k in sorted(after)],
                                [expected[k] for k in sorted(after)], rtol=1e-5)
 

@@ -52,7 +52,7 @@ def close_trainers():
 
 
 def elastic(tmp_path, source, *, model=None, example_batch=None, skip_nonfinite=False,
-            space=None, timing=None, switching=None, checkpoints=None):
+            space=None, timing=None, switching=None, checkpoints=None, metrics=None):
     """An MLP run in ``tmp_path/run`` on the shared compile cache CACHE, with no persistent
     cache; unless given, p_min is 2 and the devices are checked every 5 steps."""
     trainer = ElasticTrainer(
@@ -62,7 +62,8 @@ def elastic(tmp_path, source, *, model=None, example_batch=None, skip_nonfinite=
         space=space or SearchSpace(p_min=2), timing=timing,
         switching=switching or SwitchPolicy(check_every=5),
         checkpoints=dataclasses.replace(checkpoints or CheckpointPolicy(),
-                                        persistent_cache=False))
+                                        persistent_cache=False),
+        metrics=metrics)
     OPEN.append(trainer)
     return trainer
 

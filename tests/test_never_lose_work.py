@@ -94,7 +94,7 @@ import os, pathlib, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
-from meshscale import CheckpointPolicy, SwitchPolicy
+from meshscale import CheckpointPolicy, MetricsPolicy, SwitchPolicy
 from meshscale.elastic import resources
 from meshscale.errors import CheckpointWriteError
 from tests import test_elastic as t
@@ -104,9 +104,12 @@ tmp = pathlib.Path({tmp!r})
 
 
 def four_devices(**options):
+    # metrics beside the run directory: TensorBoard holds its event file open, and a
+    # tmpfs with a file open for writing refuses `remount,ro` (a kernel remount after an
+    # I/O error does not ask)
     return t.elastic(tmp, resources.Static(4),
                      switching=SwitchPolicy(check_every=5, measure=prefer_more_devices),
-                     **options)
+                     metrics=MetricsPolicy(directory=str(tmp / "metrics")), **options)
 
 
 def wait_for(name, seconds=120):

@@ -64,11 +64,13 @@ class RunMetrics:
         self.log.record(line, scalars, {w.steps[-1]: {"mesh": w.mesh}})
 
     def event(self, event, step: int) -> None:
-        """An event: its JSON form as a line, one line of text for the writers."""
+        """An event: its JSON form as a line (with the goodput so far: an attempt killed
+        before its first window still counts), one line of text for the writers."""
         data = event.as_dict()
         words = ", ".join(f"{k}={v}" for k, v in data.items()
                           if k not in ("event", "time", "step", "decision", "device_ids"))
-        self.log.record({"kind": "event", **data, **self.tags}, {},
+        self.log.record({"kind": "event", **data, **self.tags,
+                         "goodput": self.ledger.snapshot()}, {},
                         {step: {f"event/{data['event']}": words}})
 
     def close(self, step: int) -> dict:

@@ -41,6 +41,9 @@ BETWEEN_ATTEMPTS = "between_attempts"
 NO_MESH = "-"  # time before the first mesh (start-up), and between attempts
 
 
+_ACCOUNTED = {"until": None}  # monotonic time up to which this process's ledgers charged
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux: /proc), or None where unknown."""
     try:
@@ -59,7 +62,8 @@ class Ledger:
     Args:
       base: the cause charged when no `spend` is open (``startup`` until the loop trains).
       age: seconds the process ran before this ledger (charged to ``startup``); default:
-        read from the OS.
+        read from the OS, or, when an earlier ledger of this process already charged
+        them, the time since that ledger's last charge (a second run in one process).
       clock: a monotonic clock (tests inject one).
     """
 
@@ -67,7 +71,12 @@ class Ledger:
                  clock=time.monotonic):
         self._clock = clock
         self._mark = clock()
-        age = process_age() if age is None else age
+        self._tracked = age is None and clock is time.monotonic  # the process's own time
+        if self._tracked:
+            age = process_age()
+            if _ACCOUNTED["until"] is not None:
+                since = self._mark - _ACCOUNTED["until"]
+                age = since if age is None else min(age, since)
         self.started = self._mark - (age or 0.0)  # on `clock`
         self.started_at = time.time() - (age or 0.0)  # wall clock: for combining attempts
         self.label = NO_MESH  # the mesh charged along with the cause
@@ -79,6 +88,8 @@ class Ledger:
         key = (self.label, self._stack[-1])
         self._seconds[key] = self._seconds.get(key, 0.0) + now - self._mark
         self._mark = now
+        if self._tracked:
+            _ACCOUNTED["until"] = max(now, _ACCOUNTED["until"] or now)
 
     def relabel(self, label: str) -> None:
         """From now on charge time to mesh `label` too."""
@@ -175,5 +186,5 @@ def of_run(records: Iterable[Mapping]) -> dict:
     last: dict[tuple, Mapping] = {}
     for record in records:
         if "goodput" in record and "started_at" in record:
-            last[(record.get("attempt"), round(record["started_at"], 1))] = record
+            last[(record.get("attempt"), record["started_at"])] = record
     return combine(last.values())

@@ -111,7 +111,6 @@ class MetricsLog:
         self.enabled = enabled
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._file = None
 
     def record(self, line: Mapping[str, Any], scalars: Mapping[int, Mapping[str, float]] = {},
                texts: Mapping[int, Mapping[str, str]] = {}) -> None:
@@ -151,19 +150,14 @@ class MetricsLog:
         for writer in list(self.writers):
             self._call(writer, "flush")
             self._call(writer, "close")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
     def _write_line(self, line: Mapping[str, Any]) -> None:
         if self.path is None:
             return
-        try:
-            if self._file is None:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                self._file = open(self.path, "a")  # noqa: SIM115 - open for the run
-            self._file.write(json.dumps(to_plain(line)) + "\n")
-            self._file.flush()  # a killed process keeps every line written
+        try:  # opened per line: never held open (a killed job keeps every line written)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(to_plain(line)) + "\n")
         except OSError as e:
             log.warning("metrics: cannot write %s (%s); the JSONL record stops here",
                         self.path, e)
