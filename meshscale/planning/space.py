@@ -186,24 +186,22 @@ class SearchSpace:
                    current: MeshShape | None = None,
                    p_min: int | None = None) -> list[Candidate]:
         """`candidates` over this space (`p_min`: the resolved width when it is "auto")."""
-        p_min = self.p_min if p_min is None else p_min
-        if p_min == "auto":
-            raise InvalidArgument("SearchSpace(p_min='auto') must be resolved first "
-                                  "(search does it from the memory budget)")
-        return candidates(n_devices, p_min=p_min, num_layers=num_layers,
-                          global_batch=global_batch, current=current, max_pipe=self.max_pipe,
-                          microbatches=self.microbatches, repeats=self.repeats)
+        return candidates(n_devices, **self._rule(num_layers, global_batch, current, p_min))
 
     def ruled_out(self, n_devices: int, *, num_layers: int, global_batch: int,
                   current: MeshShape | None = None, p_min: int | None = None) -> list[RuledOut]:
         """`ruled_out` over this space (`p_min`: the resolved width when it is "auto")."""
+        return ruled_out(n_devices, **self._rule(num_layers, global_batch, current, p_min))
+
+    def _rule(self, num_layers, global_batch, current, p_min) -> dict:
+        """The keywords of `candidates` / `ruled_out` for this space."""
         p_min = self.p_min if p_min is None else p_min
         if p_min == "auto":
             raise InvalidArgument("SearchSpace(p_min='auto') must be resolved first "
                                   "(search does it from the memory budget)")
-        return ruled_out(n_devices, p_min=p_min, num_layers=num_layers,
-                         global_batch=global_batch, current=current, max_pipe=self.max_pipe,
-                         microbatches=self.microbatches, repeats=self.repeats)
+        return dict(p_min=p_min, num_layers=num_layers, global_batch=global_batch,
+                    current=current, max_pipe=self.max_pipe, microbatches=self.microbatches,
+                    repeats=self.repeats)
 
 
 def require_devices(n_devices: int, p_min: int) -> None:
