@@ -24,6 +24,15 @@ def test_decision_words_say_by_how_much_and_what_happens(improvement, switch, wo
     assert decision_words(event(improvement, switch=switch), switch_event) == words
 
 
+def test_decision_words_say_why_a_faster_mesh_is_not_taken():
+    stay = event(0.09)
+    stay["decision"]["reason"] = ("stay: 9.0% faster, but it saves 1.2s over 20 remaining "
+                                  "steps, not more than the switch cost 3.4s")
+    assert decision_words(stay) == (
+        "8 devices: 2x4/m4 beats 4x1/m8 (current) by 9%, above the 5% threshold: staying, "
+        "since it saves 1.2s over 20 remaining steps, not more than the switch cost 3.4s")
+
+
 def test_decision_words_name_the_current_mesh_and_the_useful_devices():
     words = decision_words(event(0.0, best="4x1/m8", useful=4))
     assert words == ("8 devices: the current mesh 4x1/m8 is the fastest measured: staying; "

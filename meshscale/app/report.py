@@ -131,6 +131,8 @@ def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
         text += f": switching, {switch_event['seconds']:.2f} s"
     elif d.get("switch"):
         text += ": switching"
+    elif imp is not None and imp > thr and "but " in (d.get("reason") or ""):
+        text += f": staying, since {d['reason'].split('but ', 1)[1]}"  # the payback rule
     else:
         text += ": staying"
     useful = d.get("max_useful_devices")
