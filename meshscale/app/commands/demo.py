@@ -16,9 +16,10 @@ def add(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="train a GPT on stdlib text while the device count changes",
         description="An ordinary ElasticTrainer run on simulated CPU devices, driven by a "
-                    "device file the demo rewrites on --schedule; writes RUN_DIR/report.json "
-                    "and RUN_DIR/report.png. Ctrl-C saves the step and prints the command "
-                    "that resumes it.")
+                    "device file the demo rewrites on --schedule; writes RUN_DIR/report.json, "
+                    "RUN_DIR/report.png, RUN_DIR/metrics.jsonl and TensorBoard files in "
+                    "RUN_DIR/tensorboard, and ends with the run's goodput. Ctrl-C saves the "
+                    "step and prints the command that resumes it.")
     add_run_options(p, d, schedule_help="device counts over the run, DEVICES@STEP,...")
     add_model_options(p)
     p.add_argument("--devices", type=positive, default=DEFAULTS.devices,
