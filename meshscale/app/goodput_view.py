@@ -11,6 +11,8 @@ from rich.table import Table
 
 from meshscale.observe.goodput import NO_MESH, PRODUCTIVE
 
+NO_MESH_WORDS = "no mesh"  # start-up before the first mesh, gaps between attempts
+
 WORDS = {PRODUCTIVE: "training steps", "retrained": "steps trained again after a restart",
          "startup": "process start, JAX init, first state", "restore": "checkpoint reads",
          "checkpoint": "checkpoint saves and waits",
@@ -20,25 +22,27 @@ WORDS = {PRODUCTIVE: "training steps", "retrained": "steps trained again after a
 
 
 def goodput_line(goodput: dict) -> str:
-    """"goodput 81% of 124.0 s: badput checkpoint 9%, switch 6%, ..."."""
+    """"goodput 81% of 124.0 s wall time; badput: checkpoint 9%, switch 6%, ...": the wall
+    time runs from the (first) process start to the run's last record (its close)."""
     wall = goodput.get("wall_seconds") or 0.0
     if not wall:
         return "goodput: no time recorded"
     bad = [(c, s) for c, s in goodput.get("seconds", {}).items() if c != PRODUCTIVE and s > 0]
     parts = ", ".join(f"{c} {s / wall:.0%}" for c, s in sorted(bad, key=lambda x: -x[1]))
-    return f"goodput {goodput.get('goodput', 0):.0%} of {wall:.1f} s" + (
+    return f"goodput {goodput.get('goodput', 0):.0%} of {wall:.1f} s wall time" + (
         f"; badput: {parts}" if parts else "")
 
 
 def goodput_table(goodput: dict) -> Table:
-    """One row per cause: seconds and share of the wall time, for the run and per mesh."""
-    meshes = [m for m in (goodput.get("per_mesh") or {}) if m != NO_MESH]
+    """One row per cause: seconds and share of the wall time, for the run and per mesh
+    (the mesh columns add up to the run's)."""
+    meshes = list(goodput.get("per_mesh") or {})
     table = Table(title="where the time went", title_justify="left")
     table.add_column("cause")
     table.add_column("run s", justify="right")
     table.add_column("share", justify="right")
     for mesh in meshes:
-        table.add_column(f"{mesh} s", justify="right")
+        table.add_column(f"{NO_MESH_WORDS if mesh == NO_MESH else mesh} s", justify="right")
     wall = goodput.get("wall_seconds") or 0.0
     for cause, s in goodput.get("seconds", {}).items():
         per = [goodput["per_mesh"][m]["seconds"].get(cause, 0.0) for m in meshes]

@@ -178,8 +178,8 @@ def _tryruns(ax, events: list[dict]) -> None:
 
 
 def _goodput(ax, goodput: dict) -> None:
-    rows = [("run", goodput)] + [(label, part) for label, part in
-                                 (goodput.get("per_mesh") or {}).items() if label != NO_MESH]
+    rows = [("run", goodput)] + [("no mesh" if label == NO_MESH else label, part)
+                                 for label, part in (goodput.get("per_mesh") or {}).items()]
     causes = list(dict.fromkeys(c for _, part in rows for c in part.get("seconds", {})))
     for y, (_, part) in enumerate(rows):
         left = 0.0
