@@ -66,10 +66,12 @@ def loop(config: dict) -> None:
         checkpoints=ms.CheckpointPolicy(every=CHECKPOINT_EVERY), on_event=on_event)
     state = elastic.init(host_batch(0))
     for i in range(int(state.step), config["steps"]):
-        wait_until_allowed(out, i)
+        with elastic.ledger.spend("idle"):  # the test holds the step back: not training
+            wait_until_allowed(out, i)
         state, metrics = elastic.step(state, host_batch(i))
         sent = meshscale_ray.report(elastic, metrics, step=i + 1)
         record(event="step", step=i + 1, loss=sent["loss"], mesh=sent["mesh"], time=time.time())
+    elastic.close()  # the last step saved, the metrics closed
 
 
 class ReportedMetrics(UserCallback):

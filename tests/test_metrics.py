@@ -169,6 +169,16 @@ def test_ledger_charges_the_innermost_cause_and_moves_shares():
     assert ledger.snapshot()["per_mesh"]["2x2/m4"]["goodput"] == 1.0
 
 
+def test_a_second_ledger_or_a_pooled_worker_starts_where_the_last_charge_ended():
+    first = goodput.Ledger()  # this process's own time, from its start (the OS says)
+    assert first.seconds["startup"] > 0
+    time.sleep(0.2)
+    second = goodput.Ledger()  # a second run in one process: the first charged till now
+    assert second.seconds["startup"] < 0.1 + 0.2 + 0.05  # since first's last charge only
+    goodput.begin_attempt()  # a pooled Ray worker given an attempt now
+    assert goodput.Ledger().seconds["startup"] < 0.05
+
+
 def test_combine_charges_the_gap_between_attempts():
     a = {"started_at": 100.0, "time": 130.0, "goodput": goodput.summary({"productive": 30.0})}
     b = {"started_at": 140.0, "time": 150.0, "goodput": goodput.summary(

@@ -165,8 +165,9 @@ def test_goodput_table_and_line_give_every_cause_for_the_run_and_per_mesh():
     run = demo_like_run()["goodput"]
     assert run["wall_seconds"] == 94.0
     assert goodput_line(run) == (
-        "goodput 69% of 94.0 s wall time; badput: startup 10%, search_compile 5%, between_attempts 4%, "
-        "switch 3%, checkpoint 3%, retrained 2%, search_tryrun 2%, restore 1%")
+        "goodput 69% of 94.0 s wall time; badput: startup 10%, search_compile 5%, "
+        "between_attempts 4%, switch 3%, checkpoint 3%, retrained 2%, search_tryrun 2%, "
+        "restore 1%")
     table = goodput_table(run)
     assert [c.header for c in table.columns] == ["cause", "run s", "share", "no mesh s",
                                                  "2x2/m4 s", "2x4/m4 s", "3x1/m6 s"]

@@ -22,7 +22,7 @@ ALLOWED = {
     "planning": {"training", "model", "layout", "runtime"},
     "observe": {"layout"},  # records, writers, goodput: fed by the loop, knowing none of it
     "elastic": {"observe", "planning", "store", "training", "model", "layout", "runtime"},
-    "integrations": {"elastic", "store", "training", "layout", "runtime"},
+    "integrations": {"elastic", "observe", "store", "training", "layout", "runtime"},
     "app": {"integrations", "elastic", "observe", "planning", "store", "training", "model",
             "layout", "runtime", "models", "__init__"},
     "models": {"model"},  # the example models see the contract only

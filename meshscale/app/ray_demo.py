@@ -100,6 +100,7 @@ def loop(config: dict) -> None:
             meshscale_ray.report(elastic, metrics, step=i + 1)
         record(event="step", step=i + 1, loss=float(metrics["loss"]), mesh=metrics["mesh"],
                samples_per_second=float(metrics["samples_per_second"]))
+    elastic.close()  # the last step saved, every write and the metrics finished
 
 
 class ProgressLog:

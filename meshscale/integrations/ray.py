@@ -34,6 +34,7 @@ from typing import Any
 
 from meshscale.elastic import events
 from meshscale.errors import InsufficientDevices, StorageNotShared
+from meshscale.observe import goodput
 from meshscale.runtime import distributed
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def train_function(loop: Loop, *, checkpoint_dir: str | os.PathLike,
 
     @functools.wraps(loop)  # Ray names the run's workers' function after the user's loop
     def run(config: dict) -> None:
+        goodput.begin_attempt()  # Ray may hand this attempt to a pooled, idle process
         join_jax()
         check_shared_storage(directory)
         try:

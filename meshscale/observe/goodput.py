@@ -56,6 +56,13 @@ def process_age() -> float | None:
         return None
 
 
+def begin_attempt() -> None:
+    """This process's next `Ledger` charges from now on, not from the process start: for
+    a pooled worker (a Ray actor) whose process idled before the attempt was handed to
+    it. The time before is the run's ``between_attempts``, not this attempt's start-up."""
+    _ACCOUNTED["until"] = time.monotonic()
+
+
 class Ledger:
     """Charges the time since `started` to one cause at a time.
 
