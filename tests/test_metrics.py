@@ -234,3 +234,12 @@ def test_metrics_policy_refuses_what_it_cannot_honour():
         MetricsPolicy(directory="gs://bucket/run")
     with pytest.raises(InvalidArgument, match="tensorboard"):
         MetricsPolicy(tensorboard="yes")
+
+
+def test_tensorboard_asked_for_without_tensorboardx_is_refused_at_once(monkeypatch):
+    from meshscale.observe import writers
+
+    monkeypatch.setattr(writers, "tensorboard_available", lambda: False)
+    with pytest.raises(InvalidArgument, match="pip install 'meshscale\\[tensorboard\\]'"):
+        MetricsPolicy(tensorboard=True)
+    assert MetricsPolicy().tensorboard is None  # the default: when installed

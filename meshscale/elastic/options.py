@@ -145,6 +145,11 @@ class MetricsPolicy:
         if self.tensorboard not in (None, True, False):
             raise InvalidArgument(f"MetricsPolicy.tensorboard must be None, True or False, "
                                   f"got {self.tensorboard!r}")
+        from meshscale.observe.writers import tensorboard_available
+
+        if self.tensorboard and not tensorboard_available():  # here, before any lock
+            raise InvalidArgument("MetricsPolicy(tensorboard=True) needs tensorboardX: pip "
+                                  "install 'meshscale[tensorboard]'")
         if self.directory is not None and "://" in str(self.directory):
             raise InvalidArgument(f"MetricsPolicy.directory must be a local path, got "
                                   f"{self.directory!r}: the JSONL record is appended line "

@@ -16,7 +16,6 @@ import time
 
 from meshscale.elastic.options import MetricsPolicy
 from meshscale.elastic.steplog import Window
-from meshscale.errors import InvalidArgument
 from meshscale.observe import goodput, writers
 from meshscale.runtime import distributed
 
@@ -31,11 +30,11 @@ class RunMetrics:
         self.directory = _directory(policy, checkpoint_dir)
         main = distributed.is_main()
         sinks = list(policy.writers)
-        if policy.tensorboard and not writers.tensorboard_available():
-            raise InvalidArgument("MetricsPolicy(tensorboard=True) needs tensorboardX: pip "
-                                  "install 'meshscale[tensorboard]'")
         tensorboard = policy.tensorboard or (policy.tensorboard is None
                                              and writers.tensorboard_available())
+        if policy.tensorboard is None and not tensorboard and main:
+            log.info("metrics: tensorboardX is not installed, so no TensorBoard files (pip "
+                     "install 'meshscale[tensorboard]'); metrics.jsonl is written")
         if main and tensorboard and self.directory is not None:
             sinks.append(writers.TensorBoardWriter(
                 os.path.join(self.directory, writers.TENSORBOARD)))

@@ -188,7 +188,8 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         event = kind(time=time.time(), step=self._step if self._stepped else None, **data)
         self._history.append(event)
         if kind in _COUNTED:
-            setattr(self.totals, _COUNTED[kind], getattr(self.totals, _COUNTED[kind]) + 1)
+            counts = self.step_log.totals  # not `totals`: that also takes a goodput snapshot
+            setattr(counts, _COUNTED[kind], getattr(counts, _COUNTED[kind]) + 1)
         log.info("%s %s", kind.kind, {k: v for k, v in data.items() if k != "decision"})
         self.run_metrics.event(event, self._step)
         if self.on_event is not None and distributed.is_main():
