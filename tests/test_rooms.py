@@ -118,3 +118,15 @@ def test_no_module_over_400_lines_and_no_function_over_80():
                 if length > 80:
                     long_functions.append(f"{path.name}:{node.name}: {length}")
     assert not long_modules and not long_functions, (long_modules, long_functions)
+
+
+def test_every_room_is_a_package_pyproject_installs():
+    """A room missing from pyproject's list works in an editable install and vanishes in a
+    wheel (`meshscale.observe` did)."""
+    import tomllib
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {"meshscale"} | {
+        "meshscale." + p.parent.relative_to(PACKAGE).as_posix().replace("/", ".")
+        for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    assert found - listed == set(), f"add {sorted(found - listed)} to pyproject's packages"
