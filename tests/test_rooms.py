@@ -20,11 +20,13 @@ ALLOWED = {
     "training": {"model", "layout", "runtime"},
     "store": {"training", "model", "layout", "runtime"},
     "planning": {"training", "model", "layout", "runtime"},
+    "data": {"training", "model", "layout"},  # grain batches keyed by step; no loop
     "observe": {"layout"},  # records, writers, goodput: fed by the loop, knowing none of it
-    "elastic": {"observe", "planning", "store", "training", "model", "layout", "runtime"},
+    "elastic": {"data", "observe", "planning", "store", "training", "model", "layout",
+                "runtime"},
     "integrations": {"elastic", "observe", "store", "training", "layout", "runtime"},
-    "app": {"integrations", "elastic", "observe", "planning", "store", "training", "model",
-            "layout", "runtime", "models", "__init__"},
+    "app": {"integrations", "elastic", "data", "observe", "planning", "store", "training",
+            "model", "layout", "runtime", "models", "__init__"},
     "models": {"model"},  # the example models see the contract only
 }
 # Libraries for people, not for the loop: only the app room imports them.
