@@ -2,12 +2,19 @@
 
 No download: the corpus is read from the running interpreter's `Lib/` directory, in a
 fixed file order, so every machine with the same Python version sees the same bytes.
+
+For the grain data path (`meshscale.data.Batches`), `write_records` stores the text as an
+ArrayRecord file (fixed windows with `windows`, or variable-length documents with
+`documents`) and `records` reads it back as a random-access grain `MapDataset` of
+``{"tokens": int32[n]}``.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sysconfig
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -50,3 +57,42 @@ class ByteBatches:
         while True:
             yield self.batch(i)
             i += 1
+
+
+def windows(text: bytes, length: int) -> list[bytes]:
+    """`text` cut into consecutive, non-overlapping records of `length` bytes (for a model
+    of ``seq_len``: ``length = seq_len + 1``); the tail shorter than `length` is dropped."""
+    return [text[i: i + length] for i in range(0, len(text) - length + 1, length)]
+
+
+def documents(text: bytes, *, max_bytes: int = 512) -> list[bytes]:
+    """`text` split at blank lines into documents of varying length (each at most
+    `max_bytes`): what packing (`meshscale.data.pack_documents`) puts together."""
+    return [block[:max_bytes] for block in text.split(b"\n\n") if block.strip()]
+
+
+def write_records(path: str | os.PathLike, records: Iterable[bytes]) -> pathlib.Path:
+    """Write `records` as one ArrayRecord file (random access by record number)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    try:
+        for record in records:
+            writer.write(record)
+    finally:
+        writer.close()
+    return path
+
+
+def records(path: str | os.PathLike):
+    """The ArrayRecord file at `path` as a grain `MapDataset` of ``{"tokens": int32[n]}``."""
+    import grain
+
+    source = grain.sources.ArrayRecordDataSource(str(path))
+    return grain.MapDataset.source(source).map(_tokens)
+
+
+def _tokens(record: bytes) -> dict:
+    return {"tokens": np.frombuffer(record, dtype=np.uint8).astype(np.int32)}

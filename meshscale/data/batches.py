@@ -154,6 +154,18 @@ class Batches:
         for key in sorted(wanted - set(self._ahead)):
             self._ahead[key] = self._pool.submit(self._read, *key)
 
+    @property
+    def queued(self) -> list[tuple[int, int, int]]:
+        """The reads queued ahead: (step, first row, end row), in order."""
+        with self._lock:
+            return sorted(self._ahead)
+
+    def wait(self) -> None:
+        """Wait for the reads queued now (to measure what was read)."""
+        with self._lock:
+            queued = list(self._ahead.values())
+        concurrent.futures.wait(queued)
+
     def close(self) -> None:
         """Stop prefetching (queued reads are cancelled, running ones finish)."""
         with self._lock:

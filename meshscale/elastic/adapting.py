@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 
+from meshscale.data.source import BatchSource
 from meshscale.elastic import events
 from meshscale.elastic.safety import state_deleted
 from meshscale.errors import IncompatibleCheckpoint, InsufficientDevices, InvalidMeshShape
@@ -65,8 +66,11 @@ class Adapting:
             f"no valid mesh of pipe width in [{self.p_min}, {len(devices)}] spans every "
             f"process ({self.trainer.num_layers} layers): add devices or change p_min")
 
-    def check(self, state: TrainState, batch: Batch) -> TrainState:
-        """Poll the resource source now; on a change, save, search and maybe switch."""
+    def check(self, state: TrainState, batch: Batch | BatchSource) -> TrainState:
+        """Poll the resource source now; on a change, save, search and maybe switch.
+
+        `batch`: a global batch or the loop's data source (try-runs time real steps with
+        global batch `step`; each process puts only the rows each candidate mesh gives it)."""
         devices = self._poll()
         if device_ids(devices) == device_ids(self._granted):
             self._plan_precompile()
@@ -87,7 +91,8 @@ class Adapting:
         baseline = self.baseline() if current_ok else None
         total = self.switching.total_steps
         remaining = (total - self._step) if total else None
-        state, decision = self._search(state, [batch], devices, baseline=baseline,
+        state, decision = self._search(state, self._tryrun_batches(batch), devices,
+                                       baseline=baseline,
                                        current=self.shape if current_ok else None,
                                        remaining_steps=remaining, step=self._step)
         forced = not current_ok
@@ -102,6 +107,11 @@ class Adapting:
                                       f"{len(devices)} devices: {decision.reason}")
         self._plan_precompile()
         return state
+
+    def _tryrun_batches(self, batch: Batch | BatchSource) -> Sequence[Batch]:
+        """The try-runs' batches: `batch`, or a source's global batch at the current step,
+        read only when a try-run really steps (not for injected measurements)."""
+        return _OnDemand(batch, self._step) if isinstance(batch, BatchSource) else [batch]
 
     def baseline(self) -> Baseline | None:
         """The current mesh's steady-state samples/s from ordinary steps: the median of the
@@ -182,6 +192,7 @@ class Adapting:
                     state = self.trainer.place(state, shape, devices)
             self._step_fn = self.trainer.compile_step(shape, devices)
             self._batch_sharding = self.trainer.batch_sharding(shape, devices)  # once per mesh
+            self._rows = self.trainer.local_rows(shape, devices)
             self.shape, self.devices = shape, list(devices[: shape.num_devices])
             self._granted = list(devices)
             self.step_log.recent.clear()
@@ -219,3 +230,21 @@ class Adapting:
                                        current_devices=self.devices)
         if queued:
             self._emit(events.Precompile, counts=list(counts), queued=queued)
+
+
+class _OnDemand(Sequence):
+    """One global batch of a source, read at the first use (try-runs on any mesh get
+    every row; `Trainer.put_batch` keeps each process's rows of that mesh)."""
+
+    def __init__(self, source: BatchSource, step: int):
+        self._source, self._step, self._batch = source, step, None
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Batch:
+        if index not in (0, -1):
+            raise IndexError(index)
+        if self._batch is None:
+            self._batch = self._source.batch(self._step)
+        return self._batch

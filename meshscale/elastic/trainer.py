@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from meshscale.data.source import BatchSource
 from meshscale.elastic import events, options
 from meshscale.elastic import resources as resources_lib
 from meshscale.elastic.adapting import Adapting
@@ -175,6 +176,7 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         self._stepped = False  # events before the first step carry no step number
         self._closed = False
         self._batch_sharding = None
+        self._rows = slice(0, trainer.global_batch)  # this process's rows on the mesh
         self._step_fn = None
         self._since_switch = 0
         self._last_switch_cost: float | None = None
@@ -203,13 +205,18 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         return self.step_log.totals
 
     # -- start-up ---------------------------------------------------------------------
-    def init(self, example_batch: Batch) -> TrainState:
+    def init(self, example_batch: Batch | BatchSource) -> TrainState:
         """The state to train from: the latest checkpoint if any, else fresh; on the best mesh.
 
+        `example_batch`: one global batch, or the data source the loop will step with
+        (`meshscale.data.Batches`: its examples are checked against the model's batch).
         Refuses to start (`InsufficientDevices`) with fewer devices than `p_min`.
         """
+        source = example_batch if isinstance(example_batch, BatchSource) else None
         if not self.trainer.knows_batch:
-            self.trainer.set_example_batch(example_batch)
+            self.trainer.set_example_batch(source.spec() if source else example_batch)
+        if source is not None:
+            source.check(self.trainer.batch_spec)
         devices = self._poll()
         self._require(devices)
         staging = self._staging_shape(devices)
@@ -225,8 +232,8 @@ class ElasticTrainer(NeverLoseWork, Adapting):
             self._emit(events.Start, num_devices=len(devices))
         self.shape, self.devices = staging, devices[: staging.num_devices]
         step = self._step if latest is not None else None
-        state, decision = self._search(state, [example_batch], devices, baseline=None,
-                                       current=None, step=step)
+        state, decision = self._search(state, self._tryrun_batches(example_batch), devices,
+                                       baseline=None, current=None, step=step)
         best = decision.best
         if best is None:
             raise InsufficientDevices(f"no mesh could run on {len(devices)} devices: "
@@ -239,10 +246,15 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         return state
 
     # -- the loop ---------------------------------------------------------------------
-    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def step(self, state: TrainState, batch: Batch | BatchSource) -> tuple[TrainState, dict]:
         """One training step on the current mesh; every `check_every` steps, adapt.
 
-        The state passed in is consumed (its buffers are donated to the step). Returns the
+        `batch`: the global batch (with several processes, or just this process's rows),
+        or a data source (`meshscale.data.Batches`): the trainer then reads batch `step`
+        (its own step counter, restored with the checkpoint: the data position), only the
+        rows this process's devices hold on the current mesh, while the source prefetches
+        the next steps' rows. The state passed in is consumed (its buffers are donated
+        to the step). Returns the
         new state and metrics: ``loss`` (a device scalar: reading it waits for this step,
         so read it only when needed), ``step`` and ``mesh`` (host values), and
         ``samples_per_second`` of the last closed timing window (nan before the first).
@@ -250,6 +262,9 @@ class ElasticTrainer(NeverLoseWork, Adapting):
         if self._step_fn is None or self._closed:
             raise RuntimeError("call ElasticTrainer.init(example_batch) before step()"
                                if not self._closed else "this ElasticTrainer is closed")
+        source = batch if isinstance(batch, BatchSource) else None
+        if source is not None:
+            batch = source.rows(self._step, self._rows)
         self.trainer.check_batch(batch)
         self._raise_failed_write()
         if not self.step_log.open:
@@ -271,7 +286,7 @@ class ElasticTrainer(NeverLoseWork, Adapting):
                 (number := self.interrupts.requested(self._step)) is not None:
             self._stop_on_signal(state, number)
         if self._step % self.switching.check_every == 0:
-            state = self.check(state, batch)
+            state = self.check(state, source or batch)
         out = {"loss": metrics["loss"], "step": self._step, "mesh": str(self.shape),
                "samples_per_second": self.step_log.last_samples_per_second}
         return state, out
