@@ -36,7 +36,8 @@ from meshscale.errors import (
 )
 from meshscale.layout.mesh import MeshShape
 from meshscale.model.contract import Batch
-from meshscale.planning import memory
+from meshscale.planning import memory, rank
+from meshscale.planning.cost import CostModel, Workload
 from meshscale.planning.space import Candidate, RuledOut, SearchSpace
 from meshscale.planning.tryrun import LiveState, TryRunResult, failure_status, try_run
 from meshscale.runtime import distributed
@@ -130,6 +131,8 @@ class Decision:
       ruled_out: the meshes the search space left out on these devices and why, one
         `RuledOut` each (p_min, layers, max_pipe, the global batch, the vertical-only
         rule); memory shows in `results` (a ``"skipped: ..."`` status).
+      predictions: every candidate's predicted and measured throughput and memory, and why
+        it was or was not try-run (`rank.Prediction`); empty without the cost model.
     """
 
     baseline: Baseline | None
@@ -142,6 +145,7 @@ class Decision:
     threshold: float
     p_min: int | None = None
     ruled_out: tuple[RuledOut, ...] = ()
+    predictions: tuple[rank.Prediction, ...] = ()
 
     @property
     def target(self) -> MeshShape | None:
@@ -243,7 +247,8 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
            remaining_steps: int | None = None, switch_cost: float | None = None,
            eps: float = 0.05, measure: Measure | None = None,
            compile_cache_dir: str | os.PathLike | None = None,
-           progress: Progress | None = None, **legacy) -> Decision:
+           progress: Progress | None = None, top_k: int | None = rank.TOP_K,
+           cost_model: CostModel | None = None, **legacy) -> Decision:
     """Try-run every candidate mesh on `devices` and decide whether to switch.
 
     Args:
@@ -268,6 +273,11 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         the run directory, so a restarted job loads instead of compiling).
       progress: called as each try-run starts and ends (`TryRunProgress`), e.g. to draw
         a progress bar; the search knows nothing of how it is shown.
+      top_k: with more candidates than ``top_k + rank.EXTRA`` (+ the current mesh), only
+        the current mesh, the `top_k` best predicted by the cost model and the uncertain
+        ones are try-run (`meshscale.planning.rank.pruned_search`); None: every candidate.
+      cost_model: the calibration (`CostModel`, kept across searches and with the run);
+        given, every candidate gets a prediction even when all are run.
       legacy: the keywords of the old form (p_min, max_pipe, microbatches, repeats,
         memory_budget, warmup, steps), deprecated: pass `space` and `timing`.
 
@@ -300,25 +310,46 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         def measure(candidate: Candidate) -> TryRunResult:
             return try_run(trainer, state, batches, candidate, devices, timing=timing,
                            memory_budget=budget)
-    results = measure_all(found, measure, progress)
+    results, predictions = _measured(trainer, found, measure, progress, top_k=top_k,
+                                     cost_model=cost_model, budget=budget, current=current)
     baseline = like_with_like(baseline, results, current)
     decision = decide(baseline, results, threshold=threshold, remaining_steps=remaining_steps,
                       switch_cost=switch_cost, eps=eps, global_batch=trainer.global_batch,
                       available_devices=len(devices), p_min=p_min)
-    decision = dataclasses.replace(decision, ruled_out=ruled_out)
+    decision = dataclasses.replace(decision, ruled_out=ruled_out, predictions=predictions)
     decision = distributed.broadcast(decision)  # one decision: process 0's, everywhere
     log.info("search on %d devices: %s", len(devices), decision.reason)
     return decision
 
 
+def _measured(trainer: Trainer, found: Sequence[Candidate], measure: Measure,
+              progress: Progress | None, *, top_k: int | None, cost_model: CostModel | None,
+              budget: int | None, current: MeshShape | None):
+    """(results, predictions): every candidate, or the pruned few when there are many."""
+    many = top_k is not None and len(found) > top_k + rank.EXTRA + (current is not None)
+    if not many and cost_model is None:
+        return measure_all(found, measure, progress), ()
+    try:
+        work = Workload.from_trainer(trainer)
+    except Exception as e:  # a model the cost model cannot read: measure everything
+        log.warning("no cost model for this model (%s): try-running every candidate", e)
+        return measure_all(found, measure, progress), ()
+    done: list[TryRunResult] = []
+    run = lambda group: done.extend(measure_all(group, measure, progress, start=len(done))) \
+        or done[len(done) - len(group):]
+    return rank.pruned_search(found, work, CostModel() if cost_model is None else cost_model,
+                              run, top_k=top_k if many else len(found), budget=budget,
+                              current=current)
+
+
 def measure_all(found: Sequence[Candidate], measure: Measure,
-                progress: Progress | None = None) -> list[TryRunResult]:
+                progress: Progress | None = None, *, start: int = 0) -> list[TryRunResult]:
     """One result per candidate, in order; a measurement that raises is a failed result
-    (the search goes on). `progress` hears each start and end."""
+    (the search goes on). `progress` hears each start and end (indices from `start`)."""
     results = []
-    for index, candidate in enumerate(found):
+    for index, candidate in enumerate(found, start):
         if progress is not None:
-            progress(TryRunProgress(index, len(found), candidate))
+            progress(TryRunProgress(index, start + len(found), candidate))
         try:
             result = measure(candidate)
         except Exception as e:  # a broken measurement is a failed candidate, not a crash
@@ -326,7 +357,7 @@ def measure_all(found: Sequence[Candidate], measure: Measure,
             result = TryRunResult.not_run(candidate, failure_status(e))
         results.append(result)
         if progress is not None:
-            progress(TryRunProgress(index, len(found), candidate, result))
+            progress(TryRunProgress(index, start + len(found), candidate, result))
     return results
 
 
