@@ -198,10 +198,12 @@ def regroup(sched: Schedule, x: jax.Array) -> jax.Array:
 
 
 def running_order(sched: Schedule, blocks: Params) -> Params:
-    """Every block leaf of this stage as ``[r, c, ...]``, round ``k``'s group at ``k``:
-    the stored slice as it is (contiguous stages), else `regroup`ed."""
+    """This stage's block leaves as it runs them: contiguous stages, the stored slice as it
+    is (``[c, ...]``; not even reshaped: XLA on CPU copied a reshaped stack whole, one
+    more stack of parameters per device, measured); circular, `regroup`ed to
+    ``[r, c, ...]``, round ``k``'s group at ``k``."""
     if sched.contiguous:
-        return jax.tree.map(lambda x: x.reshape(1, sched.slots, *x.shape[1:]), blocks)
+        return blocks
     return jax.tree.map(functools.partial(regroup, sched), blocks)
 
 
@@ -223,7 +225,7 @@ def run_stage(plan: Plan, blocks: Params, h: jax.Array, side: Any, keys: Any,
     """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h` (`blocks` in
     `running_order`), one layer slot after another."""
     sched = plan.sched
-    group = (jax.tree.map(lambda x: x[0], blocks) if sched.repeats == 1 else _pick(blocks, k))
+    group = blocks if sched.contiguous else _pick(blocks, k)
     layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
     layers = lax.dynamic_index_in_dim(layer_of[lax.axis_index(PIPE)], k, keepdims=False)
 
@@ -254,6 +256,9 @@ def stage_or_pass(plan: Plan) -> Callable[..., jax.Array]:
     """``(blocks, x, side, keys, round, active) -> y``: `run_stage` on an active tick,
     ``x`` unchanged on a bubble tick."""
     def call(blocks, x, side, keys, k, active):
+        if plan.sched.pipe == 1:  # every tick is active: no branch, whose gradient output
+            # would be one more copy of the stage's stacked parameter gradients (measured)
+            return run_stage(plan, blocks, x, side, keys, k)
         return lax.cond(active, functools.partial(run_stage, plan), lambda _, h, *__: h,
                         blocks, x, side, keys, k)
 
