@@ -188,3 +188,28 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     if len(xs) < 2:
         return math.nan
     return float(stats.spearmanr(xs, ys).statistic)
+
+
+def plan(trainer, n_devices: int, *, space, cost_model: CostModel | None = None,
+         current: MeshShape | None = None, budget: int | None = None,
+         backend: str | None = None) -> list[Prediction]:
+    """The ranked candidates for `n_devices` devices that need not exist: nothing runs,
+    and the only compiles are the cost model's (one layer, embed + head) on one device.
+
+    Args:
+      trainer: a `Trainer`, typically of an abstract model (a constructor), with an
+        ``example_batch`` of `jax.ShapeDtypeStruct`s.
+      space: the `SearchSpace` (an int ``p_min``).
+      cost_model: calibration to rank with (e.g. loaded from a run on this hardware);
+        None: the backend's prior constants.
+      budget: bytes per device; candidates predicted over it are marked not run.
+      backend: whose prior constants rank an uncalibrated plan (``"gpu"``, ``"tpu"``,
+        ``"cpu"``); default: this process's backend.
+    """
+    found = space.candidates(n_devices, num_layers=trainer.num_layers,
+                             global_batch=trainer.global_batch, current=current)
+    constants = (cost_model or CostModel(backend=backend or CostModel().backend)).constants()
+    ranked = rank(found, Workload.from_trainer(trainer), constants, budget=budget,
+                  current=current)
+    return [dataclasses.replace(p, verdict=p.verdict or f"planned: rank {p.rank}")
+            for p in ranked]
