@@ -462,3 +462,21 @@ def test_a_truncated_step_costs_one_warning_line_not_an_orbax_traceback(trainer,
     assert not any("Traceback" in line or "Exception ignored" in line for line in lines), \
         out.stderr[-3000:]
     assert len(lines) <= 3 and any("unreadable" in line for line in lines), out.stderr
+
+
+@pytest.mark.parametrize("onto", [MeshShape(2, 4), MeshShape(4, 2)], ids=str)
+def test_the_first_step_after_a_restore_donates_the_restored_state(tmp_path, onto):
+    """A restored state is an ordinary input of the compiled step: its buffers are reused,
+    never kept beside the step's outputs (the second copy reported in jax#18617)."""
+    batch = jax.device_get(ResidualMLP(SMALL, rngs=nnx.Rngs(0)).example_batch(8))
+    trainer = make_trainer()
+    trainer.set_example_batch(batch)
+    with Checkpointer(tmp_path, trainer) as ckpt:
+        saved = random_state(trainer, MeshShape(2, 4), seed=13)
+        ckpt.save(saved)
+        restored = ckpt.restore(onto)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(restored))
+    new, _ = trainer.compile_step(onto)(restored, trainer.put_batch(batch, onto))
+    jax.block_until_ready(new)
+    assert all(x.is_deleted() for x in jax.tree.leaves(restored))
+    assert int(new.step) == int(saved.step) + 1
