@@ -247,7 +247,7 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
            remaining_steps: int | None = None, switch_cost: float | None = None,
            eps: float = 0.05, measure: Measure | None = None,
            compile_cache_dir: str | os.PathLike | None = None,
-           progress: Progress | None = None, top_k: int | None = rank.TOP_K,
+           progress: Progress | None = None, top_k: int | None | str = "auto",
            cost_model: CostModel | None = None, **legacy) -> Decision:
     """Try-run every candidate mesh on `devices` and decide whether to switch.
 
@@ -273,9 +273,9 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
         the run directory, so a restarted job loads instead of compiling).
       progress: called as each try-run starts and ends (`TryRunProgress`), e.g. to draw
         a progress bar; the search knows nothing of how it is shown.
-      top_k: with more candidates than ``top_k + rank.EXTRA`` (+ the current mesh), only
-        the current mesh, the `top_k` best predicted by the cost model and the uncertain
-        ones are try-run (`meshscale.planning.rank.pruned_search`); None: every candidate.
+      top_k: beyond ``top_k + rank.EXTRA`` candidates (+ the current mesh) only the current
+        mesh, the top k predicted and uncertain ones are try-run (`rank.pruned_search`);
+        None: all; ``"auto"``: `rank.TOP_K`, or all when `measure` is injected (free).
       cost_model: the calibration (`CostModel`, kept across searches and with the run);
         given, every candidate gets a prediction even when all are run.
       legacy: the keywords of the old form (p_min, max_pipe, microbatches, repeats,
@@ -306,10 +306,11 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
             f"{trainer.num_layers} with a data axis dividing global batch "
             f"{trainer.global_batch}: lower p_min or max_pipe ("
             + "; ".join(map(str, ruled_out)) + ")")
-    if measure is None:
+    if tried := measure is None:
         def measure(candidate: Candidate) -> TryRunResult:
             return try_run(trainer, state, batches, candidate, devices, timing=timing,
                            memory_budget=budget)
+    top_k = (rank.TOP_K if tried else None) if top_k == "auto" else top_k
     results, predictions = _measured(trainer, found, measure, progress, top_k=top_k,
                                      cost_model=cost_model, budget=budget, current=current)
     baseline = like_with_like(baseline, results, current)
@@ -337,9 +338,8 @@ def _measured(trainer: Trainer, found: Sequence[Candidate], measure: Measure,
     done: list[TryRunResult] = []
     run = lambda group: done.extend(measure_all(group, measure, progress, start=len(done))) \
         or done[len(done) - len(group):]
-    return rank.pruned_search(found, work, CostModel() if cost_model is None else cost_model,
-                              run, top_k=top_k if many else len(found), budget=budget,
-                              current=current)
+    return rank.pruned_search(found, work, cost_model or CostModel(), run, budget=budget,
+                              top_k=top_k if many else len(found), current=current)
 
 
 def measure_all(found: Sequence[Candidate], measure: Measure,
