@@ -21,6 +21,22 @@ from collections.abc import Callable
 
 NAMES = ("gpt-tiny", "gpt-small", "llama-tiny", "mlp")
 BatchFn = Callable[[int, int], dict]
+# Shapes only (for `meshscale search --plan`): never built, only traced.
+ABSTRACT = {"llama-8b": "8b", "llama-70b": "70b"}
+
+
+def abstract(name: str, global_batch: int) -> tuple[Callable[[], object], dict]:
+    """(constructor, example batch of `jax.ShapeDtypeStruct`s) of a Llama-3 preset's shapes
+    (`ABSTRACT`): a `Trainer` traces the constructor and allocates nothing."""
+    import jax
+    from flax import nnx
+    from meshscale.models.llama import Llama, LlamaConfig
+
+    if name not in ABSTRACT:
+        raise ValueError(f"unknown abstract model {name!r}: choose one of {', '.join(ABSTRACT)}")
+    cfg = LlamaConfig.preset(ABSTRACT[name])
+    example = {"tokens": jax.ShapeDtypeStruct((global_batch, cfg.seq_len + 1), "int32")}
+    return (lambda: Llama(cfg, rngs=nnx.Rngs(0))), example
 
 
 def build(name: str, seed: int = 0) -> tuple[object, BatchFn]:
