@@ -15,7 +15,8 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCRIPTS = ["pipeline.py", "memory.py", "elastic_step.py", "search.py", "reshard.py", "switch.py"]
+SCRIPTS = ["pipeline.py", "memory.py", "elastic_step.py", "search.py", "reshard.py", "switch.py",
+           "data.py"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,12 +44,15 @@ class Batches:
       global_batch: examples per step (the `Trainer`'s).
       seed: grain's shuffle seed (a new order each epoch, the same on every machine).
       shuffle: shuffle the examples (grain's `MapDataset.shuffle`); else in order.
-      prefetch: how many next steps to read ahead in background threads (0: none).
-      threads: reader threads (default: `prefetch`, at least 1).
+      prefetch: how many next steps to read ahead in background threads (0: none). The
+        elastic loop dispatches steps without waiting for the device, up to a timing
+        window (`Timing.window`, 10) ahead, so the default covers one window
+        (benchmarks/data.py: prefetch 2 waits 3-8% of the step time, 10 waits 0%).
+      threads: reader threads (default: `prefetch`, at most 4).
     """
 
     def __init__(self, dataset: Any, global_batch: int, *, seed: int = 0,
-                 shuffle: bool = True, prefetch: int = 2, threads: int | None = None):
+                 shuffle: bool = True, prefetch: int = 10, threads: int | None = None):
         if not isinstance(global_batch, int) or global_batch < 1:
             raise InvalidArgument(f"global_batch must be a positive int, got {global_batch!r}")
         if not isinstance(prefetch, int) or prefetch < 0:
@@ -64,7 +67,7 @@ class Batches:
         self.dataset = (base.shuffle(seed=seed) if shuffle else base).repeat()
         self.prefetch = prefetch
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max(1, threads or prefetch), thread_name_prefix="meshscale-data")
+            max(1, threads or min(prefetch, 4)), thread_name_prefix="meshscale-data")
         self._ahead: dict[tuple[int, int, int], concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._first: Any = None
@@ -117,7 +120,8 @@ class Batches:
         if jax.tree.structure(mine) != jax.tree.structure(spec):
             raise InvalidBatch(
                 f"the dataset's examples are {_keys(mine)}, the model's batch needs "
-                f"{_keys(spec)}: map the dataset (grain MapDataset.map) to those keys")
+                f"{_keys(spec)}: map the dataset (grain MapDataset.map) to those keys, or "
+                "build the Trainer with example_batch=batches.spec()")
         for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(mine)[0],
                                      jax.tree.leaves(spec), strict=True):
             if got.shape[1:] != want.shape[1:] or got.dtype != want.dtype:
