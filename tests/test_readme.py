@@ -51,6 +51,7 @@ ADAPTER = "class Adapted(meshscale.LayerStack):"
 MULTI_HOST = "distributed.initialize()                      # first"
 RAY = "trainer = meshscale_ray.jax_trainer("
 WRITER = "class PrintWriter:"
+DATA = "batches = Batches(records(path), 24, seed=0)"
 SNIPPETS = {
     "make test   # builds .venv": "test_first_block_make_targets_exist_and_run_the_demo_command",
     CLONE: "test_clone_to_picture_block_runs_its_report_command",
@@ -60,6 +61,7 @@ SNIPPETS = {
     MULTI_HOST: "test_multi_host_block_runs_as_two_processes_under_launch",
     RAY: "test_ray_block_builds_the_elastic_jax_trainer",
     WRITER: "test_writer_block_receives_the_loops_scalars_and_texts",
+    DATA: "test_data_block_trains_from_batches_keyed_by_step",
 }
 
 # What cannot run here, and what the test checks instead.
@@ -258,6 +260,17 @@ def test_writer_block_receives_the_loops_scalars_and_texts(capsys):
     log.record({}, {7: {"loss": 2.5}}, {7: {"mesh": "2x2/m4"}})
     log.close()
     assert capsys.readouterr().out.splitlines() == ["7 {'loss': 2.5}", "7 {'mesh': '2x2/m4'}"]
+
+
+def test_data_block_trains_from_batches_keyed_by_step(tmp_path, monkeypatch):
+    """The meshscale.data block as written (first 3 steps): the trainer read batches 0-2
+    itself (the step's rows), and prefetched the next ones."""
+    monkeypatch.chdir(tmp_path)
+    scope = run_block(block(DATA), {"range": FirstSteps(3)})
+    elastic, batches = scope["elastic"], scope["batches"]
+    assert int(scope["state"].step) == 3 and len(elastic.steps) == 3
+    assert all(np.isfinite(r.loss) for r in elastic.steps)
+    assert batches.examples_read >= 3 * 24 and batches.queued == []  # closed: none queued
 
 
 def test_clone_to_picture_block_runs_its_report_command(own_loop, monkeypatch):

@@ -2,7 +2,9 @@
 
 It is an ordinary `ElasticTrainer` run driven by a `resources.FileSource` whose file the
 demo itself rewrites on a schedule, exactly as a scheduler or operator would: the demo
-uses only the public API. Run it with `meshscale demo` (or `make demo`).
+uses only the public API. The text models read their text through `meshscale.data`
+(an ArrayRecord file of the stdlib's source the demo writes into its run directory).
+Run it with `meshscale demo` (or `make demo`).
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def run(cfg: DemoConfig) -> dict:
     if cfg.resume:  # the devices the schedule grants at the step we resume from
         FileSource.write(device_file,
                          devices_at(schedule, elastic.checkpointer.latest_step() or 0))
-    state = elastic.init(batch_fn(cfg.global_batch, 0))
+    data = _text_batches(cfg, model)  # None: the model's own batches
+    state = elastic.init(data or batch_fn(cfg.global_batch, 0))
     first = int(state.step)
     config = dataclasses.asdict(cfg)
     if previous is not None and not _same_run(previous, cfg, first):
@@ -136,7 +139,8 @@ def run(cfg: DemoConfig) -> dict:
 
     try:
         state = _train_loop(cfg, console, elastic, state, first, schedule, device_file,
-                            batch_fn, save_report)
+                            (lambda i: data) if data else
+                            (lambda i: batch_fn(cfg.global_batch, i)), save_report)
     except Interrupted as stop:
         elastic.close()  # the saved step's write finished (a second close does nothing)
         stopped.append({"event": "interrupted", "step": stop.step,
@@ -147,13 +151,30 @@ def run(cfg: DemoConfig) -> dict:
               flush=True)
         raise
     elastic.close()  # the last checkpoint on disk
+    if data is not None:
+        data.close()
     return _finish(cfg, console, model, state, save_report())
 
 
-def _train_loop(cfg, console, elastic, state, first, schedule, device_file, batch_fn,
+def _text_batches(cfg: DemoConfig, model):
+    """`Batches` over RUN_DIR/data/text.array_record (written once from the stdlib's
+    text, windows of ``seq_len + 1`` bytes) for the text models; None for the others."""
+    if not cfg.model.startswith(("gpt-", "llama-")) or ":" in cfg.model:
+        return None
+    from meshscale.data import Batches
+    from meshscale.models.text import records, stdlib_text, windows, write_records
+
+    path = os.path.join(cfg.run_dir, "data", "text.array_record")
+    if not os.path.exists(path):
+        write_records(path, windows(stdlib_text(1_000_000), model.config.seq_len + 1))
+    return Batches(records(path), cfg.global_batch, seed=cfg.seed)
+
+
+def _train_loop(cfg, console, elastic, state, first, schedule, device_file, feed,
                 save_report):
     """Steps `first`..`cfg.steps` with a progress bar, writing the device count the
-    schedule grants and the report every 20 steps."""
+    schedule grants and the report every 20 steps; `feed(i)`: step i's batch or the
+    data source."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from meshscale.elastic.resources import FileSource
@@ -166,7 +187,7 @@ def _train_loop(cfg, console, elastic, state, first, schedule, device_file, batc
             count = devices_at(schedule, i)
             if i > first and count != devices_at(schedule, i - 1):
                 FileSource.write(device_file, count)
-            state, metrics = elastic.step(state, batch_fn(cfg.global_batch, i))
+            state, metrics = elastic.step(state, feed(i))
             last = elastic.last_record  # the newest fetched loss: no wait on this step
             progress.update(task, completed=i + 1, info=(
                 f"loss {last.loss if last else math.nan:.3f} "
