@@ -47,6 +47,27 @@ def test_search_prints_table_and_decision_and_writes_json(tmp_path):
     assert decision["improvement"] is None  # nan (no baseline) is written as null
     assert data["words"].startswith("2 devices: start-up")
     assert any((tmp_path / "run" / "jax_cache").iterdir())  # persistent compile cache
+    # the cost model's prediction beside the measurement, and its calibration kept
+    [pred] = decision["predictions"]
+    assert pred["shape"] == "2x1/m4" and pred["verdict"].startswith("measured")
+    assert pred["measured_samples_per_second"] == decision["results"][0]["samples_per_second"]
+    assert pred["samples_per_second"] > 0 and "predicted vs measured" in proc.stdout
+    saved = json.loads((tmp_path / "run" / "cost_model.json").read_text())
+    assert [o[0] for o in saved["observations"]] == ["2x1/m4"]
+
+
+def test_plan_ranks_a_cluster_that_is_not_there(tmp_path, capsys):
+    # in this process: --plan makes no devices (256 simulated ones would take minutes)
+    out = tmp_path / "plan.json"
+    assert main(["search", "--plan", "--devices", "256", "--model", "mlp", "--batch", "256",
+                 "--p-min", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    ranks = [p["rank"] for p in data["predictions"] if p["rank"]]
+    assert ranks == list(range(1, len(ranks) + 1)) and len(data["predictions"]) >= len(ranks)
+    assert data["num_devices"] == 256 and "predicted best" in data["words"]
+    assert "plan took" in capsys.readouterr().out
+    assert main(["search", "--plan", "--model", "llama-70b", "--p-min", "auto"]) == 2
+    assert "--plan needs an int --p-min" in capsys.readouterr().err
 
 
 def test_no_command_prints_help_and_bad_p_min_is_a_usage_error(capsys):

@@ -104,6 +104,23 @@ def tryrun_table(decision: dict, title: str = "", chosen: str | None = None) -> 
     return table
 
 
+def prediction_table(predictions: list[dict], title: str = "") -> Table:
+    """The cost model's view of every candidate (plain `Prediction`s): predicted next to
+    measured samples/s for each try-run, and why each other candidate was not run."""
+    table = Table(title=title or None, title_justify="left")
+    for col in ("rank", "mesh", "predicted samples/s", "measured samples/s",
+                "measured / predicted", "predicted memory", "why"):
+        table.add_column(col, justify="left" if col in ("mesh", "why") else "right")
+    for p in predictions:
+        measured = p.get("measured_samples_per_second")
+        predicted = p.get("samples_per_second")
+        table.add_row(str(p.get("rank") or "-"), p.get("shape", "?"), _num(predicted, "{:.4g}"),
+                      _num(measured, "{:.4g}"),
+                      _num(measured / predicted if measured and predicted else None, "{:.2f}"),
+                      format_bytes(p.get("bytes_per_device") or None), p.get("verdict", ""))
+    return table
+
+
 def decision_words(search_event: dict, switch_event: dict | None = None) -> str:
     """"8 devices: 2x4/m4 beats 4x1/m8 (current) by 38%, above the 5% threshold: switching"."""
     d = search_event["decision"]

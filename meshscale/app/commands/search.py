@@ -103,12 +103,39 @@ def add(subparsers) -> None:
     p.add_argument("--run-dir", default=None,
                    help="JAX's persistent compilation cache goes to RUN_DIR/jax_cache "
                         "(default: none, every compile is fresh)")
+    p.add_argument("--top-k", type=_top_k, default="auto",
+                   help="try-run only the current mesh, the k best the cost model predicts and "
+                        "up to 2 uncertain ones: auto (3 when there are more candidates), "
+                        "all, or a number")
+    p.add_argument("--plan", action="store_true",
+                   help="rank the candidates for --devices devices that need not exist "
+                        "(predicted throughput and memory; nothing runs, only small abstract "
+                        "compiles); --model also takes llama-8b and llama-70b (shapes only)")
+    p.add_argument("--plan-backend", choices=("gpu", "tpu", "cpu"), default="gpu",
+                   help="--plan: whose constants rank an uncalibrated plan (a --run-dir's "
+                        "calibration, when it has one, is used instead)")
     p.add_argument("--json", dest="json_path", default=None,
                    help="also write the result to this file (default: none)")
     p.set_defaults(run=run)
 
 
+def _top_k(text: str):
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    try:
+        return positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"--top-k takes auto, all or a positive int, got {text!r}") from None
+
+
+def _cost_path(args: argparse.Namespace) -> str | None:
+    return os.path.join(args.run_dir, "cost_model.json") if args.run_dir else None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        return plan(args)
     with device_environment(args.devices, args.platform):
         from meshscale.app import report, terminal
         from meshscale.planning.memory import format_bytes, memory_budget, resolve_p_min
@@ -126,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         title = (f"meshscale search: {args.model}, {len(devices)} devices, batch {args.batch}, "
                  f"p_min {p_min}, budget {format_bytes(budget)}")
-        console.print(report.tryrun_table(report.to_plain(decision), title=title))
+        plain = report.to_plain(decision)
+        console.print(report.tryrun_table(plain, title=title))
+        console.print(report.prediction_table(plain["predictions"], title="cost model: "
+                                              "predicted vs measured, and why the rest did "
+                                              "not run"))
         words = describe(decision, len(devices), eps=args.eps)
         (print if terminal.quiet() else console.print)(words)  # -q: the result alone
         for line in ruled_out_lines(decision):
@@ -159,6 +190,7 @@ def _search(args: argparse.Namespace, console, trainer, batches, devices, p_min,
     from meshscale import SearchSpace, Timing, search
     from meshscale.app import terminal
     from meshscale.layout.mesh import MeshShape
+    from meshscale.planning.cost import CostModel
     from meshscale.planning.space import candidates
 
     current = MeshShape.parse(args.current) if args.current else None
@@ -173,16 +205,22 @@ def _search(args: argparse.Namespace, console, trainer, batches, devices, p_min,
     space = SearchSpace(p_min=p_min, max_pipe=args.max_pipe, microbatches=args.microbatches,
                         repeats=args.repeats, memory_budget=budget)
     bar = None if terminal.quiet() else terminal.TryRunBar(console)
+    cost = CostModel.load(_cost_path(args)) if args.run_dir else CostModel()
+    if args.run_dir:
+        os.makedirs(args.run_dir, exist_ok=True)
     try:
         return search(
             trainer, state, batches, devices, space=space,
             timing=Timing(warmup=args.warmup, steps=args.steps), baseline=baseline,
             threshold=args.threshold, current=current, remaining_steps=args.remaining_steps,
-            switch_cost=args.switch_cost, eps=args.eps, progress=bar,
+            switch_cost=args.switch_cost, eps=args.eps, progress=bar, top_k=args.top_k,
+            cost_model=cost,
             compile_cache_dir=os.path.join(args.run_dir, "jax_cache") if args.run_dir else None)
     finally:
         if bar is not None:
             bar.close()
+        if args.run_dir:  # the calibration stays with the run: the next search reuses it
+            cost.save(_cost_path(args))
 
 
 def describe(decision, num_devices: int, *, eps: float) -> str:
@@ -219,3 +257,55 @@ def measure_baseline(trainer, batches, shape, devices, *, warmup: int, steps: in
 
     times = time_steps(run_one, warmup=warmup, steps=steps)
     return state, Baseline.from_step_times(times, trainer.global_batch, shape, skip=0)
+
+
+def plan(args: argparse.Namespace) -> int:
+    """``search --plan``: the ranked candidates for a cluster that is not there."""
+    import optax
+
+    from meshscale import SearchSpace, Trainer
+    from meshscale.app import report, terminal
+    from meshscale.errors import InvalidArgument
+    from meshscale.layout.mesh import MeshShape
+    from meshscale.planning import rank
+    from meshscale.planning.cost import CostModel
+    from meshscale.planning.memory import format_bytes, parse_bytes
+
+    if args.p_min == "auto":
+        raise InvalidArgument("--plan needs an int --p-min (auto compiles every pipe width on "
+                              "real devices): pass e.g. --p-min 2")
+    start = time.perf_counter()
+    if args.model in registry.ABSTRACT:
+        model, example = registry.abstract(args.model, args.batch)
+    else:
+        model, batch_fn = build_model(args.model, args.seed)
+        example = batch_fn(args.batch, 0)
+    trainer = Trainer(model, optax.adam(1e-3), global_batch=args.batch, example_batch=example,
+                      state_sharding=args.state_sharding)
+    budget = parse_bytes(args.device_memory) if args.device_memory else None
+    cost = CostModel.load(_cost_path(args)) if args.run_dir else None
+    space = SearchSpace(p_min=args.p_min, max_pipe=args.max_pipe,
+                        microbatches=args.microbatches, repeats=args.repeats)
+    ranked = rank.plan(trainer, args.devices, space=space, cost_model=cost, budget=budget,
+                       backend=args.plan_backend,
+                       current=MeshShape.parse(args.current) if args.current else None)
+    seconds = time.perf_counter() - start
+    console = terminal.console()
+    calibration = (f"calibrated from {len(cost.observations)} try-runs" if cost and
+                   cost.observations else f"{args.plan_backend} prior constants, uncalibrated")
+    console.print(report.prediction_table(report.to_plain(ranked), title=(
+        f"meshscale search --plan: {args.model}, {args.devices} devices, batch {args.batch}, "
+        f"p_min {args.p_min}, budget {format_bytes(budget)}; {calibration}")))
+    best = next((p for p in ranked if p.rank == 1), None)
+    words = (f"{args.devices} devices: {len(ranked)} candidates; predicted best {best.shape} "
+             f"at {best.samples_per_second:.4g} samples/s, {format_bytes(best.bytes_per_device)}"
+             f" per device" if best else f"{args.devices} devices: no candidate fits")
+    (print if terminal.quiet() else console.print)(words)
+    console.print(f"plan took {seconds:.1f} s")
+    if args.json_path:
+        report.write_json(report.to_plain({
+            "command": "search --plan", "model": args.model, "num_devices": args.devices,
+            "global_batch": args.batch, "memory_budget": budget, "plan_seconds": seconds,
+            "words": words, "predictions": ranked}), args.json_path)
+        console.print(f"wrote {args.json_path}")
+    return 0
