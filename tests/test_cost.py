@@ -155,3 +155,15 @@ def test_search_prunes_with_injected_measurements_and_reports_predictions(device
     for r in decision.results:
         assert measured[r.shape].measured_samples_per_second == r.samples_per_second
         assert np.isfinite(measured[r.shape].samples_per_second)
+    # the precompiler prepares what a pruned search would try: current + top k + extras
+    from meshscale.planning.precompile import Precompiler
+
+    pre = Precompiler(trainer, space=SearchSpace(p_min=1), top_k=1, cost_model=cost)
+    try:
+        likely = [c.shape for c in pre._likely(found, current)]
+    finally:
+        pre.close()
+    ranked = [p.shape for p in rank.rank(found, Workload.from_trainer(trainer),
+                                         cost.constants(), current=current)
+              if p.rank and p.shape != current]
+    assert set(likely) == {current, *ranked[:1 + rank.EXTRA]} and len(likely) < len(found)

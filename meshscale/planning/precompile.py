@@ -30,7 +30,9 @@ import jax
 
 from meshscale.errors import InvalidArgument, MeshscaleError
 from meshscale.layout.mesh import MeshShape
-from meshscale.planning.space import SearchSpace
+from meshscale.planning import rank
+from meshscale.planning.cost import CostModel, Workload
+from meshscale.planning.space import Candidate, SearchSpace
 from meshscale.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,19 @@ class Precompiler:
       space: the same `SearchSpace` the real search will use (an int ``p_min``).
       budget: at most this many compiles per `plan` call.
       nice: CPU priority of the thread (Linux: per thread; 19 is the lowest).
+      top_k: per device count, compile only the current mesh and the ``top_k +
+        rank.EXTRA`` candidates the cost model ranks best (`meshscale.planning.rank`): the
+        ones a pruned search will try-run. None: every candidate.
+      cost_model: its calibration (share the search's); None: a fresh one.
     """
 
     def __init__(self, trainer: Trainer, *, space: SearchSpace, budget: int = 8,
-                 nice: int = 19):
+                 nice: int = 19, top_k: int | None = rank.TOP_K,
+                 cost_model: CostModel | None = None):
         if not isinstance(space.p_min, int):
             raise MeshscaleError(f"the precompiler needs an int p_min, got {space.p_min!r}")
         self.trainer, self.space, self.budget, self.nice = trainer, space, budget, nice
+        self.top_k, self.cost_model = top_k, cost_model if cost_model is not None else CostModel()
         self.records: collections.deque[PrecompileRecord] = collections.deque(maxlen=1000)
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
@@ -94,7 +102,8 @@ class Precompiler:
 
     def plan(self, counts: Sequence[int], granted: Sequence[jax.Device], *,
              current: MeshShape | None, current_devices: Sequence[jax.Device] = ()) -> int:
-        """Queue every candidate of each count in `counts`; returns how many were queued.
+        """Queue the likely candidates of each count in `counts` (the current mesh and the
+        cost model's top k, or every one); returns how many were queued.
 
         The candidates are the ones the search will list for that count: relative to the
         current mesh while it survives on those devices, from scratch otherwise.
@@ -113,7 +122,7 @@ class Precompiler:
             except MeshscaleError as e:
                 log.info("no pre-compile for %d devices: %s", n, e)
                 continue
-            jobs += [(n, c.shape, devices) for c in found
+            jobs += [(n, c.shape, devices) for c in self._likely(found, current)
                      if self.trainer.step_key(c.shape, devices) not in self.trainer.cache]
         jobs = jobs[: self.budget]
         if jobs:
@@ -122,6 +131,21 @@ class Precompiler:
                 self._queue.put(job)
             self._queue.put(None)  # marks the end of this plan
         return len(jobs)
+
+    def _likely(self, found: list[Candidate], current: MeshShape | None) -> list[Candidate]:
+        """The candidates a pruned search tries (`rank.pruned_search`): all while it would
+        try all, else the current mesh and the top k + `rank.EXTRA` (its likeliest extras)."""
+        keep = None if self.top_k is None else self.top_k + rank.EXTRA
+        if keep is None or len(found) <= keep + (current is not None):
+            return found
+        try:
+            ranked = rank.rank(found, Workload.from_trainer(self.trainer),
+                               self.cost_model.constants(), current=current)
+        except Exception as e:  # no cost model for this model: every candidate
+            log.info("pre-compiling every candidate (no cost model: %s)", e)
+            return found
+        top = [p.shape for p in ranked if p.rank and p.shape != current][:keep]
+        return [c for c in found if c.shape in top or c.shape == current]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued compile is done; False on timeout."""
