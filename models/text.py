@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -86,11 +86,13 @@ def write_records(path: str | os.PathLike, records: Iterable[bytes]) -> pathlib.
     return path
 
 
-def records(path: str | os.PathLike):
-    """The ArrayRecord file at `path` as a grain `MapDataset` of ``{"tokens": int32[n]}``."""
+def records(path: str | os.PathLike | Sequence[str | os.PathLike]):
+    """The ArrayRecord file at `path` (or the shards, in order, of a list of paths) as a
+    grain `MapDataset` of ``{"tokens": int32[n]}``."""
     import grain
 
-    source = grain.sources.ArrayRecordDataSource(str(path))
+    paths = [str(p) for p in path] if isinstance(path, list | tuple) else str(path)
+    source = grain.sources.ArrayRecordDataSource(paths)
     return grain.MapDataset.source(source).map(_tokens)
 
 

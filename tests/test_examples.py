@@ -37,3 +37,14 @@ def test_ray_elastic_trains_the_steps_asked_on_one_device_and_exits_cleanly(tmp_
     assert printed == ["10"]  # the loop prints every 10th step, and stopped at 12
     assert "Traceback" not in done.stderr
     assert (tmp_path / "ex" / "state" / "12" / "commit_success.txt").is_file()  # close()
+
+
+def test_multihost_files_help_shows_its_run_directory_and_steps():
+    """The multi-process file-reading example parses its flags (its data path runs under
+    `meshscale launch` in tests/test_data.py)."""
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "multihost_files.py"),
+                           "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    words = " ".join(done.stdout.split())
+    assert "run run directory" in words and "--steps STEPS train until this step" in words
+    assert "(default: 40)" in words
