@@ -45,6 +45,9 @@ def build(name: str, seed: int = 0) -> tuple[object, BatchFn]:
 
     if ":" in name:
         return from_factory(name)
+    if name in ABSTRACT:
+        raise ValueError(f"{name} is shapes only (nothing to train): use it with "
+                         "meshscale search --plan")
     if name == "llama-tiny":
         from meshscale.models.llama import Llama, LlamaConfig
         from meshscale.models.text import ByteBatches, stdlib_text

@@ -87,7 +87,7 @@ def positive(text: str) -> int:
 
 def model_name(text: str) -> str:
     """A registered model name or ``package.module:factory`` (loaded later)."""
-    if text in registry.NAMES or ":" in text:
+    if text in registry.NAMES or text in registry.ABSTRACT or ":" in text:
         return text
     raise argparse.ArgumentTypeError(
         f"--model takes one of {', '.join(registry.NAMES)} or package.module:factory, "
