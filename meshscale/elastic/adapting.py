@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from meshscale.errors import IncompatibleCheckpoint, InsufficientDevices, Invali
 from meshscale.layout.mesh import MeshShape, device_ids
 from meshscale.model.contract import Batch
 from meshscale.planning import memory
+from meshscale.planning.cost import CostModel
 from meshscale.planning.precompile import likely_next_counts
 from meshscale.planning.search import Baseline, Decision, search
 from meshscale.planning.tryrun import LiveState
@@ -151,7 +153,9 @@ class Adapting:
                               threshold=self.switching.threshold, eps=self.switching.eps,
                               measure=self.switching.measure, current=current,
                               remaining_steps=remaining_steps,
-                              switch_cost=self._last_switch_cost)
+                              switch_cost=self._last_switch_cost,
+                              cost_model=None if self.switching.measure else self._costs())
+        self._save_costs()
         compiled = sum(r.compile_seconds for r in decision.results
                        if math.isfinite(r.compile_seconds))
         self.ledger.move(compiled, "search_tryrun", "search_compile")
@@ -162,6 +166,28 @@ class Adapting:
             self._emit(events.Restore, reason="the live state was released for a try-run",
                        checkpoint_step=step)
         return state, decision
+
+    def _cost_path(self) -> str | None:
+        directory = getattr(self.run_metrics, "directory", None)
+        local = directory is not None and "://" not in str(directory)
+        return os.path.join(directory, "cost_model.json") if local else None
+
+    def _costs(self) -> CostModel:
+        """The run's calibration of the cost model: read once from the run directory (a
+        restarted job starts calibrated), shared with the precompiler, kept across
+        searches."""
+        if getattr(self, "_cost_model", None) is None:
+            path = self._cost_path()
+            self._cost_model = CostModel.load(path) if path else CostModel()
+            if self.precompiler is not None:
+                self.precompiler.cost_model = self._cost_model
+        return self._cost_model
+
+    def _save_costs(self) -> None:
+        path = self._cost_path()
+        if path and getattr(self, "_cost_model", None) is not None \
+                and jax.process_index() == 0 and os.path.isdir(os.path.dirname(path)):
+            self._cost_model.save(path)
 
     def _switch(self, state: TrainState, shape: MeshShape, devices, *,
                 reason: str) -> TrainState:
