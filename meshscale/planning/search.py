@@ -293,8 +293,7 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
     budget = distributed.broadcast(memory.memory_budget(devices, space.memory_budget))
     if p_min == "auto":
         p_min = _agreed_p_min(trainer, devices, budget)
-    if current is None and baseline is not None:
-        current = baseline.shape
+    current = baseline.shape if current is None and baseline is not None else current
     rule = dict(num_layers=trainer.num_layers, global_batch=trainer.global_batch,
                 current=current, p_min=p_min)
     found = space.candidates(len(devices), **rule)
