@@ -131,22 +131,26 @@ Measure = Callable[[Sequence[Candidate]], list]
 
 
 def pruned_search(found: Sequence[Candidate], work: Workload, cost: CostModel,
-                  measure_all: Measure, *, top_k: int = TOP_K, extra: int = EXTRA,
+                  measure_all: Measure, *, top_k: int | None = TOP_K, extra: int = EXTRA,
                   budget: int | None = None, current: MeshShape | None = None
                   ) -> tuple[list, tuple[Prediction, ...]]:
-    """Try-run the current mesh and the predicted top `top_k`, refit, then up to `extra`
-    uncertain ones; returns (results in candidate order, every candidate's `Prediction`).
+    """Try-run the current mesh and the predicted top `top_k` (None: every candidate), refit,
+    then up to `extra` uncertain ones; returns (results in candidate order, every
+    candidate's `Prediction`).
 
     `measure_all(candidates) -> results` runs try-runs (`TryRunResult`s, same order);
     each result that ran is added to `cost` as an observation.
     """
     by_shape = {c.shape: c for c in found}
     ranked = rank(found, work, cost.constants(), budget=budget, current=current)
-    first = [p.shape for p in ranked if p.rank and p.shape != current][:top_k]
-    why = {s: f"measured: predicted rank {i + 1} (top {top_k})" for i, s in enumerate(first)}
-    if current in by_shape:
+    if top_k is None:  # few enough candidates: every one runs, each beside its prediction
+        first = [c.shape for c in found]
+        why = dict.fromkeys(first, "measured: few enough candidates to try all")
+    else:
+        first = [p.shape for p in ranked if p.rank and p.shape != current][:top_k]
+        why = {s: f"measured: predicted rank {i + 1} (top {top_k})" for i, s in enumerate(first)}
+    if current in by_shape and top_k is not None:
         why[current] = "measured: the current mesh (the like-for-like baseline)"
-        first.append(current)
     results = {r.shape: r for r in measure_all([c for c in found if c.shape in why])}
     _observe(cost, work, results.values())
     pipes = [s.pipe for s in results]

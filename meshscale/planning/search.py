@@ -338,7 +338,7 @@ def _measured(trainer: Trainer, found: Sequence[Candidate], measure: Measure,
     run = lambda group: done.extend(measure_all(group, measure, progress, start=len(done))) \
         or done[len(done) - len(group):]
     return rank.pruned_search(found, work, cost_model or CostModel(), run, budget=budget,
-                              top_k=top_k if many else len(found), current=current)
+                              top_k=top_k if many else None, current=current)
 
 
 def measure_all(found: Sequence[Candidate], measure: Measure,
