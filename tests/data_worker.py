@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-BATCH, SEED = 24, 7
+BATCH, SEED, LENGTH = 24, 7, 17  # LENGTH: bytes a record, the model's seq_len + 1
 CHANGE, SAVED, END = 3, 6, 9  # the device change, the train job's last step, the end
-RECORDS = 240  # windows of TEST_GPT.seq_len + 1 bytes: 10 steps an epoch
+RECORDS = 240  # windows of LENGTH bytes: 10 steps an epoch
 MEASURE = (0, 2)  # the bytes a process read are counted after these steps (of a job)
 
 
@@ -40,6 +40,17 @@ class CountingSource:
         with self._lock:
             self.bytes += len(record)
         return record
+
+
+START = time.perf_counter()
+
+
+def say(what: str) -> None:
+    """A progress line from process 0 (shown when a test fails)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"{time.perf_counter() - START:6.1f}s {what}", flush=True)
 
 
 def write_text(path: Path) -> Path:
@@ -75,15 +86,24 @@ def batches(path: Path, *, prefetch: int = 2):
     return logged, source
 
 
+def model():
+    """A 2-layer GPT over bytes (p_min 2: one layer a stage): cheap to compile."""
+    from flax import nnx
+    from meshscale.models.gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(seq_len=LENGTH - 1, num_layers=2, d_model=16, num_heads=2),
+               rngs=nnx.Rngs(0))
+
+
 def elastic_trainer(run: Path, source):
     """A GPT run over p_min 2 (try-runs measured: more data replicas are faster)."""
     from meshscale import CheckpointPolicy, SearchSpace, SwitchPolicy, Timing, Trainer
     from meshscale.elastic.trainer import ElasticTrainer
-    from tests.helpers import make_model, make_optimizer
+    from tests.helpers import make_optimizer
     from tests.multihost_worker import most_replicas
 
     return ElasticTrainer(
-        Trainer(make_model("gpt"), make_optimizer(), global_batch=BATCH), checkpoint_dir=run,
+        Trainer(model(), make_optimizer(), global_batch=BATCH), checkpoint_dir=run,
         resources=source, space=SearchSpace(p_min=2, max_pipe=4, microbatches=[2]),
         timing=Timing(warmup=1, steps=1),
         switching=SwitchPolicy(check_every=100, measure=most_replicas),
@@ -103,8 +123,10 @@ def train(out: Path, run: Path, first_end: tuple[int, int]) -> None:
     source = resources.Callback(lambda: granted["count"] if distributed.is_main() else 8)
     losses, rows, measured = [], {}, {}
     with elastic_trainer(run, source) as elastic, data:
+        say("trainer built")
         state = elastic.init(data)
         first = int(state.step)
+        say(f"started at step {first} on {elastic.shape}")
         for i in range(first, first_end[1]):
             state, metrics = elastic.step(state, data)
             if i - first in MEASURE:  # the prefetch window slid by the steps in between
@@ -115,7 +137,9 @@ def train(out: Path, run: Path, first_end: tuple[int, int]) -> None:
             if i + 1 == CHANGE and first == 0:
                 granted["count"] = 6
                 state = elastic.check(state, data)  # as check_every would
+                say(f"after the device change: {elastic.shape}")
         mesh = str(elastic.shape)
+        say("steps done")
     steady = (measured[MEASURE[1]] - measured[MEASURE[0]]) / (MEASURE[1] - MEASURE[0])
     result = {"first": first, "losses": losses, "reads": data.reads, "rows": rows,
               "mesh": mesh, "bytes_per_step": steady, "processes": jax.process_count()}

@@ -23,9 +23,9 @@ from meshscale.errors import InvalidArgument, InvalidBatch
 from meshscale.model.contract import layer_inputs, run_layers
 from meshscale.runtime.launch import launch
 from tests import data_worker as worker
-from tests.helpers import make_model, make_optimizer
+from tests.helpers import make_optimizer
 
-LENGTH = 17  # TEST_GPT.seq_len + 1
+LENGTH = worker.LENGTH
 ROOT_DIR = str(pathlib.Path(__file__).resolve().parents[1])
 
 
@@ -88,7 +88,7 @@ def test_a_bad_source_is_refused_with_one_line(text_file):
         grain.MapDataset.range(100).to_iter_dataset(), 24))
     assert "not random access" in bad(lambda: Batches(iter(range(100)), 24))
     assert "fewer than one global batch" in bad(lambda: Batches(records(text_file)[:20], 24))
-    spec = {"tokens": jax.ShapeDtypeStruct((24, LENGTH), np.int32)}  # the GPT's batch
+    spec = {"tokens": jax.ShapeDtypeStruct((24, LENGTH), np.int32)}  # the GPTs' batch
     renamed = records(text_file).map(lambda x: {"text": x["tokens"]})
     assert "['text']" in bad(lambda: Batches(renamed, 24).check(spec))
     narrow = records(text_file).map(lambda x: {"tokens": x["tokens"].astype(np.uint8)})
@@ -148,7 +148,7 @@ def uninterrupted(text_file):
     """Losses and global batches of one process on a fixed 2x4 mesh, read through the
     pipeline (`Batches.placed`) for every step of the jobs."""
     shape = MeshShape(2, 4, 2)
-    trainer = Trainer(make_model("gpt"), make_optimizer(), global_batch=worker.BATCH)
+    trainer = Trainer(worker.model(), make_optimizer(), global_batch=worker.BATCH)
     state, step, losses, batches = trainer.init_state(shape), trainer.compile_step(shape), [], []
     with Batches(records(text_file), worker.BATCH, seed=worker.SEED) as data:
         for i in range(worker.END):
