@@ -189,6 +189,11 @@ def test_switch_and_restart_on_another_process_count_read_the_same_samples(
     assert [r["rows"]["2x4/m2"] for r in first] == [[0, 12], [12, 24]]
     assert [r["rows"][first[0]["mesh"]] for r in first] == [[0, 16], [16, 24]]
     assert [r["rows"]["2x4/m2"] for r in second] == [[0, 6], [6, 12], [12, 18], [18, 24]]
+    # the searches' try-runs were measured (injected): no process ever read other rows
+    for job in (first, second):
+        for result in job:
+            assert {(lo, hi) for _, lo, hi, _ in result["reads"]} == \
+                {tuple(rows) for rows in result["rows"].values()}
     # bytes read per steady step: this process's share of the global batch's records
     for job in (first, second):
         for result in job:
