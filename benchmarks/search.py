@@ -44,6 +44,7 @@ from meshscale.models.gpt import GPT, GPTConfig  # noqa: E402
 from meshscale.models.text import ByteBatches, stdlib_text  # noqa: E402
 
 from meshscale import Candidate, MeshShape, Trainer, search, try_run  # noqa: E402
+from meshscale.planning.cost import Workload  # noqa: E402
 from meshscale.planning.space import candidates, microbatch_choices  # noqa: E402
 
 
@@ -92,7 +93,11 @@ def main(argv=None) -> None:
         recompiles = trainer.cache.compiles - compiles
 
         if args.quick:
-            print(cost_figures(first, second, first_s, second_s, recompiles))
+            start = time.perf_counter()  # what the first search spent on its cost model
+            Workload.from_trainer(Trainer(model, optax.adam(1e-3), global_batch=args.batch))
+            print(cost_figures(first, second, first_s, second_s, recompiles) + "\n\n" + table(
+                ["cost model (3 one-example compiles, in the first search) s"],
+                [[time.perf_counter() - start]]))
             return
         shapes = every_shape(len(devices), p_min=args.p_min, num_layers=trainer.num_layers,
                              global_batch=args.batch)

@@ -173,8 +173,9 @@ def pruned_search(found: Sequence[Candidate], work: Workload, cost: CostModel,
             p = dataclasses.replace(p, verdict=why[p.shape], measured_samples_per_second=(
                 r.samples_per_second if r.ok else math.nan))
         elif p.rank:
-            p = dataclasses.replace(p, verdict=f"not run: predicted rank {p.rank}, below "
-                                    f"the top {top_k} and within its uncertainty")
+            p = dataclasses.replace(p, verdict=(
+                f"not run: predicted rank {p.rank}, below the top {top_k}; even "
+                f"{p.uncertainty:+.0%} would not reach the best measured"))
         predictions.append(p)
     return [results[c.shape] for c in found if c.shape in results], tuple(predictions)
 
