@@ -162,8 +162,9 @@ def uninterrupted(text_file):
 def test_switch_and_restart_on_another_process_count_read_the_same_samples(
         tmp_path_factory):
     """2 processes x 4 devices train steps 0-6 through the pipeline, going from 2x4 to 6
-    devices at step 3; 4 processes x 2 devices resume at step 6. Every step's rows are the
-    uninterrupted run's, its losses equal, and a process reads only its rows."""
+    devices at step 3; 4 processes x 2 devices, and this one process, resume at step 6.
+    Every step's rows are the uninterrupted run's, its losses equal, and a process reads
+    only its rows."""
     out = tmp_path_factory.mktemp("data_jobs")
     shutil.copy(worker.write_text(out / "made.array_record"), out / "text.array_record")
     cache = out / "jax_cache"
@@ -172,8 +173,12 @@ def test_switch_and_restart_on_another_process_count_read_the_same_samples(
     shutil.copytree(out / "train", out / "resume")
     second = run_job("resume", out, out / "resume", processes=4, devices_per_process=2,
                      cache_dir=cache)
+    shutil.copytree(out / "train", out / "alone")  # and resumed by this one process
+    worker.train(out, out / "alone", (worker.SAVED, worker.END))
+    third = [json.loads((out / "alone-0.json").read_text())]
     losses, batches = uninterrupted(out / "text.array_record")
-    for job, (start, end) in ((first, (0, worker.SAVED)), (second, (worker.SAVED, worker.END))):
+    resumed = (worker.SAVED, worker.END)
+    for job, (start, end) in ((first, (0, worker.SAVED)), (second, resumed), (third, resumed)):
         assert [r["first"] for r in job] == [start] * len(job)
         for result in job:
             np.testing.assert_allclose(result["losses"], losses[start:end], rtol=1e-5)
@@ -190,12 +195,12 @@ def test_switch_and_restart_on_another_process_count_read_the_same_samples(
     assert [r["rows"][first[0]["mesh"]] for r in first] == [[0, 16], [16, 24]]
     assert [r["rows"]["2x4/m2"] for r in second] == [[0, 6], [6, 12], [12, 18], [18, 24]]
     # the searches' try-runs were measured (injected): no process ever read other rows
-    for job in (first, second):
+    for job in (first, second, third):
         for result in job:
             assert {(lo, hi) for _, lo, hi, _ in result["reads"]} == \
                 {tuple(rows) for rows in result["rows"].values()}
     # bytes read per steady step: this process's share of the global batch's records
-    for job in (first, second):
+    for job in (first, second, third):
         for result in job:
             rows = result["rows"]["2x4/m2"]
             assert result["bytes_per_step"] == (rows[1] - rows[0]) * LENGTH
