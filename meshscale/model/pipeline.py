@@ -46,7 +46,6 @@ from typing import Any, Literal, get_args
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -54,30 +53,21 @@ from meshscale.errors import InvalidArgument
 from meshscale.layout import sharding
 from meshscale.layout.mesh import AXES, DATA, PIPE, MeshShape
 from meshscale.layout.padding import pad
-from meshscale.layout.schedule import PADDING, Schedule
+from meshscale.layout.schedule import Schedule
 from meshscale.model import rng as rng_lib
+from meshscale.model import stage_grad
 from meshscale.model.contract import (
     Batch,
     FunctionalModel,
     Params,
-    call_layer,
     cast_floats,
     layer_inputs,
     mean_loss,
 )
+from meshscale.model.stage_grad import _pick
 
 Remat = Literal["none", "layer", "stage"]
 REMATS: tuple[str, ...] = get_args(Remat)
-
-
-# What a tick keeps from its forward pass for the backward pass: its stage input
-# ("stage"), every layer's input ("layer", which recomputes one layer at a time), or all.
-LAYER_INPUT = "meshscale_layer_input"
-_POLICIES = {
-    "stage": None,
-    "layer": jax.checkpoint_policies.save_only_these_names(LAYER_INPUT),
-    "none": jax.checkpoint_policies.everything_saveable,
-}
 
 
 def check_remat(remat: str | bool) -> Remat:
@@ -96,19 +86,6 @@ def _varying(x: jax.Array) -> jax.Array:
     varying = manual.varying if manual is not None else aval.vma
     missing = tuple(a for a in AXES if a not in varying)
     return lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _gather_over_data(x: jax.Array, spec: P) -> jax.Array:
-    """One layer's whole leaf from its ``data`` shards (FSDP); as is when not split.
-
-    `spec` is the stacked leaf's spec; `x` is one layer of it (no layer axis)."""
-    dim = sharding.data_dim(spec)
-    return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
-
-
-def _pick(tree: Any, i: jax.Array) -> Any:
-    """Every leaf of `tree` at index `i` of its leading axis."""
-    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
 
 # -- the schedule's steps: pure functions of the `Schedule` ---------------------------
@@ -220,52 +197,24 @@ class Plan:
     scatter: bool
 
 
-def run_stage(plan: Plan, blocks: Params, h: jax.Array, side: Any, keys: Any,
-              k: jax.Array) -> jax.Array:
-    """Stage `lax.axis_index(PIPE)`'s layer group of round `k` on `h` (`blocks` in
-    `running_order`), one layer slot after another."""
-    sched = plan.sched
-    group = blocks if sched.contiguous else _pick(blocks, k)
-    layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]; PADDING: no layer
-    layers = lax.dynamic_index_in_dim(layer_of[lax.axis_index(PIPE)], k, keepdims=False)
+def stage_call(plan: Plan) -> Callable[..., tuple[jax.Array, Any]]:
+    """``(acc, blocks, x, side, keys, round, active) -> (y, acc)``: the stage's layer group
+    on an active tick, ``x`` unchanged on a bubble tick.
 
-    def apply(h, layer_params, layer):
-        # FSDP: gathered layer by layer, inside the rematerialised part, so a stage never
-        # holds more than one layer's whole parameters (and their gradient).
-        layer_params = jax.tree.map(_gather_over_data, layer_params, plan.specs)
-        rng = rng_lib.layer_keys(keys, layer)
-        return call_layer(plan.fmodel.merge_layer(layer_params), h, side, rng)
+    ``"layer"``/``"stage"`` remat: `stage_grad` (a backward pass written by hand, one
+    stack of parameter gradients per device). ``"none"``: autodiff, everything saved."""
+    if plan.remat != "none":
+        return stage_grad.make_tick_call(plan)
 
-    if plan.remat == "layer":  # the backward pass recomputes one layer at a time
-        apply = jax.checkpoint(apply)
-    if (sched.slot_layers == PADDING).any():  # a slot past the end of a short group passes
-        # h on (devices along data share the stage, so an FSDP gather in the branch runs
-        # on all of them)
-        run = apply
+    def run(blocks, x, side, keys, k):
+        return stage_grad.stage_forward(plan, blocks, x, side, keys, k)[0]
 
-        def apply(h, layer_params, layer):
-            return lax.cond(layer != PADDING, run, lambda h, *_: h, h, layer_params, layer)
+    def call(acc, blocks, x, side, keys, k, active):
+        if plan.sched.pipe == 1:  # every tick is active: no branch
+            return run(acc, x, side, keys, k), acc
+        return lax.cond(active, run, lambda _, h, *__: h, acc, x, side, keys, k), acc
 
-    def one_layer(h, xs):
-        return apply(checkpoint_name(h, LAYER_INPUT), *xs), None
-
-    return lax.scan(one_layer, h, (group, layers))[0]
-
-
-def stage_or_pass(plan: Plan) -> Callable[..., jax.Array]:
-    """``(blocks, x, side, keys, round, active) -> y``: `run_stage` on an active tick,
-    ``x`` unchanged on a bubble tick."""
-    def call(blocks, x, side, keys, k, active):
-        if plan.sched.pipe == 1:  # every tick is active: no branch, whose gradient output
-            # would be one more copy of the stage's stacked parameter gradients (measured)
-            return run_stage(plan, blocks, x, side, keys, k)
-        return lax.cond(active, functools.partial(run_stage, plan), lambda _, h, *__: h,
-                        blocks, x, side, keys, k)
-
-    # Checkpointed around the cond: the tick then keeps (x, active) and the loop-invariant
-    # parameters, which the scan hoists out; a cond differentiated as is keeps its
-    # branches' residuals per tick, the stage's parameters included (measured).
-    return jax.checkpoint(call, policy=_POLICIES[plan.remat])
+    return call
 
 
 def stages(plan: Plan, blocks: Params, h0: jax.Array, side: Any, keys: Any) -> jax.Array:
@@ -279,21 +228,25 @@ def stages(plan: Plan, blocks: Params, h0: jax.Array, side: Any, keys: Any) -> j
     # data only: those devices share a stage and tick, so they take the same branch.
     blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
     blocks = running_order(sched, blocks)
+    # The layers read `read`; `blocks` rides along the loop unread, and the gradient
+    # arrives as its cotangent (`stage_grad`; with "none" remat `read` is `blocks`).
+    read = blocks if plan.remat == "none" else lax.stop_gradient(blocks)
     stage = lax.axis_index(PIPE)
     m = sched.microbatches
     split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
     micro, side, keys = split(h0), jax.tree.map(split, side), jax.tree.map(split, keys)
-    call = stage_or_pass(plan)
+    call = stage_call(plan)
 
     def tick(carry, t):
+        carry, acc = carry
         x, inbox = tick_inputs(sched, carry, t, stage, micro)
         _, active, mine, k = tick_ids(sched, t, stage)  # mine: the microbatch held
-        y = call(blocks, x, _pick(side, mine), _pick(keys, mine), k, active)
+        y, acc = call(acc, read, x, _pick(side, mine), _pick(keys, mine), k, active)
         sent = shift(sched, y)
-        return ((sent, inbox) if sched.repeats > 1 else sent), y
+        return ((sent, inbox) if sched.repeats > 1 else sent, acc), y
 
     start = jnp.zeros_like(micro[0])
-    _, outs = lax.scan(tick, (start, micro) if sched.repeats > 1 else start,
+    _, outs = lax.scan(tick, ((start, micro) if sched.repeats > 1 else start, blocks),
                        jnp.arange(sched.ticks))
     return collect_outputs(sched, outs, scatter=plan.scatter)
 
