@@ -66,3 +66,43 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def plain_fsdp(fmodel, optimizer, params, opt_state):
+    """Plain `jax.jit` FSDP, the baseline meshscale's ``fsdp`` is measured against:
+    ``(step, (params, opt_state) shardings, batch sharding)``. Every parameter and
+    optimizer leaf is split over all devices on its largest divisible axis and GSPMD
+    partitions the rest; the loss scans the layers, each rematerialised (as meshscale's
+    default ``remat="layer"``); the step donates its state. `params` and `opt_state` may
+    be abstract (`jax.ShapeDtypeStruct`) or arrays: only their shapes are read."""
+    import jax
+    import optax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from meshscale.model.contract import layer_inputs, mean_loss, run_layers
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("d",), axis_types=(AxisType.Auto,))  # Explicit refuses
+    # the embedding's gather
+
+    def split(x):
+        dims = [i for i, size in enumerate(x.shape) if size % n == 0]
+        spec = [None] * len(x.shape)
+        if dims:
+            spec[max(dims, key=lambda i: x.shape[i])] = "d"
+        return NamedSharding(mesh, P(*spec))
+
+    def loss(params, batch):
+        model = fmodel.merge(params)
+        h = run_layers(model.blocks, model.embed(batch), layer_inputs(model, batch), remat=True)
+        return mean_loss(model.head_loss(h, batch))
+
+    def step(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    shardings = jax.tree.map(split, (params, opt_state))
+    jitted = jax.jit(step, out_shardings=(*shardings, None), donate_argnums=(0, 1))
+    return jitted, shardings, NamedSharding(mesh, P("d"))

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import table
+from benchmarks.common import plain_fsdp, table
 
 MODES = ("replicate", "zero1", "fsdp")
 GB, MiB = 1e9, 2**20
@@ -35,6 +35,23 @@ GB, MiB = 1e9, 2**20
 def _need(compiled) -> int:
     stats = compiled.memory_analysis()
     return stats.argument_size_in_bytes + stats.temp_size_in_bytes
+
+
+def plain_fsdp_need(make_model, optimizer, example) -> int:
+    """Arguments + temporaries per device of plain `jax.jit` FSDP (`common.plain_fsdp`)
+    of the model `make_model` builds, on `example` (abstract); compiled only."""
+    import jax
+    from flax import nnx
+
+    from meshscale.model.contract import FunctionalModel
+
+    fmodel, params = FunctionalModel.of(nnx.eval_shape(make_model))
+    opt_state = jax.eval_shape(optimizer.init, params)
+    step, shardings, rows = plain_fsdp(fmodel, optimizer, params, opt_state)
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    state = jax.tree.map(place, (params, opt_state), shardings)
+    batch = jax.tree.map(lambda x: place(x, rows), example)
+    return _need(step.lower(*state, batch).compile())
 
 
 def gpt_table() -> str:
@@ -62,6 +79,8 @@ def gpt_table() -> str:
     one = _need(jax.jit(plain_step, donate_argnums=(0, 1)).lower(
         params, optimizer.init(params), example).compile())
     share = one / 8
+    plain = plain_fsdp_need(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optimizer,
+                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example))
     rows, best = [], {}
     for mode in MODES:
         trainer = Trainer(model, optimizer, global_batch=batch, state_sharding=mode)
@@ -72,11 +91,14 @@ def gpt_table() -> str:
             state = trainer.state_bytes_per_device(shape)
             best[mode] = min(best.get(mode, need), need)
             rows.append([mode, str(shape), round(need / MiB, 1), round(need / share, 2),
-                         round(state / MiB, 2), round(state / (total_state / 8), 2)])
+                         round(need / plain, 2), round(state / MiB, 2),
+                         round(state / (total_state / 8), 2)])
     out = [f"GPT tiny, vocab 16384, global batch 32, Adam, float32; one device (plain "
            f"`jax.jit`): {one / MiB:.1f} MiB, so one-device / 8 = {share / MiB:.1f} MiB.", "",
-           table(["state sharding", "mesh", "MiB / device (args + temp)",
-                  "/ (one device / 8)", "state MiB / device", "state / even share"], rows)]
+           f"Plain `jax.jit` FSDP over the 8 devices (`common.plain_fsdp`): {plain / MiB:.1f} MiB.",
+           "", table(["state sharding", "mesh", "MiB / device (args + temp)",
+                      "/ (one device / 8)", "/ plain FSDP", "state MiB / device",
+                      "state / even share"], rows)]
     out += ["", "Best 8-device mesh per mode, over one device / 8: " + ", ".join(
         f"{m} {best[m] / share:.2f}" for m in MODES)]
     out += ["", step_times(model, optimizer, batch, example)]
@@ -129,8 +151,10 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
     example = {"tokens": jax.ShapeDtypeStruct((batch, seq_len + 1), "int32")}
     rows, pmin = [], {}
     modes = modes or MODES
+    make = lambda: Llama(cfg, rngs=nnx.Rngs(0))
+    plain = plain_fsdp_need(make, optax.adam(1e-4), example)
     for mode in modes:
-        trainer = Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-4),
+        trainer = Trainer(make, optax.adam(1e-4),
                           global_batch=batch, example_batch=example, state_sharding=mode)
         for text in meshes:
             shape = MeshShape.parse(text)
@@ -141,7 +165,7 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
             rows.append([mode, text, f"{trainer.rows(shape)}/{trainer.num_layers}",
                          round(need / GB, 1), round(state / GB, 1),
                          round(state / even, 2) if mode == "fsdp" else "",
-                         round(time.perf_counter() - start, 1)])
+                         round(need / plain, 2), round(time.perf_counter() - start, 1)])
             if need <= 80 * GB and mode not in pmin:
                 pmin[mode] = shape.pipe
     params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state().params))
@@ -151,7 +175,10 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
             f"devices, compiled from a constructor (nothing allocated).")
     return "\n".join([head, "", table(
         ["state sharding", "mesh", "stored rows / layers", "GB / device (args + temp)",
-         "state GB / device", "fsdp state / even share", "compile s"], rows), "",
+         "state GB / device", "fsdp state / even share", "/ plain FSDP", "compile s"],
+        rows), "",
+        f"Plain `jax.jit` FSDP of the same model and batch (`common.plain_fsdp`): {plain / GB:.2f} "
+        "GB / device (args + temp).",
         "p_min for an 80 GB device (smallest pipe width of the meshes above that fits): " +
         ", ".join(f"{m} {pmin.get(m, 'none')}" for m in modes),
         f"Peak host RSS of this process: {rss:.2f} GiB."])
@@ -174,7 +201,7 @@ PARTS = [
     {"what": "llama", "preset": "8b", "devices": 8, "batch": 16, "seq_len": 2048,
      "meshes": ["1x8/m2", "2x4/m4", "4x2/m8", "8x1/m16"]},
     {"what": "llama", "preset": "70b", "devices": 64, "batch": 64, "seq_len": 2048,
-     "meshes": ["2x32/m2", "4x16/m4", "8x8/m8", "16x4/m16"]},
+     "meshes": ["1x64/m1", "2x32/m2", "4x16/m4", "8x8/m8", "16x4/m16"]},
     # The vertical path (#11): 32 layers on every pipe width 3..8, uneven ones stored
     # padded to pipe * ceil(32 / pipe) rows, and a circular schedule (its step also holds
     # the stage-major copy it regroups into).

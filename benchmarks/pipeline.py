@@ -4,6 +4,9 @@
    (target: ratio <= 1.10), timed in alternating rounds (`common.interleaved`): the
    median of the round ratios with their min and max. (Timed one after the other the
    ratio read 0.85 in one run and 1.34 in another; the machine's load had moved.)
+   Then meshscale ``fsdp`` on 1x8 against plain `jax.jit` FSDP of the same model on the
+   same 8 devices (`common.plain_fsdp`: GSPMD partitions the step), interleaved the same
+   way (target: ratio <= 1.0).
 2. For p in 2, 4, 8 stages with m in 1, p, 4p microbatches on p simulated devices: the
    step time over the 1x1 time, next to GPipe's (m + p - 1) / m. Simulated devices share
    this machine's cores, so the ratio shows the pipeline's total work and overheads, not
@@ -25,6 +28,7 @@ import argparse
 
 from benchmarks.common import (
     interleaved,
+    plain_fsdp,
     ratio,
     ratio_text,
     simulate_devices,
@@ -73,16 +77,7 @@ def main(argv=None) -> None:
         loss.block_until_ready()
 
     def meshscale_runner(shape, n: int = 1):
-        step = trainer.compile_step(shape)
-        holder = {"state": trainer.init_state(shape)}
-        placed = trainer.put_batch(batch, shape)
-
-        def run():
-            for _ in range(n):
-                holder["state"], metrics = step(holder["state"], placed)
-            metrics["loss"].block_until_ready()
-
-        return run
+        return runner(trainer, shape, batch, n)
 
     per_round = 3
     times = interleaved({"plain": lambda: run_plain(per_round),
@@ -100,6 +95,8 @@ def main(argv=None) -> None:
     ]))
     print(f"\nmeshscale 1x1 / plain jit = {ratio_text(one_over_plain)} (target <= 1.10: "
           f"{one_over_plain['median'] <= 1.10})\n")
+
+    print(fsdp_against_plain(model, optimizer, batch, rounds=args.repeats))
 
     rows = []
     for p in (2, 4, 8):
@@ -138,6 +135,51 @@ def main(argv=None) -> None:
                  "p(p-1)", "idle share counted", "(p-1)/(rm+p-1)", "equal",
                  "padding slots / step", "measured / 1x1 (median, min, max)"], rows))
     print(device_use())
+
+
+def runner(trainer, shape, batch, n: int = 1):
+    """``run()``: `n` meshscale steps on `shape`, blocking on the last loss."""
+    step = trainer.compile_step(shape)
+    holder = {"state": trainer.init_state(shape)}
+    placed = trainer.put_batch(batch, shape)
+
+    def run():
+        for _ in range(n):
+            holder["state"], metrics = step(holder["state"], placed)
+        metrics["loss"].block_until_ready()
+
+    return run
+
+
+def fsdp_against_plain(model, optimizer, batch, *, rounds: int, per_round: int = 3) -> str:
+    """meshscale ``fsdp`` on 1x8 against plain `jax.jit` FSDP (`common.plain_fsdp`) of
+    the same model, batch and optimizer on the same 8 devices, interleaved."""
+    fmodel, params = FunctionalModel.of(model)
+    opt_state = optimizer.init(params)
+    step, shardings, rows = plain_fsdp(fmodel, optimizer, params, opt_state)
+    holder = {"state": jax.device_put((params, opt_state), shardings)}
+    placed = jax.device_put(batch, rows)
+
+    def run_plain():
+        for _ in range(per_round):
+            p, o, loss = step(*holder["state"], placed)
+            holder["state"] = (p, o)
+        loss.block_until_ready()
+
+    batch_size = len(jax.tree.leaves(batch)[0])
+    trainer = Trainer(model, optimizer, global_batch=batch_size, state_sharding="fsdp")
+    times = interleaved({"plain": run_plain,
+                         "fsdp": runner(trainer, MeshShape(1, 8, 1), batch, per_round)},
+                        rounds=rounds)
+    r = ratio(times["fsdp"], times["plain"])
+    median = lambda t: sorted(t)[len(t) // 2] / per_round
+    return "\n".join([
+        f"FSDP on 8 devices, {rounds} interleaved rounds of {per_round} steps:", "",
+        table(["step", "median s/step", "ratio to plain FSDP (median, min, max)"], [
+            ["plain jax.jit FSDP (GSPMD)", median(times["plain"]), "1"],
+            ["meshscale 1x8/m1 fsdp", median(times["fsdp"]), ratio_text(r)]]), "",
+        f"meshscale 1x8 fsdp / plain jit FSDP = {ratio_text(r)} (target <= 1.0: "
+        f"{r['median'] <= 1.0})", ""])
 
 
 REAL_LAYERS = {"Llama-3-8B": 32, "Qwen2.5-7B": 28, "Llama-2-13B": 40, "Llama-3-70B": 80}
