@@ -17,21 +17,23 @@ Three parts, so that activations shrink with the mesh:
 
 This is MaxText's arrangement (embedding and head outside the stage loop). Layers are
 rematerialised per `Remat` policy. With ``"fsdp"`` state sharding each layer's
-parameters are gathered over ``data`` just before the layer runs, inside the
-rematerialised part (so again in the backward pass), and their gradients are
-reduce-scattered by the transpose: a device never holds more than one whole layer.
-The stored stack is padded with zero rows to a multiple of the stages
-(`meshscale.layout.schedule`), which the loop skips; for the circular schedule the step
-regroups each stage's stored rows into the groups it runs first (``regroup``).
-The backward pass is JAX autodiff through the loop; the result equals
-the one-device reference ``head_loss(run_layers(embed(batch)), batch)``.
+parameters are gathered over ``data`` just before the layer runs (again in the backward
+pass), and their gradients are reduce-scattered by the transpose: a device never holds
+more than one whole layer. The stored stack is padded with zero rows to a multiple of the
+stages (`meshscale.layout.schedule`), which the loop skips; for the circular schedule the
+step regroups each stage's stored rows into the groups it runs first (``regroup``).
+The backward pass is autodiff through the tick loop, except the stage call's
+(`meshscale.model.stage_grad`, written by hand so that the stage's parameter gradient is
+accumulated in one buffer); the result equals the one-device reference
+``head_loss(run_layers(embed(batch)), batch)``.
 
 The steps are named, as MaxText's ``Pipeline`` names them: `ring_links` (the shift's
 ``ppermute`` pairs), `tick_ids` (a stage's item, microbatch and round at a tick),
 `tick_inputs` (stage 0's fresh microbatch or inbox, the others' received ``h``), `shift`,
 `collect_outputs` (the last stage's outputs, ``psum`` / ``psum_scatter``), `regroup` /
-`running_order` (stored slices to running order), `run_stage` (one stage's layer group)
-and `stage_or_pass`; `stages` is the loop over ticks and `Plan` its per-mesh constants.
+`running_order` (stored slices to running order) and `stage_call` (one stage's layer
+group, or a bubble's pass); `stages` is the loop over ticks and `Plan` its per-mesh
+constants.
 
 Nothing here touches optimizer state or decides shapes; `meshscale.training.trainer` does.
 """
