@@ -31,8 +31,9 @@ from meshscale.planning.cost import Constants, CostModel, Workload, predict_memo
 from meshscale.planning.memory import format_bytes
 from meshscale.planning.space import Candidate
 
-# Chosen by measurement (benchmarks/search_regret.py): the smallest top-k whose pruned
-# search kept >= 0.95x the exhaustive best in every case measured there.
+# Chosen by measurement (benchmarks/search_regret.py, RESULTS.md): with EXTRA, k <= 3 keeps
+# a search within 5 try-runs besides the current mesh; of those, k = 3 had the best
+# worst-case and mean regret on 8, 16 and 64 simulated devices (k = 1, 2 lost up to 78%).
 TOP_K = 3
 EXTRA = 2  # uncertain candidates measured beyond the top k: at most 5 + the current mesh
 PRIOR_UNCERTAINTY = 0.5  # relative, while fewer than 3 try-runs calibrate the constants
