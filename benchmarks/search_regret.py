@@ -88,7 +88,8 @@ def child(n: int, warmup: int, steps: int) -> list[dict]:
                             if other != name and r.ok:
                                 cost.observe(r.shape, w, r.step_seconds)
                 row = replay(found, work, measured, cost, k, rank)
-                rows.append(dict(row, devices=n, model=name, batch=batch, k=k,
+                rows.append(dict(row, devices=n, model=name, batch=batch, k=k, raw={
+                    str(s): [r.samples_per_second, r.step_seconds] for s, r in measured.items()},
                                  calibrated=calibrated, exhaustive_seconds=seconds,
                                  compile_seconds=sum(r.compile_seconds
                                                      for r in measured.values())))

@@ -8,8 +8,9 @@ a per-backend constant (seconds per unit):
   a microbatch, idle ticks and padding slots included, plus its share of embed and head
   (batch-sharded over every device). Flops per layer and per example come from XLA's
   ``cost_analysis()`` of one compiled layer (forward and backward), never from a formula.
-- ``compute_shared``: the same summed over the mesh's devices: the cost on hardware whose
-  devices share cores (simulated CPU devices), zero-weighted by fitting elsewhere.
+- ``compute_shared``: the flops all devices execute together (bubble ticks skip their
+  layers, padding slots do not): the cost on hardware whose devices share cores
+  (simulated CPU devices), zero-weighted by fitting elsewhere.
 - ``memory``: bytes the busiest device reads and writes (``cost_analysis()``'s
   ``bytes accessed`` per layer, scaled like ``compute``).
 - ``link``: bytes one device sends: the stage input handed on every tick (``ppermute``,
@@ -180,7 +181,10 @@ def terms(shape: MeshShape, work: Workload) -> np.ndarray:
     handed = 2 * sched.ticks * micro * work.activation_bytes if shape.pipe > 1 else 0.0
     reduce = 2 * (d - 1) / d * (stage_params + work.other_param_bytes / shape.pipe)
     gather = 2 * (d - 1) / d * stage_params if work.state_sharding == "fsdp" else 0.0
-    return np.array([compute, compute * n, memory, handed + reduce + gather,
+    # all devices together execute only busy stage-ticks (bubble ticks skip the layers):
+    # every example through every stored row, padding included
+    executed = work.global_batch * (sched.rows * work.layer_flops + work.outer_flops)
+    return np.array([compute, executed, memory, handed + reduce + gather,
                      sched.ticks, sched.ticks * n, 1.0])
 
 
