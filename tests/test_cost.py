@@ -100,6 +100,11 @@ def test_pruned_search_on_simulated_clusters_runs_few_keeps_current_and_finds_th
     kept = [p for p in predictions if p.rank]
     assert rank.spearman([p.samples_per_second for p in kept],
                          [truth[p.shape] for p in kept]) >= 0.8
+    # repeated with those executables compiled: it compiles nothing new
+    first, asked[:] = set(asked), []
+    rank.pruned_search(found, BIG, CostModel(backend="gpu"), measure, current=current,
+                       compiled=first)
+    assert set(asked) <= first
 
 
 def test_plan_for_4096_devices_of_llama_70b_compiles_only_abstractly():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from scipy import stats
 
@@ -133,11 +133,12 @@ Measure = Callable[[Sequence[Candidate]], list]
 
 def pruned_search(found: Sequence[Candidate], work: Workload, cost: CostModel,
                   measure_all: Measure, *, top_k: int | None = TOP_K, extra: int = EXTRA,
-                  budget: int | None = None, current: MeshShape | None = None
-                  ) -> tuple[list, tuple[Prediction, ...]]:
+                  budget: int | None = None, current: MeshShape | None = None,
+                  compiled: Collection[MeshShape] = ()) -> tuple[list, tuple[Prediction, ...]]:
     """Try-run the current mesh and the predicted top `top_k` (None: every candidate), refit,
     then up to `extra` uncertain ones; returns (results in candidate order, every
-    candidate's `Prediction`).
+    candidate's `Prediction`). Candidates already `compiled` (a repeated search) take the
+    extra places first: they cost no compile, and a repeated search compiles nothing.
 
     `measure_all(candidates) -> results` runs try-runs (`TryRunResult`s, same order);
     each result that ran is added to `cost` as an observation.
@@ -152,6 +153,8 @@ def pruned_search(found: Sequence[Candidate], work: Workload, cost: CostModel,
         why = {s: f"measured: predicted rank {i + 1} (top {top_k})" for i, s in enumerate(first)}
     if current in by_shape and top_k is not None:
         why[current] = "measured: the current mesh (the like-for-like baseline)"
+    cheap = [p.shape for p in ranked if p.shape in compiled and p.shape not in why][:extra]
+    why.update(dict.fromkeys(cheap, "measured: already compiled (costs no compile)"))
     results = {r.shape: r for r in measure_all([c for c in found if c.shape in why])}
     _observe(cost, work, results.values())
     pipes = [s.pipe for s in results]
@@ -159,7 +162,7 @@ def pruned_search(found: Sequence[Candidate], work: Workload, cost: CostModel,
                  observed_pipes=pipes)
     best = max((r.samples_per_second for r in results.values() if r.ok), default=0.0)
     doubtful = [p.shape for p in refit if p.rank and p.shape not in why
-                and p.samples_per_second * (1 + p.uncertainty) >= best][:extra]
+                and p.samples_per_second * (1 + p.uncertainty) >= best][:extra - len(cheap)]
     for s in doubtful:
         why[s] = "measured: prediction too uncertain to rule out"
     more = {r.shape: r for r in measure_all([by_shape[s] for s in doubtful])}

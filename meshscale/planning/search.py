@@ -310,7 +310,7 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
             return try_run(trainer, state, batches, candidate, devices, timing=timing,
                            memory_budget=budget)
     top_k = (rank.TOP_K if tried else None) if top_k == "auto" else top_k
-    results, predictions = _measured(trainer, found, measure, progress, top_k=top_k,
+    results, predictions = _measured(trainer, devices, found, measure, progress, top_k=top_k,
                                      cost_model=cost_model, budget=budget, current=current)
     baseline = like_with_like(baseline, results, current)
     decision = decide(baseline, results, threshold=threshold, remaining_steps=remaining_steps,
@@ -322,7 +322,7 @@ def search(trainer: Trainer, state: TrainState | LiveState, batches: Sequence[Ba
     return decision
 
 
-def _measured(trainer: Trainer, found: Sequence[Candidate], measure: Measure,
+def _measured(trainer: Trainer, devices, found: Sequence[Candidate], measure: Measure,
               progress: Progress | None, *, top_k: int | None, cost_model: CostModel | None,
               budget: int | None, current: MeshShape | None):
     """(results, predictions): every candidate, or the pruned few when there are many."""
@@ -337,8 +337,9 @@ def _measured(trainer: Trainer, found: Sequence[Candidate], measure: Measure,
     done: list[TryRunResult] = []
     run = lambda group: done.extend(measure_all(group, measure, progress, start=len(done))) \
         or done[len(done) - len(group):]
+    compiled = {c.shape for c in found if trainer.step_key(c.shape, devices) in trainer.cache}
     return rank.pruned_search(found, work, cost_model or CostModel(), run, budget=budget,
-                              top_k=top_k if many else None, current=current)
+                              top_k=top_k if many else None, current=current, compiled=compiled)
 
 
 def measure_all(found: Sequence[Candidate], measure: Measure,
