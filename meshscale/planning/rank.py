@@ -137,8 +137,9 @@ def pruned_search(found: Sequence[Candidate], work: Workload, cost: CostModel,
                   compiled: Collection[MeshShape] = ()) -> tuple[list, tuple[Prediction, ...]]:
     """Try-run the current mesh and the predicted top `top_k` (None: every candidate), refit,
     then up to `extra` uncertain ones; returns (results in candidate order, every
-    candidate's `Prediction`). Candidates already `compiled` (a repeated search) take the
-    extra places first: they cost no compile, and a repeated search compiles nothing.
+    candidate's `Prediction`). Candidates already `compiled` take the extra places first
+    (they cost no compile); when the top k were all compiled (the search ran before on
+    these devices) only compiled ones are extras: a repeated search compiles nothing.
 
     `measure_all(candidates) -> results` runs try-runs (`TryRunResult`s, same order);
     each result that ran is added to `cost` as an observation.
@@ -161,7 +162,9 @@ def pruned_search(found: Sequence[Candidate], work: Workload, cost: CostModel,
     refit = rank(found, work, cost.constants(), budget=budget, current=current,
                  observed_pipes=pipes)
     best = max((r.samples_per_second for r in results.values() if r.ok), default=0.0)
+    repeat = top_k is not None and set(first) <= set(compiled)  # this search ran before
     doubtful = [p.shape for p in refit if p.rank and p.shape not in why
+                and (p.shape in compiled or not repeat)
                 and p.samples_per_second * (1 + p.uncertainty) >= best][:extra - len(cheap)]
     for s in doubtful:
         why[s] = "measured: prediction too uncertain to rule out"
