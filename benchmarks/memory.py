@@ -165,7 +165,8 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
             rows.append([mode, text, f"{trainer.rows(shape)}/{trainer.num_layers}",
                          round(need / GB, 1), round(state / GB, 1),
                          round(state / even, 2) if mode == "fsdp" else "",
-                         round(need / plain, 2), round(time.perf_counter() - start, 1)])
+                         round(need / plain, 2) if shape.num_devices == devices else "",
+                         round(time.perf_counter() - start, 1)])
             if need <= 80 * GB and mode not in pmin:
                 pmin[mode] = shape.pipe
     params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state().params))
@@ -177,8 +178,9 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
         ["state sharding", "mesh", "stored rows / layers", "GB / device (args + temp)",
          "state GB / device", "fsdp state / even share", "/ plain FSDP", "compile s"],
         rows), "",
-        f"Plain `jax.jit` FSDP of the same model and batch (`common.plain_fsdp`): {plain / GB:.2f} "
-        "GB / device (args + temp).",
+        f"Plain `jax.jit` FSDP of the same model and batch on the {devices} devices "
+        f"(`common.plain_fsdp`): {plain / GB:.2f} GB / device (args + temp); \"/ plain "
+        "FSDP\" is shown for the meshes that use every device.",
         "p_min for an 80 GB device (smallest pipe width of the meshes above that fits): " +
         ", ".join(f"{m} {pmin.get(m, 'none')}" for m in modes),
         f"Peak host RSS of this process: {rss:.2f} GiB."])
