@@ -13,7 +13,10 @@ import signal
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# 8 devices, keeping the fast-compile flags it inherits from the suite (tests/conftest.py)
+COUNT = "--xla_force_host_platform_device_count"
+FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(COUNT)]
+os.environ["XLA_FLAGS"] = " ".join([*FLAGS, f"{COUNT}=8"])
 
 import meshscale as ms  # noqa: E402
 from meshscale.elastic import resources  # noqa: E402
