@@ -38,7 +38,17 @@ from tests.helpers import DEEP_TOL, assert_trees_close, make_model, prefer_more_
 BATCH = 24
 OPTIMIZER = optax.adam(1e-2)  # one object: compiled steps are shared between the tests
 CACHE = CompileCache(maxsize=64)
-BATCHES = [make_model("mlp").example_batch(BATCH, seed=i) for i in range(30)]
+
+
+def example_batches(count: int) -> list[dict]:
+    """Batches 0..count-1 of the test MLP. example_batch reads only the config and the
+    seed, so one model makes them all (a model per batch cost 3 s of every import of this
+    module: each xdist worker's, and each test_never_lose_work child's)."""
+    mlp = make_model("mlp")
+    return [mlp.example_batch(BATCH, seed=i) for i in range(count)]
+
+
+BATCHES = example_batches(30)
 
 
 OPEN: list[ElasticTrainer] = []  # closed after each test: no write outlives its test
@@ -289,7 +299,9 @@ def test_sigkill_after_the_presearch_checkpoint_resumes_on_another_device_count(
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, time, pathlib
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        count = "--xla_force_host_platform_device_count"  # 8, and the suite's fast flags
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+        os.environ["XLA_FLAGS"] = " ".join([*flags, count + "=8"])
         sys.path.insert(0, {root!r})
         from tests import test_elastic as t
 
