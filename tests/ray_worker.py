@@ -31,9 +31,16 @@ def host_batch(i: int) -> dict:
     """Batch i (seed i), as host arrays."""
     import numpy as np
 
+    return {k: np.asarray(v) for k, v in batch_model().example_batch(BATCH, seed=i).items()}
+
+
+@functools.cache
+def batch_model():
+    """One model makes every batch (example_batch reads only the config and the seed): a
+    model per batch cost each Ray worker of each attempt 1.5 s of CPU."""
     from tests.helpers import make_model
 
-    return {k: np.asarray(v) for k, v in make_model("mlp").example_batch(BATCH, seed=i).items()}
+    return make_model("mlp")
 
 
 def loop(config: dict) -> None:
