@@ -66,16 +66,11 @@ def two_process_job(tmp_path_factory, cache_dir):
     return out, results, saved, stopped - float((out / "killed-at").read_text())
 
 
-@functools.cache
 def one_process_losses():
-    """The same training on one process with 8 devices (this test process), 2x4 mesh."""
-    shape = MeshShape(2, 4, 2)
-    trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=worker.BATCH)
-    state, step, losses = trainer.init_state(shape), trainer.compile_step(shape), []
-    for batch in worker.host_batches(worker.TRAIN_STEPS):
-        state, metrics = step(state, trainer.put_batch(batch, shape))
-        losses.append(float(metrics["loss"]))
-    return losses
+    """The same training on one process with 8 devices (this test process), 2x4 mesh:
+    the first TRAIN_STEPS steps of the run the preempted job is compared with (one
+    trainer and one compile serve both)."""
+    return one_process_losses_to(worker.PREEMPT_END)[: worker.TRAIN_STEPS]
 
 
 def test_pipelined_step_across_two_processes_matches_one_process(two_process_job):
@@ -237,7 +232,9 @@ def test_exit_without_close_then_sigterm_keep_every_step_of_a_two_process_job(
     status = launch(["-m", "tests.multihost_worker", "unclosed", str(out), str(run)],
                     processes=2, devices_per_process=4, timeout=JOB_TIMEOUT,
                     output=lines.append, cwd=ROOT,
-                    env={"JAX_COMPILATION_CACHE_DIR": str(cache_dir)})
+                    env={"JAX_COMPILATION_CACHE_DIR": str(cache_dir),  # job 2 loads them
+                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     text = "\n".join(lines)
     assert status == 0, text[-4000:]
     assert "Traceback" not in text and "cannot schedule new futures" not in text, text[-4000:]
