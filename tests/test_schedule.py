@@ -1,11 +1,24 @@
 """Layer splits and tick tables (layout.schedule): pure arithmetic, checked exhaustively."""
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshscale import InvalidMeshShape, MeshShape
-from meshscale.layout.schedule import PADDING, Schedule, check
+from meshscale.layout.schedule import (
+    IDLE,
+    PADDING,
+    SCHEDULES,
+    Schedule,
+    bubble_formula,
+    check,
+    gpipe_slots,
+    one_f_one_b,
+    slot_table,
+    zb_cap,
+    zero_bubble,
+)
 
 
 @st.composite
@@ -136,3 +149,69 @@ def test_regroup_tables_deliver_every_round_group_to_its_stage(pipe, repeats):
                 out[dest][recv[dest, t, u]] = stored[src][send[src, t, u]]
     for stage in range(pipe):
         assert out[stage][:repeats] == [k * pipe + stage for k in range(repeats)]
+
+
+# -- slot tables: GPipe, 1F1B and zero-bubble (layout.schedule.SlotTable) ---------------
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(SCHEDULES), st.integers(1, 12), st.data())
+def test_slot_tables_keep_every_dependency_and_count_the_formula(kind, pipe, data):
+    """Each stage runs each microbatch's F, B and W once, one op per slot; F on stage s
+    follows F on s - 1, B on s follows B on s + 1 (the last stage's B its own F: the head
+    runs between), W follows B, all by at least one slot (the ppermute at a slot's end);
+    the idle stage-slots counted equal the formula."""
+    micro = data.draw(st.integers(1, 4 * pipe + 2))
+    t = slot_table(kind, pipe, micro)
+    ops = np.stack([t.forward, t.backward, t.weight])
+    assert ((ops != IDLE).sum(0) <= 1).all()  # one op per stage per slot
+    f, b, w = t.when("forward"), t.when("backward"), t.when("weight")
+    assert (f >= 0).all() and (b >= 0).all() and (w >= 0).all()
+    for which in ("forward", "backward", "weight"):  # each microbatch exactly once
+        table = getattr(t, which)
+        for s in range(pipe):
+            assert sorted(table[:, s][table[:, s] != IDLE].tolist()) == list(range(micro))
+    assert (f[1:] > f[:-1]).all() and (b[:-1] > b[1:]).all()
+    assert (b[-1] > f[-1]).all() and (w > b).all() and (b > f).all()
+    assert t.busy().sum() == 3 * pipe * micro  # 3 M work slots a stage
+    assert t.idle_stage_slots() == t.slots * pipe - 3 * pipe * micro
+    assert t.counted_bubble() == pytest.approx(bubble_formula(kind, pipe, micro))
+    if kind == "1f1b":
+        assert t.counted_bubble() == pytest.approx(gpipe_slots(pipe, micro).counted_bubble())
+        # stage s holds at most p - s stage inputs, whatever M
+        assert (t.in_flight().max(0) <= np.minimum(micro, pipe - np.arange(pipe))).all()
+    if kind == "zb":
+        assert (t.in_flight() <= zb_cap(pipe)).all()
+        if micro >= pipe:  # the issue's target, of the step's 3 M work slots a stage
+            idle = t.idle_stage_slots() / pipe
+            assert idle / (3 * micro) <= (pipe - 1) / (3 * micro) + 1 / micro
+    # the GPipe slot table is the existing tick rule's arithmetic in slots
+    assert gpipe_slots(pipe, micro).counted_bubble() == pytest.approx(
+        Schedule(pipe, pipe, 1, micro).bubble())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 10), st.integers(1, 40))
+def test_in_flight_inputs_fit_a_ring_of_buffers_indexed_by_microbatch(pipe, micro):
+    """The 1F1B executor keeps a stage's inputs in ``p`` buffers at ``m % p``: the
+    microbatches a stage holds at once (from its input's arrival to its W) are
+    consecutive and at most ``p``, so no two share a buffer."""
+    t = one_f_one_b(pipe, micro)
+    f, w = t.when("forward"), t.when("weight")
+    arrive = np.concatenate([f[:1], f[:-1] + 1])  # stage 0 reads the batch at its F
+    for s in range(pipe):
+        for u in range(t.slots):
+            held = [m for m in range(micro) if arrive[s, m] <= u <= w[s, m]]
+            assert held == list(range(held[0], held[0] + len(held))) if held else True
+            assert len(held) <= pipe
+
+
+def test_one_f_one_b_table_for_four_stages():
+    t = one_f_one_b(4, 4)
+    assert t.slots == 21 and t.idle_stage_slots() == 4 * 9  # 3 (p - 1) per stage
+    assert t.forward[:, 0].tolist()[:10] == [0, -1, -1, 1, -1, -1, 2, -1, -1, 3]
+    assert t.when("backward")[0].tolist() == [10, 13, 16, 19]  # 3 m + 3 p - 2 - 2 s
+    assert t.when("backward")[3].tolist() == [4, 7, 10, 13]  # right after the last F
+    assert t.in_flight().max(0).tolist() == [4, 3, 2, 1]
+    assert zero_bubble(4, 16).idle_stage_slots() == 4 * 3  # p - 1 a stage
+    assert zero_bubble(4, 16, cap=4).idle_stage_slots() > 4 * 3  # 1F1B's memory costs
+    with pytest.raises(InvalidMeshShape, match="schedule must be one of gpipe, 1f1b, zb"):
+        slot_table("interleaved", 4, 4)
