@@ -215,3 +215,16 @@ def test_one_f_one_b_table_for_four_stages():
     assert zero_bubble(4, 16, cap=4).idle_stage_slots() > 4 * 3  # 1F1B's memory costs
     with pytest.raises(InvalidMeshShape, match="schedule must be one of gpipe, 1f1b, zb"):
         slot_table("interleaved", 4, 4)
+
+
+def test_mesh_shape_names_its_schedule_and_old_strings_round_trip():
+    for text in ("4x2/m16/1f1b", "4x2/m16/zb", "4x2/m8/r2", "4x2/m8", "1x8/m1"):
+        assert str(MeshShape.parse(text)) == text
+    assert MeshShape.parse("4x2/m16/1f1b") == MeshShape(4, 2, 16, schedule="1f1b")
+    assert MeshShape.parse("4x2/m16/gpipe") == MeshShape(4, 2, 16)  # gpipe: the default
+    with pytest.raises(InvalidMeshShape, match="runs only the gpipe schedule.*use repeats=1"):
+        MeshShape.parse("4x2/m8/r2/zb")
+    with pytest.raises(InvalidMeshShape, match="schedule must be one of gpipe, 1f1b, zb"):
+        MeshShape(4, 2, 8, schedule="interleaved")
+    with pytest.raises(InvalidMeshShape, match=r"PIPExDATA\[/mM\]\[/rR\]\[/1f1b\|zb\]"):
+        MeshShape.parse("4x2/m8/2f2b")

@@ -48,7 +48,7 @@ import functools
 import numpy as np
 
 from meshscale.errors import InvalidMeshShape
-from meshscale.layout.mesh import MeshShape
+from meshscale.layout.mesh import SCHEDULES, MeshShape
 
 PADDING = -1  # the layer index of a slot that holds no layer
 
@@ -188,7 +188,6 @@ class Schedule:
 
 
 # -- slot tables: GPipe, 1F1B and zero-bubble in one unit ------------------------------
-SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "zb")
 IDLE = -1  # a table entry with no microbatch
 
 

@@ -181,6 +181,11 @@ class Trainer:
                 f"mesh {shape.pipe}x{shape.data} needs {shape.num_devices} devices, only {n} "
                 f"available: choose pipe * data <= {n}")
         schedule.check(shape, self.num_layers)
+        if shape.schedule != "gpipe":  # never run GPipe under another schedule's name
+            gpipe = str(shape).removesuffix(f"/{shape.schedule}")
+            raise InvalidMeshShape(
+                f"mesh {shape}: the {shape.schedule} schedule has no train step yet (only a "
+                f"prototype loss, meshscale.model.schedule_1f1b): use {gpipe} (GPipe)")
         per_step = shape.data * shape.microbatches
         if self.global_batch % per_step:
             raise InvalidMeshShape(
