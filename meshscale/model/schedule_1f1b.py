@@ -1,0 +1,268 @@
+"""The 1F1B schedule's loss and gradients: an explicit backward inside one `shard_map`.
+
+A prototype (#24) beside the GPipe loss (`meshscale.model.pipeline`): the same stages,
+layers, FSDP gathers and hand-written stage backward (`meshscale.model.stage_grad`), but
+no autodiff through the tick loop. The loop plays the 1F1B slot table
+(`meshscale.layout.schedule.one_f_one_b`): in each slot a stage runs the F or the
+backward (B with its W merged, see below) of one microbatch, then two ``ppermute``s carry
+outputs to stage ``s + 1`` and cotangents to stage ``s - 1``. A stage keeps the inputs of
+the microbatches it has in flight, at most ``p`` (a ring of ``p`` buffers at ``m % p``),
+never the replica's whole batch as GPipe does.
+
+The head runs inside the loop, because the last stage's backward of microbatch ``m``
+needs ``m``'s loss cotangent right after ``m``'s forward: in the slot after the last
+stage's F of ``m`` every stage of the column gets its output (a ``psum`` over pipe),
+computes ``head_loss`` and its vjp on its ``1/p`` share of the rows (head parameters
+whole, replicated in this prototype), and the rows' cotangents are gathered back. The
+embedding runs outside, as in GPipe: the loop returns ``d h0`` and ``jax.vjp`` of
+``embed`` finishes the gradient. `schedule_loss` wraps it all in a `jax.custom_vjp`, so
+``jax.value_and_grad(loss_fn)`` works as with `pipeline_loss`.
+
+Prototype limits (each refused with a one-line error): ``remat="layer"`` or
+``"stage"``; ``repeats == 1``; a ``head_loss`` that returns a mean over rows (shares of
+equal rows average to the batch mean); no floating ``layer_inputs``; a microbatch's rows
+divisible by ``pipe``. The W slot of the table is idle here: the B slot computes the
+input and the weight gradient together (`stage_grad`'s backward), so the lockstep slot
+costs are not yet balanced (B about twice F, W nothing).
+
+Never: runs GPipe under the 1F1B name, or changes the stored state's layout (a
+checkpoint does not depend on the schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from meshscale.errors import InvalidArgument
+from meshscale.layout import sharding
+from meshscale.layout.mesh import DATA, PIPE, MeshShape
+from meshscale.layout.padding import pad
+from meshscale.layout.schedule import IDLE, Schedule, one_f_one_b
+from meshscale.model import rng as rng_lib
+from meshscale.model import stage_grad
+from meshscale.model.contract import (
+    Batch,
+    FunctionalModel,
+    Params,
+    cast_floats,
+    layer_inputs,
+    mean_loss,
+)
+from meshscale.model.pipeline import Plan, _varying
+from meshscale.model.stage_grad import _pick
+
+BLOCKS = sharding.BLOCKS
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Loop:
+    """The per-mesh constants of the 1F1B loop: the stage plan, the slot table's
+    columns as arrays (``[slots, pipe]``; ``head[u]``: the microbatch whose head runs
+    after slot ``u``, or `IDLE`) and the ring size."""
+
+    plan: Plan
+    forward: np.ndarray
+    backward: np.ndarray
+    head: np.ndarray
+    ring: int
+
+
+def _put(buf: jax.Array, x: jax.Array, m: jax.Array, ring: int) -> jax.Array:
+    """`buf` with `x` at slot ``m % ring`` when ``m`` is a microbatch (else unchanged)."""
+    i = jnp.maximum(m, 0) % ring
+    kept = jnp.where(m >= 0, x, lax.dynamic_index_in_dim(buf, i, keepdims=False))
+    return lax.dynamic_update_index_in_dim(buf, kept, i, 0)
+
+
+def _head_share(fmodel: FunctionalModel, rest: Params, blocks_shape: Any, y: jax.Array,
+                batch: Batch, weight: float) -> tuple[jax.Array, jax.Array, Params]:
+    """``(loss, d y, d rest)`` of this device's share of one microbatch's rows: the
+    output `y` gathered from the last stage, this stage's ``1/p`` of its rows."""
+    p, stage = lax.axis_size(PIPE), lax.axis_index(PIPE)
+    share = y.shape[0] // p
+    cut = lambda x: lax.dynamic_slice_in_dim(x, stage * share, share, 0)  # noqa: E731
+
+    def loss(rest, h):
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), blocks_shape)
+        model = fmodel.merge({**rest, BLOCKS: zeros})  # the head reads no block
+        return mean_loss(model.head_loss(h, jax.tree.map(cut, batch))) * weight
+
+    value, vjp = jax.vjp(loss, rest, cut(y))
+    d_rest, d_share = vjp(jnp.ones_like(value))
+    return value, lax.all_gather(d_share, PIPE, axis=0, tiled=True), d_rest
+
+
+def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weight,
+          read, carry, row):
+    """One slot of the 1F1B table on this device (module doc): F, the head, B, shifts."""
+    plan, ring = loop.plan, loop.ring
+    p, stage = plan.sched.pipe, lax.axis_index(PIPE)
+    inputs, cts, acc, d_h0, loss, d_rest = carry
+    fwd, bwd, head = row
+    call = stage_grad.make_tick_call(plan)
+    zero = jnp.zeros((), jnp.int32)
+
+    def stage_input(m):
+        m = jnp.maximum(m, 0)
+        mine = lax.dynamic_index_in_dim(inputs, m % ring, keepdims=False)
+        return jnp.where(stage == 0, _pick(micro, m), mine)
+
+    # F: this stage's layers on microbatch fwd[stage]; the output goes to stage s + 1.
+    m_f = fwd[stage]
+    x = stage_input(m_f)
+    y = call(acc, read, x, _pick(side, jnp.maximum(m_f, 0)), _pick(keys, jnp.maximum(m_f, 0)),
+             zero, m_f >= 0)[0]
+    got = lax.ppermute(y, PIPE, [(i, i + 1) for i in range(p - 1)])
+    inputs = _put(inputs, got, jnp.where(stage > 0, fwd[jnp.maximum(stage - 1, 0)], IDLE),
+                  ring)
+
+    # The head of the microbatch that left the last stage in this slot (every device).
+    def run_head(loss, d_rest, cts):
+        out = lax.psum(jnp.where(stage == p - 1, y, jnp.zeros_like(y)), PIPE)
+        value, d_y, g = _head_share(fmodel, rest, blocks_shape, out,
+                                    _pick(batch, jnp.maximum(head, 0)), weight)
+        cts = _put(cts, d_y, jnp.where(stage == p - 1, head, IDLE), ring)
+        return loss + value, jax.tree.map(jnp.add, d_rest, g), cts
+
+    loss, d_rest, cts = lax.cond(head >= 0, run_head, lambda *a: a, loss, d_rest, cts)
+
+    # B (with its W): the stage's backward of microbatch bwd[stage], from its input.
+    m_b = bwd[stage]
+    mb = jnp.maximum(m_b, 0)
+    ct = lax.dynamic_index_in_dim(cts, mb % ring, keepdims=False)
+    fn = lambda acc, x: call(acc, read, x, _pick(side, mb), _pick(keys, mb), zero,  # noqa
+                             m_b >= 0)
+    _, vjp = jax.vjp(fn, acc, stage_input(m_b))
+    acc, d_x = vjp((ct, acc))  # the stage backward adds its gradient into acc, in place
+    d_h0 = _put(d_h0, d_x, jnp.where(stage == 0, m_b, IDLE), d_h0.shape[0])
+    back = lax.ppermute(d_x, PIPE, [(i + 1, i) for i in range(p - 1)])
+    cts = _put(cts, back, jnp.where(stage < p - 1, bwd[jnp.minimum(stage + 1, p - 1)], IDLE),
+               ring)
+    return (inputs, cts, acc, d_h0, loss, d_rest), None
+
+
+def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Params,
+             rest: Params, h0: jax.Array, batch: Batch, side: Any, keys: Any):
+    """The `shard_map` body: ``(loss, d blocks, d rest, d h0)`` of this replica's rows,
+    the loss and ``d rest`` summed over the mesh, ``d h0`` on every stage."""
+    plan = loop.plan
+    sched = plan.sched
+    m = sched.microbatches
+    blocks, rest, h0, batch, side, keys = jax.tree.map(
+        _varying, (blocks, rest, h0, batch, side, keys))
+    read = lax.stop_gradient(blocks)
+    split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])  # noqa: E731
+    micro, batch, side, keys = jax.tree.map(split, (h0, batch, side, keys))
+    weight = 1.0 / (lax.axis_size(DATA) * sched.pipe * m)  # one share of the batch mean
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    carry = (jnp.zeros((loop.ring, *micro.shape[1:]), micro.dtype),
+             jnp.zeros((loop.ring, *micro.shape[1:]), micro.dtype), zeros(blocks),
+             jnp.zeros_like(micro), jnp.zeros((), jnp.float32), zeros(rest))
+    carry = jax.tree.map(_varying, carry)  # scan carries and cond branches: varying
+    rows = (jnp.asarray(loop.forward), jnp.asarray(loop.backward), jnp.asarray(loop.head))
+    body = functools.partial(_slot, loop, fmodel, rest, blocks_shape, micro, batch, side,
+                             keys, weight, read)
+    (_, _, acc, d_h0, loss, d_rest), _ = lax.scan(body, carry, rows)
+    # A leaf not split over data got a gradient from each replica's rows: sum them (a
+    # split one was reduce-scattered by the FSDP gather's transpose).
+    acc = jax.tree.map(lambda g, s: g if sharding.data_dim(s) is not None
+                       else lax.psum(g, DATA), acc, plan.specs)
+    d_h0 = lax.psum(jnp.where(lax.axis_index(PIPE) == 0, d_h0, 0), PIPE)
+    return (lax.psum(loss, (PIPE, DATA)), acc, jax.tree.map(
+        lambda g: lax.psum(g, (PIPE, DATA)), d_rest), d_h0.reshape(h0.shape))
+
+
+def check(fmodel: FunctionalModel, shape: MeshShape, global_batch: int, remat: str) -> None:
+    """Raise (one line, naming the fix) unless this prototype runs `shape`."""
+    rows = global_batch // (shape.data * shape.microbatches)
+    if remat not in ("layer", "stage"):
+        raise InvalidArgument(f"the 1f1b loss needs remat='layer' or 'stage', got {remat!r}")
+    if shape.repeats != 1:
+        raise InvalidArgument(f"the 1f1b loss runs repeats=1 only, got {shape}: use repeats=1")
+    if rows % shape.pipe:
+        raise InvalidArgument(
+            f"the 1f1b head splits a microbatch's {rows} rows over pipe={shape.pipe}: "
+            f"choose global_batch / (data * microbatches) divisible by {shape.pipe}")
+
+
+def _loop(fmodel: FunctionalModel, shape: MeshShape, specs: Params, remat: str) -> Loop:
+    sched = Schedule.of(shape, fmodel.num_layers)
+    plan = Plan(fmodel, sched, specs, remat, scatter=False)  # type: ignore[arg-type]
+    table = one_f_one_b(sched.pipe, sched.microbatches)
+    # The head of m runs after the slot of the last stage's F of m.
+    return Loop(plan, table.forward, table.backward, table.forward[:, -1], ring=sched.pipe)
+
+
+def schedule_loss(
+    fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
+    state_sharding: sharding.StateSharding = "fsdp", remat: str = "layer",
+    compute_dtype: Any = None, stored: Params | None = None, specs: Params | None = None,
+):
+    """``(params, batch, rng=None) -> loss`` computed by the 1F1B schedule on `mesh`, as
+    `meshscale.model.pipeline.pipeline_loss` (same arguments, same loss); its gradient
+    comes from the schedule's explicit backward (a `jax.custom_vjp`: the forward pass
+    computes every gradient, the backward scales them)."""
+    check(fmodel, shape, global_batch, remat)
+    sched = Schedule.of(shape, fmodel.num_layers)
+    if stored is None:  # as `Trainer.abstract_state`
+        stored = sharding.stored_params(
+            fmodel.abstract_params(), mesh_shape=shape, num_layers=fmodel.num_layers,
+            rows=sched.rows, mode=state_sharding)
+    if specs is None:  # as `Trainer.specs`
+        specs = sharding.state_specs(stored, None, mesh_shape=shape,
+                                     num_layers=fmodel.num_layers, mode=state_sharding)[0]
+    block_specs = specs[BLOCKS]
+    loop = _loop(fmodel, shape, block_specs, remat)
+    blocks_shape = fmodel.abstract_params()[BLOCKS]
+    merge = lambda rest: fmodel.merge(  # noqa: E731 (outside the loop the head reads no block)
+        {**rest, BLOCKS: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), blocks_shape)})
+
+    def value_and_grads(params: Params, batch: Batch, rng: jax.Array | None):
+        batch = jax.tree.map(
+            lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA))), batch)
+        prepare = lambda p: cast_floats(pad(p, stored, fmodel.num_layers),  # noqa: E731
+                                        compute_dtype)
+        prepared, prepare_vjp = jax.vjp(prepare, params)
+        rest = {k: v for k, v in prepared.items() if k != BLOCKS}
+        h0, embed_vjp = jax.vjp(lambda rest: merge(rest).embed(batch), rest)
+        side = layer_inputs(merge(rest), batch)
+        if any(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(side)):
+            raise InvalidArgument("the 1f1b loss takes no floating layer_inputs yet: "
+                                  "use schedule='gpipe' for this model")
+        keys = rng_lib.example_keys(rng, global_batch)
+        per_example = jax.tree.map(lambda _: P(DATA), (batch, side, keys))
+        body = jax.shard_map(
+            functools.partial(run_loop, loop, fmodel, blocks_shape), mesh=mesh,
+            in_specs=(block_specs, P(), P(DATA), *per_example),
+            out_specs=(P(), block_specs, P(), P(DATA)))
+        loss, d_blocks, d_head, d_h0 = body(prepared[BLOCKS], rest, h0, batch, side, keys)
+        (d_embed,) = embed_vjp(d_h0.astype(h0.dtype))
+        d_rest = jax.tree.map(jnp.add, d_head, d_embed)
+        (grads,) = prepare_vjp({**d_rest, BLOCKS: d_blocks})
+        return loss, grads
+
+    @jax.custom_vjp
+    def loss_1f1b(params, batch, rng):
+        return value_and_grads(params, batch, rng)[0]
+
+    def fwd(params, batch, rng):
+        return value_and_grads(params, batch, rng)
+
+    def bwd(grads, ct):
+        return jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads), None, None
+
+    loss_1f1b.defvjp(fwd, bwd)
+
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        return loss_1f1b(params, batch, rng)
+
+    return loss_fn
