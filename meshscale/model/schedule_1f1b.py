@@ -86,17 +86,17 @@ def _put(buf: jax.Array, x: jax.Array, m: jax.Array, ring: int) -> jax.Array:
 def _head_share(fmodel: FunctionalModel, rest: Params, blocks_shape: Any, y: jax.Array,
                 batch: Batch, weight: float) -> tuple[jax.Array, jax.Array, Params]:
     """``(loss, d y, d rest)`` of this device's share of one microbatch's rows: the
-    output `y` gathered from the last stage, this stage's ``1/p`` of its rows."""
+    output `y` gathered from the last stage, this stage's ``1/p`` of its rows (`batch`:
+    the same rows)."""
     p, stage = lax.axis_size(PIPE), lax.axis_index(PIPE)
     share = y.shape[0] // p
-    cut = lambda x: lax.dynamic_slice_in_dim(x, stage * share, share, 0)  # noqa: E731
 
     def loss(rest, h):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), blocks_shape)
         model = fmodel.merge({**rest, BLOCKS: zeros})  # the head reads no block
-        return mean_loss(model.head_loss(h, jax.tree.map(cut, batch))) * weight
+        return mean_loss(model.head_loss(h, batch)) * weight
 
-    value, vjp = jax.vjp(loss, rest, cut(y))
+    value, vjp = jax.vjp(loss, rest, lax.dynamic_slice_in_dim(y, stage * share, share, 0))
     d_rest, d_share = vjp(jnp.ones_like(value))
     return value, lax.all_gather(d_share, PIPE, axis=0, tiled=True), d_rest
 
@@ -111,14 +111,15 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
     call = stage_grad.make_tick_call(plan)
     zero = jnp.zeros((), jnp.int32)
 
-    def stage_input(m):
-        m = jnp.maximum(m, 0)
-        mine = lax.dynamic_index_in_dim(inputs, m % ring, keepdims=False)
-        return jnp.where(stage == 0, _pick(micro, m), mine)
+    def held(m):  # a stage input this stage holds (its ring)
+        return lax.dynamic_index_in_dim(inputs, jnp.maximum(m, 0) % ring, keepdims=False)
 
     # F: this stage's layers on microbatch fwd[stage]; the output goes to stage s + 1.
+    # Stage 0's input is gathered from every stage's share of h0 (and then held).
+    fresh = lax.all_gather(_pick(micro, jnp.maximum(fwd[0], 0)), PIPE, axis=0, tiled=True)
     m_f = fwd[stage]
-    x = stage_input(m_f)
+    x = jnp.where(stage == 0, fresh, held(m_f))
+    inputs = _put(inputs, x, jnp.where(stage == 0, m_f, IDLE), ring)
     y = call(acc, read, x, _pick(side, jnp.maximum(m_f, 0)), _pick(keys, jnp.maximum(m_f, 0)),
              zero, m_f >= 0)[0]
     got = lax.ppermute(y, PIPE, [(i, i + 1) for i in range(p - 1)])
@@ -141,9 +142,12 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
     ct = lax.dynamic_index_in_dim(cts, mb % ring, keepdims=False)
     fn = lambda acc, x: call(acc, read, x, _pick(side, mb), _pick(keys, mb), zero,  # noqa
                              m_b >= 0)
-    _, vjp = jax.vjp(fn, acc, stage_input(m_b))
+    _, vjp = jax.vjp(fn, acc, held(m_b))
     acc, d_x = vjp((ct, acc))  # the stage backward adds its gradient into acc, in place
-    d_h0 = _put(d_h0, d_x, jnp.where(stage == 0, m_b, IDLE), d_h0.shape[0])
+    # d h0 of stage 0's microbatch, each stage keeping its share of the rows.
+    d_share = lax.psum_scatter(jnp.where(stage == 0, d_x, jnp.zeros_like(d_x)), PIPE,
+                               scatter_dimension=0, tiled=True)
+    d_h0 = _put(d_h0, d_share, bwd[0], d_h0.shape[0])
     back = lax.ppermute(d_x, PIPE, [(i + 1, i) for i in range(p - 1)])
     cts = _put(cts, back, jnp.where(stage < p - 1, bwd[jnp.minimum(stage + 1, p - 1)], IDLE),
                ring)
@@ -152,8 +156,9 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
 
 def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Params,
              rest: Params, h0: jax.Array, batch: Batch, side: Any, keys: Any):
-    """The `shard_map` body: ``(loss, d blocks, d rest, d h0)`` of this replica's rows,
-    the loss and ``d rest`` summed over the mesh, ``d h0`` on every stage."""
+    """The `shard_map` body: ``(loss, d blocks, d rest, d h0)``, the loss and ``d rest``
+    summed over the mesh. `h0` and `batch` are this device's share of its replica's
+    rows (`share_rows`: ``1/p`` of each microbatch), `side` and `keys` the replica's."""
     plan = loop.plan
     sched = plan.sched
     m = sched.microbatches
@@ -164,8 +169,8 @@ def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Par
     micro, batch, side, keys = jax.tree.map(split, (h0, batch, side, keys))
     weight = 1.0 / (lax.axis_size(DATA) * sched.pipe * m)  # one share of the batch mean
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-    carry = (jnp.zeros((loop.ring, *micro.shape[1:]), micro.dtype),
-             jnp.zeros((loop.ring, *micro.shape[1:]), micro.dtype), zeros(blocks),
+    ring = (loop.ring, micro.shape[1] * sched.pipe, *micro.shape[2:])  # whole microbatches
+    carry = (jnp.zeros(ring, micro.dtype), jnp.zeros(ring, micro.dtype), zeros(blocks),
              jnp.zeros_like(micro), jnp.zeros((), jnp.float32), zeros(rest))
     carry = jax.tree.map(_varying, carry)  # scan carries and cond branches: varying
     rows = (jnp.asarray(loop.forward), jnp.asarray(loop.backward), jnp.asarray(loop.head))
@@ -176,9 +181,17 @@ def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Par
     # split one was reduce-scattered by the FSDP gather's transpose).
     acc = jax.tree.map(lambda g, s: g if sharding.data_dim(s) is not None
                        else lax.psum(g, DATA), acc, plan.specs)
-    d_h0 = lax.psum(jnp.where(lax.axis_index(PIPE) == 0, d_h0, 0), PIPE)
     return (lax.psum(loss, (PIPE, DATA)), acc, jax.tree.map(
         lambda g: lax.psum(g, (PIPE, DATA)), d_rest), d_h0.reshape(h0.shape))
+
+
+def share_rows(x: jax.Array, data: int, micro: int, pipe: int, *, back: bool = False):
+    """`x`'s rows reordered so that splitting them over ``(data, pipe)`` gives each device
+    ``1/pipe`` of every microbatch of its replica (`back`: the inverse)."""
+    rows = x.shape[0] // (data * micro * pipe)
+    order = (data, pipe, micro) if back else (data, micro, pipe)
+    y = x.reshape(*order, rows, *x.shape[1:])
+    return y.transpose(0, 2, 1, *range(3, y.ndim)).reshape(x.shape)
 
 
 def check(fmodel: FunctionalModel, shape: MeshShape, global_batch: int, remat: str) -> None:
@@ -239,12 +252,17 @@ def schedule_loss(
             raise InvalidArgument("the 1f1b loss takes no floating layer_inputs yet: "
                                   "use schedule='gpipe' for this model")
         keys = rng_lib.example_keys(rng, global_batch)
-        per_example = jax.tree.map(lambda _: P(DATA), (batch, side, keys))
+        per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
+        spread = functools.partial(share_rows, data=shape.data, micro=shape.microbatches,
+                                   pipe=shape.pipe)
+        shares = P((DATA, PIPE))  # h0 and the head's rows: 1/p of each microbatch a stage
         body = jax.shard_map(
             functools.partial(run_loop, loop, fmodel, blocks_shape), mesh=mesh,
-            in_specs=(block_specs, P(), P(DATA), *per_example),
-            out_specs=(P(), block_specs, P(), P(DATA)))
-        loss, d_blocks, d_head, d_h0 = body(prepared[BLOCKS], rest, h0, batch, side, keys)
+            in_specs=(block_specs, P(), shares, shares, *per_example),
+            out_specs=(P(), block_specs, P(), shares))
+        loss, d_blocks, d_head, d_h0 = body(prepared[BLOCKS], rest, spread(h0),
+                                            jax.tree.map(spread, batch), side, keys)
+        d_h0 = spread(d_h0, back=True)
         (d_embed,) = embed_vjp(d_h0.astype(h0.dtype))
         d_rest = jax.tree.map(jnp.add, d_head, d_embed)
         (grads,) = prepare_vjp({**d_rest, BLOCKS: d_blocks})
