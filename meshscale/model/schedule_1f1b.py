@@ -240,29 +240,29 @@ def schedule_loss(
         {**rest, BLOCKS: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), blocks_shape)})
 
     def value_and_grads(params: Params, batch: Batch, rng: jax.Array | None):
-        batch = jax.tree.map(
-            lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA))), batch)
+        constrain = lambda tree, spec: jax.tree.map(  # noqa: E731
+            lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), tree)
+        shares = P((DATA, PIPE))  # h0 and the head's rows: 1/p of each microbatch a stage
+        spread = functools.partial(share_rows, data=shape.data, micro=shape.microbatches,
+                                   pipe=shape.pipe)
+        mine = constrain(jax.tree.map(spread, batch), shares)  # embed and head, row-wise
         prepare = lambda p: cast_floats(pad(p, stored, fmodel.num_layers),  # noqa: E731
                                         compute_dtype)
         prepared, prepare_vjp = jax.vjp(prepare, params)
         rest = {k: v for k, v in prepared.items() if k != BLOCKS}
-        h0, embed_vjp = jax.vjp(lambda rest: merge(rest).embed(batch), rest)
-        side = layer_inputs(merge(rest), batch)
+        h0, embed_vjp = jax.vjp(lambda rest: constrain(merge(rest).embed(mine), shares), rest)
+        # Every stage runs every microbatch: side inputs and keys whole, in row order.
+        side = layer_inputs(merge(rest), constrain(batch, P(DATA)))
         if any(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(side)):
             raise InvalidArgument("the 1f1b loss takes no floating layer_inputs yet: "
                                   "use schedule='gpipe' for this model")
         keys = rng_lib.example_keys(rng, global_batch)
         per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
-        spread = functools.partial(share_rows, data=shape.data, micro=shape.microbatches,
-                                   pipe=shape.pipe)
-        shares = P((DATA, PIPE))  # h0 and the head's rows: 1/p of each microbatch a stage
         body = jax.shard_map(
             functools.partial(run_loop, loop, fmodel, blocks_shape), mesh=mesh,
             in_specs=(block_specs, P(), shares, shares, *per_example),
             out_specs=(P(), block_specs, P(), shares))
-        loss, d_blocks, d_head, d_h0 = body(prepared[BLOCKS], rest, spread(h0),
-                                            jax.tree.map(spread, batch), side, keys)
-        d_h0 = spread(d_h0, back=True)
+        loss, d_blocks, d_head, d_h0 = body(prepared[BLOCKS], rest, h0, mine, side, keys)
         (d_embed,) = embed_vjp(d_h0.astype(h0.dtype))
         d_rest = jax.tree.map(jnp.add, d_head, d_embed)
         (grads,) = prepare_vjp({**d_rest, BLOCKS: d_blocks})
