@@ -138,6 +138,26 @@ def step_times(model, optimizer, batch, example, rounds: int = 9) -> str:
                             rows)])
 
 
+def save_bytes(trainer, shape) -> int:
+    """Per-device bytes while a checkpoint of `shape`'s state is written: the state plus
+    the layer-major copy of a circular mesh's stacks (`meshscale.layout.stacking`),
+    each copy's size from its compiled program's `memory_analysis` (outputs)."""
+    import jax
+
+    from meshscale.layout import stacking
+
+    targets = trainer.targets(shape)
+    copies = 0
+    for t, n in zip(jax.tree.leaves(targets),
+                    jax.tree.leaves(stacking.tree_axes(targets, trainer.num_layers)),
+                    strict=True):
+        if n > 1:
+            flat = stacking.layer_major_target(t, n)
+            fn = jax.jit(lambda x, s=flat.shape: x.reshape(s), out_shardings=flat.sharding)
+            copies += fn.lower(t).compile().memory_analysis().output_size_in_bytes
+    return trainer.state_bytes_per_device(shape) + copies
+
+
 def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
                 seq_len: int, modes: list[str] | None = None) -> str:
     import jax
@@ -164,6 +184,7 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
             even = trainer.state_bytes_per_device(MeshShape(1, 1)) / shape.num_devices
             rows.append([mode, text, f"{trainer.rows(shape)}/{trainer.num_layers}",
                          round(need / GB, 1), round(state / GB, 1),
+                         round(save_bytes(trainer, shape) / GB, 1),
                          round(state / even, 2) if mode == "fsdp" else "",
                          round(need / plain, 2) if shape.num_devices == devices else "",
                          round(time.perf_counter() - start, 1)])
@@ -176,11 +197,14 @@ def llama_table(preset: str, devices: int, meshes: list[str], batch: int,
             f"devices, compiled from a constructor (nothing allocated).")
     return "\n".join([head, "", table(
         ["state sharding", "mesh", "stored rows / layers", "GB / device (args + temp)",
-         "state GB / device", "fsdp state / even share", "/ plain FSDP", "compile s"],
+         "state GB / device", "saving GB / device", "fsdp state / even share",
+         "/ plain FSDP", "compile s"],
         rows), "",
         f"Plain `jax.jit` FSDP of the same model and batch on the {devices} devices "
         f"(`common.plain_fsdp`): {plain / GB:.2f} GB / device (args + temp); \"/ plain "
-        "FSDP\" is shown for the meshes that use every device.",
+        "FSDP\" is shown for the meshes that use every device. \"saving\": the state "
+        "while a checkpoint is written, with the layer-major copy of a circular mesh's "
+        "stack (checkpoints are layer-major).",
         "p_min for an 80 GB device (smallest pipe width of the meshes above that fits): " +
         ", ".join(f"{m} {pmin.get(m, 'none')}" for m in modes),
         f"Peak host RSS of this process: {rss:.2f} GiB."])
@@ -205,8 +229,8 @@ PARTS = [
     {"what": "llama", "preset": "70b", "devices": 64, "batch": 64, "seq_len": 2048,
      "meshes": ["1x64/m1", "2x32/m2", "4x16/m4", "8x8/m8", "16x4/m16"]},
     # The vertical path (#11): 32 layers on every pipe width 3..8, uneven ones stored
-    # padded to pipe * ceil(32 / pipe) rows, and a circular schedule (its step also holds
-    # the stage-major copy it regroups into).
+    # padded to pipe * ceil(32 / pipe) rows, and a circular schedule (its stack stored as
+    # [repeats, pipe * slots], `meshscale.layout.stacking`).
     {"what": "llama", "preset": "8b", "devices": 8, "batch": 16, "seq_len": 2048,
      "meshes": ["3x1/m8", "4x1/m8", "5x1/m16", "6x1/m16", "7x1/m16", "8x1/m16", "4x1/m8/r2"],
      "modes": ["replicate", "fsdp"]},

@@ -114,4 +114,5 @@ def random_host_state(trainer, shape, seed=0):
                    if np.issubdtype(a.dtype, np.floating)
                    else rng.integers(1, 1000, a.shape).astype(a.dtype)),
         trainer.abstract_state())
-    return jax.tree.map(np.array, jax.device_get(pad(host, trainer.abstract_state(shape))))
+    stored = pad(host, trainer.abstract_state(shape), trainer.num_layers)
+    return jax.tree.map(np.array, jax.device_get(stored))

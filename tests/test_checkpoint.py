@@ -179,9 +179,17 @@ def test_a_padded_circular_stack_restores_onto_gpipe_and_circular_meshes(six_lay
                MeshShape(3, 1, 4, repeats=2), CIRCULAR]
     assert [trainer.rows(s) for s in [CIRCULAR, *targets]] == [8, 6, 8, 8, 6, 8]
     state = random_state(trainer, CIRCULAR, seed=30)
+    assert state.params["blocks"]["down"]["bias"].shape == (2, 4, 8)  # [repeats, pipe * slots]
     with Checkpointer(tmp_path, trainer) as ckpt:
         assert ckpt.save(state, shape=CIRCULAR)
         assert ckpt.metadata()["block_rows"] == 8
+        ckpt.wait()
+        # On disk one layer axis, the layer-major rows plain Orbax reads (format.py's doc).
+        import orbax.checkpoint as ocp
+        tree = ocp.StandardCheckpointer().metadata(
+            tmp_path / str(int(state.step)) / "state").item_metadata.tree
+        assert tuple(tree["params"]["blocks"]["down"]["bias"].shape) == (8, 8)
+        assert tuple(tree["opt_state"]["0"]["mu"]["blocks"]["down"]["bias"].shape) == (8, 8)
         for target in targets:
             restored = ckpt.restore(target)
             assert_on_shardings(restored, trainer.shardings(target))

@@ -20,7 +20,7 @@ from meshscale import (
     Trainer,
     stack_layers,
 )
-from meshscale.layout import sharding
+from meshscale.layout import padding, sharding
 from meshscale.layout.mesh import PIPE, make_mesh
 from meshscale.layout.schedule import Schedule
 from meshscale.layout.sharding import STATE_SHARDINGS
@@ -341,30 +341,29 @@ def _on_pipe(fn, p, out_specs):
                                  in_specs=P(PIPE), out_specs=out_specs))
 
 
-@pytest.mark.parametrize("layers,p,r", [(4, 2, 2), (6, 2, 3), (8, 2, 2), (8, 4, 2)],
-                         ids=lambda v: str(v))
-def test_regroup_moves_stored_slices_into_running_order_and_gradients_back(layers, p, r):
+@pytest.mark.parametrize("layers,p,r", [(5, 2, 1), (8, 4, 1), (4, 2, 2), (6, 2, 3), (8, 2, 2),
+                                         (8, 4, 2), (7, 2, 2)], ids=lambda v: str(v))
+def test_each_stages_stored_slice_is_the_groups_it_runs_in_round_order(layers, p, r):
+    """The stored stack (`meshscale.layout.stacking`: one layer axis, or [r, p c] on a
+    circular mesh), padded and split over pipe as `sharding` says, hands stage s exactly
+    the rows of `Schedule.slot_rows[s]`: group k p + s in round k, with no regroup."""
     sched = Schedule(layers, p, r, p)
-    c = sched.slots
-    stored = jnp.arange(sched.rows * 2, dtype=jnp.float32).reshape(sched.rows, 2)
-    run = _on_pipe(lambda x: pipeline.regroup(sched, x), p, P(PIPE))
-    out = np.asarray(run(stored)).reshape(p, r, c, 2)
-    for s in range(p):  # stage s, round k runs group k p + s
-        for k in range(r):
-            np.testing.assert_array_equal(out[s, k], stored[(k * p + s) * c:(k * p + s + 1) * c])
-    # a permutation: the transpose of <regroup(x), regroup(x0)> at x0 is x0 again
-    target = run(stored)
-    grad = jax.grad(lambda x: jnp.sum(run(x) * target))(stored)
-    np.testing.assert_array_equal(grad, stored)
-    ordered = _on_pipe(lambda x: pipeline.running_order(sched, {"w": x})["w"], p, P(PIPE))
-    np.testing.assert_array_equal(ordered(stored), target)
-
-
-def test_running_order_keeps_contiguous_stages_as_stored():
-    sched = Schedule(5, 2, 1, 2)  # 3 + 2 layers, padded to 6 rows
-    stored = jnp.arange(sched.rows, dtype=jnp.float32)[:, None]
-    ordered = _on_pipe(lambda x: pipeline.running_order(sched, x), 2, P(PIPE))(stored)
-    np.testing.assert_array_equal(ordered, stored)
+    shape = MeshShape(p, 1, p, r)
+    model = {"blocks": {"w": jax.ShapeDtypeStruct((layers, 3), jnp.float32)}}
+    stored = sharding.stored_params(model, mesh_shape=shape, num_layers=layers,
+                                    rows=sched.rows, mode="fsdp")
+    spec = sharding.state_specs(stored, None, mesh_shape=shape, num_layers=layers,
+                                mode="fsdp")[0]["blocks"]["w"]
+    rows = jnp.arange(layers, dtype=jnp.float32)[:, None] * jnp.ones(3)  # row i holds i
+    padded = padding.pad({"blocks": {"w": rows}}, stored, layers)["blocks"]["w"]
+    assert padded.shape == stored["blocks"]["w"].shape
+    local = jax.jit(jax.shard_map(lambda x: x[None], mesh=make_mesh(MeshShape(p, 1)),
+                                  in_specs=spec, out_specs=P(PIPE)))(padded)
+    want = np.where(sched.slot_layers >= 0, sched.slot_rows, 0)  # padding rows are zeros
+    np.testing.assert_array_equal(np.asarray(local)[..., 0].reshape(want.shape), want)
+    # and the model's own rows come back, in layer order, from either form
+    np.testing.assert_array_equal(padding.cut({"blocks": {"w": padded}}, model)["blocks"]["w"],
+                                  rows)
 
 
 @pytest.mark.parametrize("r,expected", [(1, [0, 1, 2, 3]), (2, [4, 1, 2, 3])])

@@ -133,23 +133,6 @@ def test_schedules_that_do_not_fit_are_refused_with_the_fix():
         MeshShape.parse("4x2/m8/rtwo")
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 8), st.integers(1, 9))
-def test_regroup_tables_deliver_every_round_group_to_its_stage(pipe, repeats):
-    """Play `regroup_tables` as the pipeline's ppermutes do: in shift t every stage sends
-    one stored group to stage (s + t) % p; each stage must end with groups k p + s."""
-    s = Schedule(pipe * repeats, pipe, repeats, microbatches=pipe)
-    send, recv = s.regroup_tables
-    stored = {st_: [st_ * repeats + k for k in range(repeats)] + [None] for st_ in range(pipe)}
-    out = {st_: [None] * (repeats + 1) for st_ in range(pipe)}
-    for t in range(pipe):
-        for u in range(send.shape[-1]):
-            for src in range(pipe):
-                dest = (src + t) % pipe
-                out[dest][recv[dest, t, u]] = stored[src][send[src, t, u]]
-    for stage in range(pipe):
-        assert out[stage][:repeats] == [k * pipe + stage for k in range(repeats)]
-
 
 # -- slot tables: GPipe, 1F1B and zero-bubble (layout.schedule.SlotTable) ---------------
 @settings(max_examples=150, deadline=None)

@@ -20,7 +20,10 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Sharding
+
+from meshscale.layout import stacking
 
 Index = tuple[slice, ...]
 
@@ -108,13 +111,68 @@ def _piece(x: jax.Array, index: Index, device: jax.Device) -> jax.Array:
     return piece if source.device == device else jax.device_put(piece, device)
 
 
-def move(x: jax.Array, target: Sharding | jax.ShapeDtypeStruct) -> jax.Array:
+def _layer_rows(x: jax.Array, n_axes: int, lo: int, hi: int, rest: Index,
+                device: jax.Device) -> jax.Array:
+    """Rows ``[lo, hi)`` of the layer stack `x` in layer order (its `n_axes` stack axes
+    read as one, `meshscale.layout.stacking`), trailing dimensions `rest`, on `device`;
+    rows past the stack are zeros."""
+    per = x.shape[1] if n_axes == 2 else x.shape[0]  # rows per index of the first axis
+    total = x.shape[0] * per if n_axes == 2 else per
+    pieces, row = [], lo
+    while row < min(hi, total):  # one run per index of the first axis
+        k, a = divmod(row, per)
+        b = min(a + hi - row, per)
+        index = ((slice(k, k + 1), slice(a, b)) if n_axes == 2 else (slice(a, b),)) + rest
+        piece = _piece(x, index, device)
+        pieces.append(piece.reshape(b - a, *piece.shape[n_axes:]))
+        row += b - a
+    if hi > total:
+        width = tuple(s.stop - s.start for s in rest)
+        pieces.append(jnp.zeros((hi - max(lo, total), *width), x.dtype, device=device))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+
+def _restacked(x: jax.Array, shape: tuple[int, ...], sharding: Sharding,
+               axes: tuple[int, int]) -> jax.Array:
+    """The layer stack `x` (`axes[0]` stack axes) as `shape` (`axes[1]` stack axes) with
+    `sharding`: each target shard gathered row run by row run from the source shards, in
+    layer order, zero rows cut or added (another mesh's padding or stack form)."""
+    if not (x.is_fully_addressable and sharding.is_fully_addressable):
+        raise ValueError(f"cannot re-stack an array spanning processes in memory "
+                         f"({x.shape} -> {shape}): restore it from a checkpoint")
+    n_src, n_dst = axes
+    rest_shape = shape[n_dst:]
+    if tuple(x.shape[n_src:]) != tuple(rest_shape):
+        raise ValueError(f"cannot move layer stack {x.shape} to {shape}: a layer's shape "
+                         "differs")
+    pieces = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        bounds = _bounds(index, shape)
+        rest = tuple(slice(lo, hi) for lo, hi in bounds[n_dst:])
+        if n_dst == 1:
+            (lo, hi), = bounds[:1]
+            piece = _layer_rows(x, n_src, lo, hi, rest, device)
+        else:
+            (k0, k1), (j0, j1) = bounds[:2]
+            per = shape[1]
+            piece = jnp.stack([_layer_rows(x, n_src, k * per + j0, k * per + j1, rest, device)
+                               for k in range(k0, k1)])
+        pieces.append(piece)
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+
+
+def move(x: jax.Array, target: Sharding | jax.ShapeDtypeStruct,
+         stack: tuple[int, int] | None = None) -> jax.Array:
     """`x` with `target`'s sharding, built from slices of its own shards.
 
     `target` is a sharding, or a `jax.ShapeDtypeStruct` with one whose shape may differ
-    from `x`'s by zero padding (`_resized`: padding is cut or added)."""
+    from `x`'s by zero padding (`_resized`: padding is cut or added). For a layer stack,
+    `stack` gives its stack axes in `x` and in `target` (`meshscale.layout.stacking`):
+    its rows are moved in layer order whatever form either side has (`_restacked`)."""
     sharding = getattr(target, "sharding", target)
     if isinstance(target, jax.ShapeDtypeStruct) and tuple(target.shape) != x.shape:
+        if stack is not None and min(stack) >= 1:
+            return _restacked(x, tuple(target.shape), sharding, stack)
         if len(target.shape) != x.ndim:
             raise ValueError(f"cannot move shape {x.shape} to {target.shape}: padding "
                              "changes sizes, never the rank")
@@ -128,6 +186,14 @@ def move(x: jax.Array, target: Sharding | jax.ShapeDtypeStruct) -> jax.Array:
     return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
 
 
-def move_tree(tree, targets):
-    """`move` over matching pytrees of arrays and shardings (or `ShapeDtypeStruct`s)."""
-    return jax.tree.map(move, tree, targets)
+def move_tree(tree, targets, num_layers: int | None = None, then=None):
+    """`move` over matching pytrees of arrays and shardings (or `ShapeDtypeStruct`s);
+    with `num_layers`, the layer stacks of a `num_layers`-layer model in layer order
+    (`meshscale.layout.stacking`). `then` (e.g. `jnp.copy`) runs on each moved leaf
+    before the next is moved."""
+    then = then or (lambda x: x)
+    if num_layers is None:
+        return jax.tree.map(lambda x, t: then(move(x, t)), tree, targets)
+    axes = lambda path, x: stacking.axes(path, np.shape(x), num_layers)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, t: then(move(x, t, (axes(path, x), axes(path, t)))), tree, targets)

@@ -19,11 +19,13 @@ periods). Ticks are lockstep (each ends in a ``ppermute``), so the step time fol
 largest group and so does the peak memory: ``ceil(L / G)`` layers is the least any split
 reaches, and this one reaches it. It is also the one split under which the layer-major
 stack, padded with zero rows to ``G c`` (`rows`), splits over ``pipe`` as it is: the
-stored parameters are that padded stack (`meshscale.training.trainer`), a GPipe stage's slice of it
-is exactly its layers (no per-step relayout), and a checkpoint restores onto any other
-split by padding or truncating zero rows. A balanced split (sizes differing by one)
-would run no faster and would need a stage-major copy of every parameter. A stage with a
-short or empty group passes ``h`` on for the slots it lacks (`padding_slots`).
+stored parameters are that padded stack (`meshscale.training.trainer`), a GPipe stage's
+slice of it is exactly its layers (no per-step relayout; a circular mesh cuts the same
+rows into ``[repeats, pipe * slots]``, `meshscale.layout.stacking`), and a checkpoint
+restores onto any other split by padding or truncating zero rows. A balanced split
+(sizes differing by one) would run no faster and would need a stage-major copy of every
+parameter. A stage with a short or empty group passes ``h`` on for the slots it lacks
+(`padding_slots`).
 
 **The ticks.** Each replica's batch is cut into ``M`` microbatches; work item
 ``i = k * M + m`` is microbatch ``m`` in round ``k``. Stage ``s`` runs item ``t - s`` at
@@ -110,8 +112,8 @@ class Schedule:
 
     @property
     def contiguous(self) -> bool:
-        """Each stage's layers are its own slice of the padded stack (``repeats == 1``):
-        the stored parameters are what the stages read, with no stage-major copy."""
+        """Each stage's layers are one range of the padded stack (``repeats == 1``); a
+        circular stage holds ``repeats`` ranges (`meshscale.layout.stacking`)."""
         return self.repeats == 1
 
     @functools.cached_property
@@ -126,31 +128,6 @@ class Schedule:
         """`slot_rows` with the padding rows marked `PADDING`."""
         rows = self.slot_rows
         return np.where(rows < self.num_layers, rows, PADDING).astype(np.int32)
-
-    @functools.cached_property
-    def regroup_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """How the circular schedule's groups travel from where they are stored to the
-        stage that runs them, in ``pipe`` shifts of ``ceil(r / p)`` rounds each.
-
-        Stored, stage ``s`` holds groups ``s r .. s r + r - 1`` (its slice of the padded
-        stack); it runs groups ``k p + s``. In shift ``t``, round ``u``, every stage sends
-        one group to stage ``(s + t) % p`` (a permutation: one ``ppermute``). Returns
-        ``(send, recv)``, both ``[pipe, shifts, rounds]`` int32: the stored group index
-        a stage sends (``repeats``: nothing, a zero group) and the round slot ``k`` the
-        group it receives fills (``repeats``: nothing).
-        """
-        p, r = self.pipe, self.repeats
-        rounds = -(-r // p)
-        send = np.full((p, p, rounds), r, np.int32)
-        recv = np.full((p, p, rounds), r, np.int32)
-        for s in range(p):
-            for t in range(p):
-                dest = (s + t) % p
-                mine = [k for k in range(r) if (s * r + k) % p == dest]
-                for u, k in enumerate(mine):
-                    send[s, t, u] = k
-                    recv[dest, t, u] = (s * r + k) // p
-        return send, recv
 
     def stage_layers(self, stage: int) -> list[int]:
         """The layers `stage` holds, in the order it runs them."""

@@ -9,7 +9,9 @@ The rule, per leaf (a parameter or an optimizer-state leaf mirroring one):
 
 - a **block leaf** (under ``blocks``, leading axis = the layer stack, padded with zero
   rows to the mesh's `Schedule.rows`, a multiple of ``pipe``) is split over ``pipe`` on
-  that axis: stage ``s`` holds its consecutive layers (`meshscale.layout.schedule`);
+  that axis: stage ``s`` holds its consecutive layers (`meshscale.layout.schedule`); on a
+  circular mesh the stack is two axes ``[repeats, pipe * slots]``, split over ``pipe``
+  on the second (`meshscale.layout.stacking`), so a stage holds the groups it runs;
 - any **other leaf** (embedding, head, final norm, and their optimizer moments) is split
   over ``pipe`` on its largest dimension that ``pipe`` divides, so it is never copied on
   every device of a pipeline;
@@ -33,11 +35,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from meshscale.errors import InvalidArgument
+from meshscale.layout import stacking
 from meshscale.layout.mesh import DATA, PIPE, MeshShape
 
 StateSharding = Literal["replicate", "zero1", "fsdp"]
 STATE_SHARDINGS: tuple[str, ...] = get_args(StateSharding)
-BLOCKS = "blocks"
+BLOCKS = stacking.BLOCKS
 PAD_MIN_ELEMENTS = 2**18  # smaller non-block leaves are never padded (`padded_shape`)
 
 
@@ -51,16 +54,17 @@ def check_state_sharding(mode: str) -> StateSharding:
 def is_block_leaf(path: Sequence[Any], shape: Sequence[int], num_layers: int) -> bool:
     """A leaf of the layer stack: under ``blocks`` with a leading layer axis of at least
     `num_layers` rows (more on a mesh whose stack is padded, `Schedule.rows`)."""
-    in_blocks = any(getattr(k, "key", None) == BLOCKS for k in path)
-    return in_blocks and len(shape) >= 1 and shape[0] >= num_layers
+    return stacking.in_blocks(path) and len(shape) >= 1 and shape[0] >= num_layers
 
 
 def _split_largest(dims: list, shape: Sequence[int], axis: str | tuple[str, ...],
-                   size: int) -> None:
-    """Put `axis` on the largest free dimension of `shape` that `size` divides (in place)."""
+                   size: int, skip: int = 0) -> None:
+    """Put `axis` on the largest free dimension of `shape` that `size` divides (in place),
+    never one of the first `skip` (a stack's axes)."""
     if size == 1:
         return
-    free = [i for i, d in enumerate(dims) if d is None and shape[i] % size == 0]
+    free = [i for i, d in enumerate(dims)
+            if i >= skip and d is None and shape[i] % size == 0]
     if free:
         dims[max(free, key=lambda i: (shape[i], -i))] = axis
 
@@ -70,14 +74,15 @@ def leaf_spec(path: Sequence[Any], shape: Sequence[int], *, mesh_shape: MeshShap
     """The `PartitionSpec` of one leaf (see the module docstring for the rule)."""
     shape = tuple(int(d) for d in shape)
     dims: list = [None] * len(shape)
-    if is_block_leaf(path, shape, num_layers):
-        dims[0] = PIPE
+    stack = stacking.axes(path, shape, num_layers)
+    if stack:
+        dims[stack - 1] = PIPE
     elif split_over_data:  # both axes on one dimension: a plain row gather where used
         _split_largest(dims, shape, (PIPE, DATA), mesh_shape.num_devices)
     if not any(dims):
         _split_largest(dims, shape, PIPE, mesh_shape.pipe)
     if split_over_data and not any(DATA in (d if isinstance(d, tuple) else (d,)) for d in dims):
-        _split_largest(dims, shape, DATA, mesh_shape.data)
+        _split_largest(dims, shape, DATA, mesh_shape.data, skip=stack)
     return P(*dims)
 
 
@@ -85,7 +90,8 @@ def padded_shape(path: Sequence[Any], shape: Sequence[int], *, mesh_shape: MeshS
                  num_layers: int, rows: int, split_over_data: bool) -> tuple[int, ...]:
     """The shape a parameter leaf is stored with on `mesh_shape` (`meshscale.layout.padding`).
 
-    A block leaf: the stack padded to `rows` (`Schedule.rows`, a multiple of ``pipe``).
+    A block leaf: the stack padded to `rows` (`Schedule.rows`, a multiple of ``pipe``),
+    as ``[repeats, rows / repeats]`` on a circular mesh (`meshscale.layout.stacking`).
     Any other leaf of at least `PAD_MIN_ELEMENTS` no dimension of which ``pipe`` divides:
     its largest dimension padded to a multiple of the devices it is split over
     (``pipe``, or every device with `split_over_data`), so it is split, not copied on
@@ -93,6 +99,8 @@ def padded_shape(path: Sequence[Any], shape: Sequence[int], *, mesh_shape: MeshS
     """
     shape = tuple(int(d) for d in shape)
     if is_block_leaf(path, shape, num_layers):
+        if mesh_shape.repeats > 1:
+            return (mesh_shape.repeats, rows // mesh_shape.repeats, *shape[1:])
         return (rows, *shape[1:])
     pipe = mesh_shape.pipe
     if (not shape or pipe == 1 or int(np.prod(shape)) < PAD_MIN_ELEMENTS

@@ -20,8 +20,8 @@ rematerialised per `Remat` policy. With ``"fsdp"`` state sharding each layer's
 parameters are gathered over ``data`` just before the layer runs (again in the backward
 pass), and their gradients are reduce-scattered by the transpose: a device never holds
 more than one whole layer. The stored stack is padded with zero rows to a multiple of the
-stages (`meshscale.layout.schedule`), which the loop skips; for the circular schedule the
-step regroups each stage's stored rows into the groups it runs first (``regroup``).
+stages (`meshscale.layout.schedule`), which the loop skips, and stored so that each
+stage's slice holds the groups it runs, in round order (`meshscale.layout.stacking`).
 The backward pass is autodiff through the tick loop, except the stage call's
 (`meshscale.model.stage_grad`, written by hand so that the stage's parameter gradient is
 accumulated in one buffer); the result equals the one-device reference
@@ -30,10 +30,9 @@ accumulated in one buffer); the result equals the one-device reference
 The steps are named, as MaxText's ``Pipeline`` names them: `ring_links` (the shift's
 ``ppermute`` pairs), `tick_ids` (a stage's item, microbatch and round at a tick),
 `tick_inputs` (stage 0's fresh microbatch or inbox, the others' received ``h``), `shift`,
-`collect_outputs` (the last stage's outputs, ``psum`` / ``psum_scatter``), `regroup` /
-`running_order` (stored slices to running order) and `stage_call` (one stage's layer
-group, or a bubble's pass); `stages` is the loop over ticks and `Plan` its per-mesh
-constants.
+`collect_outputs` (the last stage's outputs, ``psum`` / ``psum_scatter``) and
+`stage_call` (one stage's layer group, or a bubble's pass); `stages` is the loop over
+ticks and `Plan` its per-mesh constants.
 
 Nothing here touches optimizer state or decides shapes; `meshscale.training.trainer` does.
 """
@@ -154,38 +153,6 @@ def collect_outputs(sched: Schedule, outs: jax.Array, *, scatter: bool) -> jax.A
     return lax.psum(out, PIPE)
 
 
-def regroup(sched: Schedule, x: jax.Array) -> jax.Array:
-    """One block leaf's stored slice (``[r c, ...]``: groups ``s r ..``) as the circular
-    schedule runs it (``[r, c, ...]``: groups ``k p + s``), moved by ``ppermute``s
-    (`Schedule.regroup_tables`): beside its own slice a stage holds one group in
-    flight, never the stack. The transpose sends the gradients back the same way."""
-    p, r, c = sched.pipe, sched.repeats, sched.slots
-    send_table, recv_table = (jnp.asarray(t) for t in sched.regroup_tables)
-    stage = lax.axis_index(PIPE)
-    stored = x.reshape(r, c, *x.shape[1:])
-    out = jnp.zeros_like(stored)
-    pick = lambda a, i: lax.dynamic_index_in_dim(a, jnp.minimum(i, r - 1), keepdims=False)
-    for t in range(p):
-        for u in range(send_table.shape[-1]):
-            sent, slot = send_table[stage, t, u], recv_table[stage, t, u]
-            piece = jnp.where(sent < r, pick(stored, sent), 0)  # index r: nothing
-            if t:
-                piece = lax.ppermute(piece, PIPE, [(i, (i + t) % p) for i in range(p)])
-            kept = jnp.where(slot < r, piece, pick(out, slot))  # slot r: discarded
-            out = lax.dynamic_update_index_in_dim(out, kept, jnp.minimum(slot, r - 1), 0)
-    return out
-
-
-def running_order(sched: Schedule, blocks: Params) -> Params:
-    """This stage's block leaves as it runs them: contiguous stages, the stored slice as it
-    is (``[c, ...]``; not even reshaped: XLA on CPU copied a reshaped stack whole, one
-    more stack of parameters per device, measured); circular, `regroup`ed to
-    ``[r, c, ...]``, round ``k``'s group at ``k``."""
-    if sched.contiguous:
-        return blocks
-    return jax.tree.map(functools.partial(regroup, sched), blocks)
-
-
 # -- the stage call: the model's layers -----------------------------------------------
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
@@ -228,8 +195,10 @@ def stages(plan: Plan, blocks: Params, h0: jax.Array, side: Any, keys: Any) -> j
     # inside a branch of the stage conds below (a collective whose devices take
     # different branches deadlocks). The FSDP gathers inside `run_stage` are over
     # data only: those devices share a stage and tick, so they take the same branch.
+    # Each stage's stored slice is what it runs (`meshscale.layout.stacking`): not even
+    # reshaped (XLA on CPU copied a reshaped stack whole, one more stack of parameters
+    # per device, measured).
     blocks, h0, side, keys = jax.tree.map(_varying, (blocks, h0, side, keys))
-    blocks = running_order(sched, blocks)
     # The layers read `read`; `blocks` rides along the loop unread, and the gradient
     # arrives as its cotangent (`stage_grad`; with "none" remat `read` is `blocks`).
     read = blocks if plan.remat == "none" else lax.stop_gradient(blocks)
@@ -279,7 +248,8 @@ def pipeline_loss(
         specs = sharding.state_specs(stored, None, mesh_shape=shape,
                                      num_layers=fmodel.num_layers, mode=state_sharding)[0]
     rows = sharding.rows_spec(shape, global_batch)
-    # The stored stack, padded to `sched.rows`, is split over pipe on its layer axis.
+    # The stored stack, padded to `sched.rows`, is split over pipe: a stage's slice is
+    # its layer groups in running order (`meshscale.layout.stacking`).
     block_specs = specs[sharding.BLOCKS]
     plan = Plan(fmodel, sched, block_specs, remat, scatter=rows != P(DATA))
 
@@ -289,7 +259,8 @@ def pipeline_loss(
                 lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, rows)), tree)
 
         batch = constrain(batch)
-        params = pad(params, stored)  # as stored on this mesh (a model-shaped tree is padded)
+        # As stored on this mesh (a model-shaped tree is padded).
+        params = pad(params, stored, fmodel.num_layers)
         params = cast_floats(params, compute_dtype)  # float32 master weights stay outside
         model = fmodel.merge(params)
         h0 = constrain(model.embed(batch))

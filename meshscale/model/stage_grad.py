@@ -30,19 +30,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from meshscale.layout import sharding
+from meshscale.layout import sharding, stacking
 from meshscale.layout.mesh import DATA, PIPE
 from meshscale.layout.schedule import PADDING
 from meshscale.model import rng as rng_lib
 from meshscale.model.contract import Params, call_layer
 
 
-def _gather_over_data(x: jax.Array, spec: Any) -> jax.Array:
+def _gather_over_data(stack: int, x: jax.Array, spec: Any) -> jax.Array:
     """One layer's whole leaf from its ``data`` shards (FSDP); as is when not split.
 
-    `spec` is the stacked leaf's spec; `x` is one layer of it (no layer axis)."""
+    `spec` is the stored leaf's spec, with `stack` leading stack axes
+    (`meshscale.layout.stacking`); `x` is one layer of it (no stack axis)."""
     dim = sharding.data_dim(spec)
-    return x if dim is None else lax.all_gather(x, DATA, axis=dim - 1, tiled=True)
+    return x if dim is None else lax.all_gather(x, DATA, axis=dim - stack, tiled=True)
 
 
 def _pick(tree: Any, i: jax.Array) -> Any:
@@ -54,14 +55,17 @@ def apply_layer(plan: Any, layer_params: Params, h: jax.Array, side: Any, keys: 
                 layer: jax.Array) -> jax.Array:
     """One layer of the model on `h`: its parameters gathered over ``data`` (FSDP) just
     before the call, its dropout keys folded from the layer's index."""
-    layer_params = jax.tree.map(_gather_over_data, layer_params, plan.specs)
+    stack = len(stacking.stack_shape(plan.sched))
+    layer_params = jax.tree.map(functools.partial(_gather_over_data, stack), layer_params,
+                                plan.specs)
     return call_layer(plan.fmodel.merge_layer(layer_params), h, side,
                       rng_lib.layer_keys(keys, layer))
 
 
 def group_of(plan: Any, blocks: Params, k: jax.Array) -> tuple[Params, jax.Array]:
-    """``(params, layers)``: the layer group this stage runs in round `k` (`blocks` in
-    running order) and each slot's layer index (`PADDING`: an empty slot)."""
+    """``(params, layers)``: the layer group this stage runs in round `k` (`blocks`: the
+    stage's stored slice, ``[slots, ...]``, or ``[repeats, slots, ...]`` on a circular
+    mesh, `meshscale.layout.stacking`) and each slot's layer index (`PADDING`: empty)."""
     sched = plan.sched
     group = blocks if sched.contiguous else _pick(blocks, k)
     layer_of = jnp.asarray(sched.slot_layers)  # [pipe, repeats, slots]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from meshscale.errors import MeshscaleError
 from meshscale.layout.mesh import MeshShape
-from meshscale.layout.placement import move
+from meshscale.layout.placement import move_tree
 from meshscale.model.contract import Batch
 from meshscale.planning.memory import bytes_per_device, fits, over_budget_reason
 from meshscale.planning.space import Candidate
@@ -138,7 +138,7 @@ def copy_state(trainer: Trainer, state: TrainState | None, shape: MeshShape,
     # `placement.move` (per-device copies), not `jax.device_put`: between meshes of other
     # device orders device_put reshards with collectives, and several of those in flight
     # at once deadlocked XLA's CPU rendezvous (seen under load: all-to-all on 2 devices).
-    return jax.tree.map(lambda x, t: jnp.copy(move(x, t)), state, targets)
+    return move_tree(state, targets, trainer.num_layers, then=jnp.copy)
 
 
 def failure_status(error: BaseException) -> str:

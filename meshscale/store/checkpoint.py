@@ -46,6 +46,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from meshscale.errors import CheckpointWriteError, IncompatibleCheckpoint, NonFiniteStep
+from meshscale.layout import stacking
 from meshscale.layout.mesh import MeshShape
 from meshscale.runtime import distributed
 from meshscale.runtime.paths import run_path
@@ -141,6 +142,9 @@ class Checkpointer:
                          self.directory)
                 return False
             self._set_aside(step)
+        # Circular stacks as one layer axis (a copy of them until Orbax has them on the
+        # host): every step on disk is layer-major, whatever mesh wrote it.
+        state = stacking.layer_major(state, self.trainer.num_layers)
         # One pass on the devices (it waits for the step that made `state`).
         digests, finite = integrity.check(state) if self.checksums else (None, True)
         if not finite:
@@ -345,12 +349,13 @@ class Checkpointer:
         # Where the stored padding matters, the step's own record of its mesh says it.
         abstract = restore_targets(self.trainer, target, devices,
                                    saved_shape(meta, self.trainer))
-        tree = state_to_tree(abstract)
+        read = stacking.layer_major_targets(abstract, self.trainer.num_layers)
+        tree = state_to_tree(read)
         state = None
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.PyTreeRestore(tree, restore_args=restore_args(tree))}))
-            state = tree_to_state(restored[STATE_ITEM], abstract)
+            state = tree_to_state(restored[STATE_ITEM], read)
         except Exception as e:
             problem = _reason(e)
         if (problem := distributed.failed_anywhere(problem)) is not None:
@@ -360,7 +365,7 @@ class Checkpointer:
             problem = integrity.compare(stored, integrity.check(state)[0])
         if (problem := distributed.failed_anywhere(problem)) is not None:
             return None, problem
-        return state, None
+        return stacking.restacked(state, abstract), None  # circular stacks: stored form
 
     def _check_directory(self) -> None:
         """Before the first save: refuse (on every process alike) a directory whose newest

@@ -287,7 +287,7 @@ class Trainer:
         """
         shardings = self.shardings(shape, devices)
         stored = self.abstract_state(shape).params
-        pad = lambda params: padding.pad(params, stored)
+        pad = lambda params: padding.pad(params, stored, self.num_layers)
         if self._constructor is not None:
             make = lambda: pad(nnx.to_pure_dict(nnx.state(self._constructor(), nnx.Param)))
             params = jax.jit(make, out_shardings=shardings.params)()
@@ -312,7 +312,7 @@ class Trainer:
 
         Leaves whose placement already matches are returned as they are (not copied).
         """
-        return move_tree(state, self.targets(shape, devices))
+        return move_tree(state, self.targets(shape, devices), self.num_layers)
 
     def put_batch(self, batch: Batch, shape: MeshShape, devices: Devices = None, *,
                   shardings: Any = None) -> Batch:
