@@ -4,13 +4,17 @@ gradients and updates; the Trainer refuses 1f1b/zb meshes until their train step
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
+from meshscale.models.llama import Llama
 
 from meshscale import InvalidArgument, InvalidMeshShape, MeshShape, Trainer
 from meshscale.layout.mesh import make_mesh
 from meshscale.model.contract import FunctionalModel
+from meshscale.model.rng import step_key
 from meshscale.model.schedule_1f1b import schedule_loss
 from meshscale.planning.space import candidates
 from tests.helpers import (
@@ -20,6 +24,8 @@ from tests.helpers import (
     make_model,
     make_optimizer,
 )
+from tests.test_contract import BATCH as CONTRACT_BATCH
+from tests.test_contract import DROPOUT, ragged_batch
 
 TOL = {"mlp": SIMPLE_TOL, "gpt": DEEP_TOL}
 
@@ -80,6 +86,21 @@ def test_1f1b_loss_gradients_and_steps_match_one_device_reference(name, shape, m
         losses, trained = _train(grad_fn, params, batch, steps)
         np.testing.assert_allclose(losses, ref_losses, rtol=TOL[name])
         assert_trees_close(trained, ref_params, TOL[name], f"{name} {shape} params")
+
+
+def test_1f1b_draws_dropout_masks_and_weights_tokens_as_the_reference():
+    """Llama tiny with dropout, segment side inputs and a (loss_sum, weight) head, its
+    4 layers in 2 (local, global) periods, on 2x2 with a step's key."""
+    model = Llama(DROPOUT, rngs=nnx.Rngs(0))
+    fmodel, params = FunctionalModel.of(model)
+    batch, key = ragged_batch(), step_key(7, jnp.int32(0))
+    ref_loss, ref_grads = jax.device_get(
+        jax.jit(jax.value_and_grad(fmodel.loss))(params, batch, key))
+    shape = MeshShape(2, 2, 2, schedule="1f1b")
+    loss_fn = schedule_loss(fmodel, shape, make_mesh(shape), global_batch=CONTRACT_BATCH)
+    loss, grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn))(params, batch, key))
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=DEEP_TOL)
+    assert_trees_close(grads, ref_grads, DEEP_TOL, str(shape))
 
 
 def test_1f1b_is_refused_where_it_cannot_run_yet():

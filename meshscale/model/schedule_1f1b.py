@@ -18,9 +18,11 @@ embedding runs outside, as in GPipe: the loop returns ``d h0`` and ``jax.vjp`` o
 ``embed`` finishes the gradient. `schedule_loss` wraps it all in a `jax.custom_vjp`, so
 ``jax.value_and_grad(loss_fn)`` works as with `pipeline_loss`.
 
+The loss is exact when ``head_loss`` is a mean over rows (equal shares average to the
+batch mean) or a ``(loss_sum, weight)`` pair whose weight does not depend on ``h`` (a
+count of real tokens: it is read once, before the loop, from the head on zeros).
 Prototype limits (each refused with a one-line error): ``remat="layer"`` or
-``"stage"``; ``repeats == 1``; a ``head_loss`` that returns a mean over rows (shares of
-equal rows average to the batch mean); no floating ``layer_inputs``; a microbatch's rows
+``"stage"``; ``repeats == 1``; no floating ``layer_inputs``; a microbatch's rows
 divisible by ``pipe``. The W slot of the table is idle here: the B slot computes the
 input and the weight gradient together (`stage_grad`'s backward), so the lockstep slot
 costs are not yet balanced (B about twice F, W nothing).
@@ -84,17 +86,22 @@ def _put(buf: jax.Array, x: jax.Array, m: jax.Array, ring: int) -> jax.Array:
 
 
 def _head_share(fmodel: FunctionalModel, rest: Params, blocks_shape: Any, y: jax.Array,
-                batch: Batch, weight: float) -> tuple[jax.Array, jax.Array, Params]:
+                batch: Batch, weight: Any) -> tuple[jax.Array, jax.Array, Params]:
     """``(loss, d y, d rest)`` of this device's share of one microbatch's rows: the
     output `y` gathered from the last stage, this stage's ``1/p`` of its rows (`batch`:
-    the same rows)."""
+    the same rows). A mean ``head_loss`` is scaled by `weight` (``1 /`` the number of
+    equal shares); a ``(loss_sum, weight)`` pair's sum is divided by the batch's whole
+    weight, `weight` here (it must not depend on ``h``: a count of real tokens)."""
     p, stage = lax.axis_size(PIPE), lax.axis_index(PIPE)
     share = y.shape[0] // p
 
     def loss(rest, h):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), blocks_shape)
         model = fmodel.merge({**rest, BLOCKS: zeros})  # the head reads no block
-        return mean_loss(model.head_loss(h, batch)) * weight
+        out = model.head_loss(h, batch)
+        if isinstance(out, tuple | list) and len(out) == 2:
+            return jnp.asarray(out[0], jnp.float32) / weight
+        return mean_loss(out) * weight
 
     value, vjp = jax.vjp(loss, rest, lax.dynamic_slice_in_dim(y, stage * share, share, 0))
     d_rest, d_share = vjp(jnp.ones_like(value))
@@ -155,7 +162,8 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
 
 
 def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Params,
-             rest: Params, h0: jax.Array, batch: Batch, side: Any, keys: Any):
+             rest: Params, total_weight: Any, h0: jax.Array, batch: Batch, side: Any,
+             keys: Any):
     """The `shard_map` body: ``(loss, d blocks, d rest, d h0)``, the loss and ``d rest``
     summed over the mesh. `h0` and `batch` are this device's share of its replica's
     rows (`share_rows`: ``1/p`` of each microbatch), `side` and `keys` the replica's."""
@@ -167,7 +175,9 @@ def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Par
     read = lax.stop_gradient(blocks)
     split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])  # noqa: E731
     micro, batch, side, keys = jax.tree.map(split, (h0, batch, side, keys))
-    weight = 1.0 / (lax.axis_size(DATA) * sched.pipe * m)  # one share of the batch mean
+    # a mean head: one share of the batch mean; a (sum, weight) head: the whole weight
+    weight = 1.0 / (lax.axis_size(DATA) * sched.pipe * m) if total_weight is None \
+        else total_weight
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
     ring = (loop.ring, micro.shape[1] * sched.pipe, *micro.shape[2:])  # whole microbatches
     carry = (jnp.zeros(ring, micro.dtype), jnp.zeros(ring, micro.dtype), zeros(blocks),
@@ -257,12 +267,15 @@ def schedule_loss(
             raise InvalidArgument("the 1f1b loss takes no floating layer_inputs yet: "
                                   "use schedule='gpipe' for this model")
         keys = rng_lib.example_keys(rng, global_batch)
+        out = merge(rest).head_loss(jnp.zeros_like(h0), mine)  # only its weight is read
+        total = jnp.asarray(out[1], jnp.float32) if isinstance(out, tuple | list) else None
         per_example = jax.tree.map(lambda _: P(DATA), (side, keys))
         body = jax.shard_map(
             functools.partial(run_loop, loop, fmodel, blocks_shape), mesh=mesh,
-            in_specs=(block_specs, P(), shares, shares, *per_example),
+            in_specs=(block_specs, P(), P(), shares, shares, *per_example),
             out_specs=(P(), block_specs, P(), shares))
-        loss, d_blocks, d_head, d_h0 = body(prepared[BLOCKS], rest, h0, mine, side, keys)
+        loss, d_blocks, d_head, d_h0 = body(prepared[BLOCKS], rest, total, h0, mine, side,
+                                            keys)
         (d_embed,) = embed_vjp(d_h0.astype(h0.dtype))
         d_rest = jax.tree.map(jnp.add, d_head, d_embed)
         (grads,) = prepare_vjp({**d_rest, BLOCKS: d_blocks})
