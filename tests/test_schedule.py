@@ -176,7 +176,7 @@ def test_slot_tables_keep_every_dependency_and_count_the_formula(kind, pipe, dat
 def test_in_flight_inputs_fit_a_ring_of_buffers_indexed_by_microbatch(pipe, micro):
     """The 1F1B executor keeps a stage's inputs in ``p`` buffers at ``m % p``: the
     microbatches a stage holds at once (from its input's arrival to its W) are
-    consecutive and at most ``p``, so no two share a buffer."""
+    consecutive and at most ``p``, so no two share a buffer; its cotangents in one."""
     t = one_f_one_b(pipe, micro)
     f, w = t.when("forward"), t.when("weight")
     arrive = np.concatenate([f[:1], f[:-1] + 1])  # stage 0 reads the batch at its F
@@ -185,6 +185,8 @@ def test_in_flight_inputs_fit_a_ring_of_buffers_indexed_by_microbatch(pipe, micr
             held = [m for m in range(micro) if arrive[s, m] <= u <= w[s, m]]
             assert held == list(range(held[0], held[0] + len(held))) if held else True
             assert len(held) <= pipe
+    # a cotangent waits at most from its arrival to the B that reads it: one buffer
+    assert t.cotangents_waiting().max() == 1
 
 
 def test_one_f_one_b_table_for_four_stages():

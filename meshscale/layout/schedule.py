@@ -224,6 +224,16 @@ class SlotTable:
         return ((f[None] <= u) & (u <= w[None])).sum(-1)
 
 
+    def cotangents_waiting(self) -> np.ndarray:
+        """``[slots, pipe]``: cotangents a stage holds in each slot, from the slot that
+        sends one (stage ``s + 1``'s B; for the last stage, its F: the head runs after
+        it) to the stage's own B, both counted."""
+        f, b = self.when("forward"), self.when("backward")
+        sent = np.concatenate([b[1:], f[-1:]])
+        u = np.arange(self.slots)[:, None, None]
+        return ((sent[None] <= u) & (u <= b[None])).sum(-1)
+
+
 def _table(kind: str, p: int, m: int, slots: int, ops: dict) -> SlotTable:
     arrays = {k: np.full((slots, p), IDLE, np.int32) for k in ("forward", "backward", "weight")}
     for (which, s, mb), u in ops.items():

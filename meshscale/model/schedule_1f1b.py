@@ -69,13 +69,15 @@ BLOCKS = sharding.BLOCKS
 class Loop:
     """The per-mesh constants of the 1F1B loop: the stage plan, the slot table's
     columns as arrays (``[slots, pipe]``; ``head[u]``: the microbatch whose head runs
-    after slot ``u``, or `IDLE`) and the ring size."""
+    after slot ``u``, or `IDLE`), the rings' sizes (stage inputs, cotangents: the most
+    a stage holds at once, `SlotTable.in_flight`, `SlotTable.cotangents_waiting`)."""
 
     plan: Plan
     forward: np.ndarray
     backward: np.ndarray
     head: np.ndarray
     ring: int
+    ct_ring: int
 
 
 def _put(buf: jax.Array, x: jax.Array, m: jax.Array, ring: int) -> jax.Array:
@@ -138,7 +140,7 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
         out = lax.psum(jnp.where(stage == p - 1, y, jnp.zeros_like(y)), PIPE)
         value, d_y, g = _head_share(fmodel, rest, blocks_shape, out,
                                     _pick(batch, jnp.maximum(head, 0)), weight)
-        cts = _put(cts, d_y, jnp.where(stage == p - 1, head, IDLE), ring)
+        cts = _put(cts, d_y, jnp.where(stage == p - 1, head, IDLE), loop.ct_ring)
         return loss + value, jax.tree.map(jnp.add, d_rest, g), cts
 
     loss, d_rest, cts = lax.cond(head >= 0, run_head, lambda *a: a, loss, d_rest, cts)
@@ -146,7 +148,7 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
     # B (with its W): the stage's backward of microbatch bwd[stage], from its input.
     m_b = bwd[stage]
     mb = jnp.maximum(m_b, 0)
-    ct = lax.dynamic_index_in_dim(cts, mb % ring, keepdims=False)
+    ct = lax.dynamic_index_in_dim(cts, mb % loop.ct_ring, keepdims=False)
     fn = lambda acc, x: call(acc, read, x, _pick(side, mb), _pick(keys, mb), zero,  # noqa
                              m_b >= 0)
     _, vjp = jax.vjp(fn, acc, held(m_b))
@@ -157,7 +159,7 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
     d_h0 = _put(d_h0, d_share, bwd[0], d_h0.shape[0])
     back = lax.ppermute(d_x, PIPE, [(i + 1, i) for i in range(p - 1)])
     cts = _put(cts, back, jnp.where(stage < p - 1, bwd[jnp.minimum(stage + 1, p - 1)], IDLE),
-               ring)
+               loop.ct_ring)
     return (inputs, cts, acc, d_h0, loss, d_rest), None
 
 
@@ -179,8 +181,9 @@ def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Par
     weight = 1.0 / (lax.axis_size(DATA) * sched.pipe * m) if total_weight is None \
         else total_weight
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-    ring = (loop.ring, micro.shape[1] * sched.pipe, *micro.shape[2:])  # whole microbatches
-    carry = (jnp.zeros(ring, micro.dtype), jnp.zeros(ring, micro.dtype), zeros(blocks),
+    whole = (micro.shape[1] * sched.pipe, *micro.shape[2:])  # a whole microbatch
+    carry = (jnp.zeros((loop.ring, *whole), micro.dtype),
+             jnp.zeros((loop.ct_ring, *whole), micro.dtype), zeros(blocks),
              jnp.zeros_like(micro), jnp.zeros((), jnp.float32), zeros(rest))
     carry = jax.tree.map(_varying, carry)  # scan carries and cond branches: varying
     rows = (jnp.asarray(loop.forward), jnp.asarray(loop.backward), jnp.asarray(loop.head))
@@ -222,7 +225,8 @@ def _loop(fmodel: FunctionalModel, shape: MeshShape, specs: Params, remat: str) 
     plan = Plan(fmodel, sched, specs, remat, scatter=False)  # type: ignore[arg-type]
     table = one_f_one_b(sched.pipe, sched.microbatches)
     # The head of m runs after the slot of the last stage's F of m.
-    return Loop(plan, table.forward, table.backward, table.forward[:, -1], ring=sched.pipe)
+    return Loop(plan, table.forward, table.backward, table.forward[:, -1], ring=sched.pipe,
+                ct_ring=int(table.cotangents_waiting().max()))
 
 
 def schedule_loss(
