@@ -177,3 +177,31 @@ def test_goodput_table_and_line_give_every_cause_for_the_run_and_per_mesh():
     rows = list(zip(*(list(c.cells) for c in table.columns), strict=True))[:-1]
     for row in rows:  # the mesh columns add up to the run's
         assert sum(map(float, row[3:])) == pytest.approx(float(row[1]), abs=0.25)
+
+
+def test_the_history_shows_the_cost_models_ranking_of_a_pruned_search():
+    """A search the cost model pruned: beside the try-runs, every candidate's predicted
+    and measured samples/s and why the rest did not run (the elastic run's report)."""
+    import io
+
+    from rich.console import Console
+
+    from meshscale.app.report import print_history
+
+    data = demo_like_run()
+    for e in data["events"]:
+        e.setdefault("seconds", 0.5)  # a switch's cost, as the job records it
+    pruned = data["events"][4]["decision"]
+    pruned["predictions"] = [
+        {"rank": 1, "shape": "2x4/m4", "samples_per_second": 300.0,
+         "measured_samples_per_second": 330.0, "verdict": "try-run"},
+        {"rank": 2, "shape": "8x1/m16", "samples_per_second": 120.0,
+         "verdict": "not run: ranked below the top 1"}]
+    out = io.StringIO()
+    print_history(data, Console(file=out, width=200))
+    text = out.getvalue()
+    assert text.count("cost model: predicted vs measured") == 1  # only the pruned search
+    row = next(line for line in text.splitlines() if "8x1/m16" in line and "not run" in line)
+    assert "120" in row
+    assert "1.10" in next(line for line in text.splitlines()
+                          if "2x4/m4" in line and "try-run" in line)

@@ -209,7 +209,8 @@ def summary_table(data: dict) -> Table:
 
 
 def print_history(elastic_or_data, console: Console | None = None) -> None:
-    """Every search with its try-run table and decision, then the summary."""
+    """Every search with its try-run table (and the cost model's ranking where it pruned
+    the search) and decision, then the summary."""
     data = elastic_or_data if isinstance(elastic_or_data, dict) else run_data(elastic_or_data)
     from meshscale.app import terminal
 
@@ -222,6 +223,9 @@ def print_history(elastic_or_data, console: Console | None = None) -> None:
         switch = switch if switch and switch["event"] == "switch" else None
         console.print(tryrun_table(e["decision"], title=terminal.search_title(e),
                                    chosen=chosen_after(events, i)))
+        if e["decision"].get("predictions"):  # a pruned search: the cost model's ranking
+            console.print(prediction_table(e["decision"]["predictions"], title=(
+                "cost model: predicted vs measured, and why the rest did not run")))
         console.print(decision_words(e, switch))
     console.print(summary_table(data))
     if data.get("goodput"):
