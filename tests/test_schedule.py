@@ -185,8 +185,11 @@ def test_in_flight_inputs_fit_a_ring_of_buffers_indexed_by_microbatch(pipe, micr
             held = [m for m in range(micro) if arrive[s, m] <= u <= w[s, m]]
             assert held == list(range(held[0], held[0] + len(held))) if held else True
             assert len(held) <= pipe
-    # a cotangent waits at most from its arrival to the B that reads it: one buffer
-    assert t.cotangents_waiting().max() == 1
+    # a cotangent waits at most from its arrival to the B that reads it: one buffer;
+    # W runs right after B: one buffer of what W reads
+    assert t.cotangents_waiting().max() == 1 and t.rings() == (min(pipe, micro), 1, 1)
+    z = zero_bubble(pipe, micro)  # W deferred: up to the in-flight cap wait for it
+    assert z.rings()[1] == 1 and max(z.rings()) <= zb_cap(pipe)
 
 
 def test_one_f_one_b_table_for_four_stages():

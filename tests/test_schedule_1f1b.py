@@ -62,11 +62,11 @@ def _train(grad_fn, params, batch, steps):
     return losses, params
 
 
-# Even stages with FSDP over data (M = p, three steps); the GPT on 2x2 with M = 2p; an
-# uneven split (8 layers on 3 stages: 3, 3, 2) with zero1 state (batch 24: the head splits
-# a microbatch's rows over pipe).
+# 1F1B: even stages with FSDP over data (M = p, three steps); the GPT on 2x2 with
+# M = 2p. Zero-bubble: an uneven split (8 layers on 3 stages: 3, 3, 2) with zero1 state
+# (batch 24: the head splits a microbatch's rows over pipe).
 CASES = [("mlp", "4x2/m4/1f1b", "fsdp", 32, 3), ("gpt", "2x2/m4/1f1b", "fsdp", 32, 0),
-         ("mlp", "3x2/m2/1f1b", "zero1", 24, 0)]
+         ("mlp", "3x2/m4/zb", "zero1", 24, 0)]
 
 
 @pytest.mark.parametrize("name,shape,mode,global_batch,steps", CASES,
@@ -113,9 +113,12 @@ def test_1f1b_is_refused_where_it_cannot_run_yet():
     fmodel = FunctionalModel.of(make_model("mlp"))[0]
     mesh = make_mesh(MeshShape(4, 2))
     with pytest.raises(InvalidArgument, match="choose global_batch / .* divisible by 4"):
-        schedule_loss(fmodel, MeshShape(4, 2, 8), mesh, global_batch=32)
+        schedule_loss(fmodel, MeshShape(4, 2, 8, schedule="1f1b"), mesh, global_batch=32)
     with pytest.raises(InvalidArgument, match="needs remat='layer' or 'stage'"):
-        schedule_loss(fmodel, MeshShape(4, 2, 4), mesh, global_batch=32, remat="none")
+        schedule_loss(fmodel, MeshShape(4, 2, 4, schedule="zb"), mesh, global_batch=32,
+                      remat="none")
+    with pytest.raises(InvalidArgument, match="use meshscale.model.pipeline.pipeline_loss"):
+        schedule_loss(fmodel, MeshShape(4, 2, 4), mesh, global_batch=32)
     # the search does not offer the new schedules yet
     found = candidates(8, p_min=1, num_layers=8, global_batch=32)
     assert found and {c.shape.schedule for c in found} == {"gpipe"}

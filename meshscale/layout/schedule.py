@@ -216,12 +216,26 @@ class SlotTable:
         out[s, table[u, s]] = u
         return out
 
+    def held(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """``[slots, pipe]``: how many microbatches a stage holds in each slot, holding
+        each from slot ``start[s, m]`` to ``end[s, m]`` (``[pipe, M]``), both counted."""
+        u = np.arange(self.slots)[:, None, None]
+        return ((start[None] <= u) & (u <= end[None])).sum(-1)
+
     def in_flight(self) -> np.ndarray:
         """``[slots, pipe]``: microbatches a stage holds the input of during each slot:
         its F has run (this slot or before) and its W has not finished (W reads it)."""
-        f, w = self.when("forward"), self.when("weight")
-        u = np.arange(self.slots)[:, None, None]
-        return ((f[None] <= u) & (u <= w[None])).sum(-1)
+        return self.held(self.when("forward"), self.when("weight"))
+
+    def rings(self) -> tuple[int, int, int]:
+        """Buffers an executor needs per stage (the most held at once; each set is
+        consecutive microbatches, so buffer ``m % size`` is free): stage inputs (from
+        their arrival to B), cotangents (`cotangents_waiting`) and what W reads (from B
+        to W)."""
+        f, b, w = self.when("forward"), self.when("backward"), self.when("weight")
+        arrive = np.concatenate([f[:1], f[:-1]])  # stage 0 reads its input at its F
+        return (int(self.held(arrive, b).max()), int(self.cotangents_waiting().max()),
+                int(self.held(b, w).max()))
 
 
     def cotangents_waiting(self) -> np.ndarray:
@@ -229,9 +243,7 @@ class SlotTable:
         sends one (stage ``s + 1``'s B; for the last stage, its F: the head runs after
         it) to the stage's own B, both counted."""
         f, b = self.when("forward"), self.when("backward")
-        sent = np.concatenate([b[1:], f[-1:]])
-        u = np.arange(self.slots)[:, None, None]
-        return ((sent[None] <= u) & (u <= b[None])).sum(-1)
+        return self.held(np.concatenate([b[1:], f[-1:]]), b)
 
 
 def _table(kind: str, p: int, m: int, slots: int, ops: dict) -> SlotTable:

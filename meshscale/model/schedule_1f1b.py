@@ -1,13 +1,16 @@
-"""The 1F1B schedule's loss and gradients: an explicit backward inside one `shard_map`.
+"""The 1F1B and zero-bubble schedules' loss and gradients: an explicit backward inside
+one `shard_map`.
 
 A prototype (#24) beside the GPipe loss (`meshscale.model.pipeline`): the same stages,
-layers, FSDP gathers and hand-written stage backward (`meshscale.model.stage_grad`), but
-no autodiff through the tick loop. The loop plays the 1F1B slot table
-(`meshscale.layout.schedule.one_f_one_b`): in each slot a stage runs the F or the
-backward (B with its W merged, see below) of one microbatch, then two ``ppermute``s carry
-outputs to stage ``s + 1`` and cotangents to stage ``s - 1``. A stage keeps the inputs of
-the microbatches it has in flight, at most ``p`` (a ring of ``p`` buffers at ``m % p``),
-never the replica's whole batch as GPipe does.
+layers and FSDP gathers, but no autodiff through the tick loop. The loop plays a slot
+table (`meshscale.layout.schedule.SlotTable`, 1F1B's or zero-bubble's): in each slot a
+stage runs the F, the B (input gradient) or the W (weight gradient) of one microbatch
+(`meshscale.model.stage_split`), then two ``ppermute``s carry outputs to stage ``s + 1``
+and cotangents to stage ``s - 1``. A stage keeps stage inputs from their arrival to
+their B in a ring of buffers at ``m % size`` (1F1B: at most ``p``), each cotangent in one
+buffer until its B, and each layer's input and output cotangent from B to W (1F1B: one
+microbatch's; zero-bubble: up to its in-flight cap); never the replica's whole batch as
+GPipe does (`SlotTable.rings`).
 
 The head runs inside the loop, because the last stage's backward of microbatch ``m``
 needs ``m``'s loss cotangent right after ``m``'s forward: in the slot after the last
@@ -23,9 +26,9 @@ batch mean) or a ``(loss_sum, weight)`` pair whose weight does not depend on ``h
 count of real tokens: it is read once, before the loop, from the head on zeros).
 Prototype limits (each refused with a one-line error): ``remat="layer"`` or
 ``"stage"``; ``repeats == 1``; no floating ``layer_inputs``; a microbatch's rows
-divisible by ``pipe``. The W slot of the table is idle here: the B slot computes the
-input and the weight gradient together (`stage_grad`'s backward), so the lockstep slot
-costs are not yet balanced (B about twice F, W nothing).
+divisible by ``pipe``. B and W each run the stage forward again from what they hold
+(recompute: F, B about 3 F-costs with their recomputes, W about 2), so the lockstep slots,
+which the tables count as equal, are not yet balanced.
 
 Never: runs GPipe under the 1F1B name, or changes the stored state's layout (a
 checkpoint does not depend on the schedule).
@@ -48,9 +51,9 @@ from meshscale.errors import InvalidArgument
 from meshscale.layout import sharding
 from meshscale.layout.mesh import DATA, PIPE, MeshShape
 from meshscale.layout.padding import pad
-from meshscale.layout.schedule import IDLE, Schedule, one_f_one_b
+from meshscale.layout.schedule import IDLE, Schedule, slot_table
 from meshscale.model import rng as rng_lib
-from meshscale.model import stage_grad
+from meshscale.model import stage_grad, stage_split
 from meshscale.model.contract import (
     Batch,
     FunctionalModel,
@@ -67,7 +70,7 @@ BLOCKS = sharding.BLOCKS
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Loop:
-    """The per-mesh constants of the 1F1B loop: the stage plan, the slot table's
+    """The per-mesh constants of the loop: the stage plan, the slot table's
     columns as arrays (``[slots, pipe]``; ``head[u]``: the microbatch whose head runs
     after slot ``u``, or `IDLE`), the rings' sizes (stage inputs, cotangents: the most
     a stage holds at once, `SlotTable.in_flight`, `SlotTable.cotangents_waiting`)."""
@@ -75,9 +78,11 @@ class Loop:
     plan: Plan
     forward: np.ndarray
     backward: np.ndarray
+    weight: np.ndarray
     head: np.ndarray
     ring: int
     ct_ring: int
+    w_ring: int
 
 
 def _put(buf: jax.Array, x: jax.Array, m: jax.Array, ring: int) -> jax.Array:
@@ -112,11 +117,11 @@ def _head_share(fmodel: FunctionalModel, rest: Params, blocks_shape: Any, y: jax
 
 def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weight,
           read, carry, row):
-    """One slot of the 1F1B table on this device (module doc): F, the head, B, shifts."""
+    """One slot of the table on this device (module doc): F, the head, B, W, shifts."""
     plan, ring = loop.plan, loop.ring
     p, stage = plan.sched.pipe, lax.axis_index(PIPE)
-    inputs, cts, acc, d_h0, loss, d_rest = carry
-    fwd, bwd, head = row
+    inputs, cts, w_inputs, w_cts, acc, d_h0, loss, d_rest = carry
+    fwd, bwd, wgt, head = row
     call = stage_grad.make_tick_call(plan)
     zero = jnp.zeros((), jnp.int32)
 
@@ -145,14 +150,15 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
 
     loss, d_rest, cts = lax.cond(head >= 0, run_head, lambda *a: a, loss, d_rest, cts)
 
-    # B (with its W): the stage's backward of microbatch bwd[stage], from its input.
+    # B: the input gradient of microbatch bwd[stage], from its input; what its W needs
+    # (each layer's input and output cotangent) waits in the W ring.
     m_b = bwd[stage]
     mb = jnp.maximum(m_b, 0)
     ct = lax.dynamic_index_in_dim(cts, mb % loop.ct_ring, keepdims=False)
-    fn = lambda acc, x: call(acc, read, x, _pick(side, mb), _pick(keys, mb), zero,  # noqa
-                             m_b >= 0)
-    _, vjp = jax.vjp(fn, acc, held(m_b))
-    acc, d_x = vjp((ct, acc))  # the stage backward adds its gradient into acc, in place
+    d_x, ins, outs = stage_split.input_grad(plan, read, held(m_b), _pick(side, mb),
+                                            _pick(keys, mb), ct, m_b >= 0)
+    w_inputs = _put(w_inputs, ins, m_b, loop.w_ring)
+    w_cts = _put(w_cts, outs, m_b, loop.w_ring)
     # d h0 of stage 0's microbatch, each stage keeping its share of the rows.
     d_share = lax.psum_scatter(jnp.where(stage == 0, d_x, jnp.zeros_like(d_x)), PIPE,
                                scatter_dimension=0, tiled=True)
@@ -160,7 +166,14 @@ def _slot(loop: Loop, fmodel, rest, blocks_shape, micro, batch, side, keys, weig
     back = lax.ppermute(d_x, PIPE, [(i + 1, i) for i in range(p - 1)])
     cts = _put(cts, back, jnp.where(stage < p - 1, bwd[jnp.minimum(stage + 1, p - 1)], IDLE),
                loop.ct_ring)
-    return (inputs, cts, acc, d_h0, loss, d_rest), None
+    # W: the weight gradient of microbatch wgt[stage], added into acc in place.
+    m_w = wgt[stage]
+    mw = jnp.maximum(m_w, 0) % loop.w_ring
+    acc = stage_split.weight_grad(
+        plan, acc, read, lax.dynamic_index_in_dim(w_inputs, mw, keepdims=False),
+        lax.dynamic_index_in_dim(w_cts, mw, keepdims=False), _pick(side, jnp.maximum(m_w, 0)),
+        _pick(keys, jnp.maximum(m_w, 0)), m_w >= 0)
+    return (inputs, cts, w_inputs, w_cts, acc, d_h0, loss, d_rest), None
 
 
 def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Params,
@@ -182,14 +195,16 @@ def run_loop(loop: Loop, fmodel: FunctionalModel, blocks_shape: Any, blocks: Par
         else total_weight
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
     whole = (micro.shape[1] * sched.pipe, *micro.shape[2:])  # a whole microbatch
+    layered = (loop.w_ring, sched.slots, *whole)  # a microbatch's layer inputs
     carry = (jnp.zeros((loop.ring, *whole), micro.dtype),
-             jnp.zeros((loop.ct_ring, *whole), micro.dtype), zeros(blocks),
+             jnp.zeros((loop.ct_ring, *whole), micro.dtype), jnp.zeros(layered, micro.dtype),
+             jnp.zeros(layered, micro.dtype), zeros(blocks),
              jnp.zeros_like(micro), jnp.zeros((), jnp.float32), zeros(rest))
     carry = jax.tree.map(_varying, carry)  # scan carries and cond branches: varying
-    rows = (jnp.asarray(loop.forward), jnp.asarray(loop.backward), jnp.asarray(loop.head))
+    rows = tuple(jnp.asarray(t) for t in (loop.forward, loop.backward, loop.weight, loop.head))
     body = functools.partial(_slot, loop, fmodel, rest, blocks_shape, micro, batch, side,
                              keys, weight, read)
-    (_, _, acc, d_h0, loss, d_rest), _ = lax.scan(body, carry, rows)
+    (*_, acc, d_h0, loss, d_rest), _ = lax.scan(body, carry, rows)
     # A leaf not split over data got a gradient from each replica's rows: sum them (a
     # split one was reduce-scattered by the FSDP gather's transpose).
     acc = jax.tree.map(lambda g, s: g if sharding.data_dim(s) is not None
@@ -210,6 +225,9 @@ def share_rows(x: jax.Array, data: int, micro: int, pipe: int, *, back: bool = F
 def check(fmodel: FunctionalModel, shape: MeshShape, global_batch: int, remat: str) -> None:
     """Raise (one line, naming the fix) unless this prototype runs `shape`."""
     rows = global_batch // (shape.data * shape.microbatches)
+    if shape.schedule not in ("1f1b", "zb"):
+        raise InvalidArgument(f"schedule_loss runs the 1f1b and zb schedules, {shape} is "
+                              f"{shape.schedule}: use meshscale.model.pipeline.pipeline_loss")
     if remat not in ("layer", "stage"):
         raise InvalidArgument(f"the 1f1b loss needs remat='layer' or 'stage', got {remat!r}")
     if shape.repeats != 1:
@@ -223,10 +241,10 @@ def check(fmodel: FunctionalModel, shape: MeshShape, global_batch: int, remat: s
 def _loop(fmodel: FunctionalModel, shape: MeshShape, specs: Params, remat: str) -> Loop:
     sched = Schedule.of(shape, fmodel.num_layers)
     plan = Plan(fmodel, sched, specs, remat, scatter=False)  # type: ignore[arg-type]
-    table = one_f_one_b(sched.pipe, sched.microbatches)
+    table = slot_table(shape.schedule, sched.pipe, sched.microbatches)
     # The head of m runs after the slot of the last stage's F of m.
-    return Loop(plan, table.forward, table.backward, table.forward[:, -1], ring=sched.pipe,
-                ct_ring=int(table.cotangents_waiting().max()))
+    return Loop(plan, table.forward, table.backward, table.weight, table.forward[:, -1],
+                *table.rings())
 
 
 def schedule_loss(
@@ -234,10 +252,10 @@ def schedule_loss(
     state_sharding: sharding.StateSharding = "fsdp", remat: str = "layer",
     compute_dtype: Any = None, stored: Params | None = None, specs: Params | None = None,
 ):
-    """``(params, batch, rng=None) -> loss`` computed by the 1F1B schedule on `mesh`, as
-    `meshscale.model.pipeline.pipeline_loss` (same arguments, same loss); its gradient
-    comes from the schedule's explicit backward (a `jax.custom_vjp`: the forward pass
-    computes every gradient, the backward scales them)."""
+    """``(params, batch, rng=None) -> loss`` computed by `shape`'s schedule (1f1b or zb)
+    on `mesh`, as `meshscale.model.pipeline.pipeline_loss` (same arguments and loss); its
+    gradient comes from the schedule's explicit backward (a `jax.custom_vjp`: the
+    forward pass computes every gradient, the backward scales them)."""
     check(fmodel, shape, global_batch, remat)
     sched = Schedule.of(shape, fmodel.num_layers)
     if stored is None:  # as `Trainer.abstract_state`
