@@ -13,12 +13,9 @@ Batches are a pure function of the step index, so a step trained twice gives one
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from pathlib import Path
-
-from ray.train import UserCallback
 
 IMPORTED = time.time()  # in a worker: when Ray handed it this attempt's function
 BATCH = 24
@@ -80,14 +77,3 @@ def loop(config: dict) -> None:
         record(event="step", step=i + 1, loss=sent["loss"], mesh=sent["mesh"], time=time.time())
     elastic.close()  # the last step saved, the metrics closed
 
-
-class ReportedMetrics(UserCallback):
-    """A Ray Train callback (it runs in Ray's controller) that appends process 0's
-    `ray.train.report` metrics to a file, for the test to read."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def after_report(self, run_context, metrics, checkpoint):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics[0]) + "\n")

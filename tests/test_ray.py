@@ -74,6 +74,7 @@ class Job:
     def __init__(self, tmp_path, *, num_workers, steps=TOTAL_STEPS, max_failures=3,
                  wait_for_devices_s=0.0, **config):
         from meshscale.integrations import ray as meshscale_ray
+        from tests.ray_callback import ReportedMetrics
 
         self.out = tmp_path / "out"
         self.out.mkdir()
@@ -84,7 +85,7 @@ class Job:
             wait_for_devices_s=wait_for_devices_s,
             config={"out": str(self.out), "steps": steps, **config},
             env={"PYTHONPATH": ROOT, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
-            callbacks=[worker.ReportedMetrics(str(self.out / "reported.jsonl"))])
+            callbacks=[ReportedMetrics(str(self.out / "reported.jsonl"))])
         self.result, self.error = None, None
         self.thread = threading.Thread(target=self._fit, daemon=True)
         self.thread.start()
