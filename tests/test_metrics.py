@@ -21,6 +21,9 @@ from meshscale.errors import InvalidArgument
 from meshscale.observe import goodput
 from meshscale.observe.writers import MetricsLog, read_jsonl
 
+# One worker runs the module: the two-attempt run (module fixture) is launched once.
+pytestmark = pytest.mark.xdist_group("metrics")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
