@@ -1,5 +1,5 @@
-"""The 1F1B prototype loss (model.schedule_1f1b) computes the one-device reference's loss,
-gradients and updates; the Trainer refuses 1f1b/zb meshes until their train step exists."""
+"""The 1F1B and zero-bubble losses (model.schedule_1f1b) compute the one-device reference's
+loss, gradients and updates, in the Trainer's compiled step too."""
 
 import functools
 
@@ -52,8 +52,7 @@ def _update(grads, opt_state, params):
 
 
 def _train(grad_fn, params, batch, steps):
-    """`steps` optax steps with `grad_fn`'s gradients (host arrays between steps, so that
-    the reference's and the mesh's steps share one compiled update)."""
+    """`steps` optax steps with `grad_fn`'s gradients (one device, plain `jax.jit`)."""
     opt_state, losses = OPTIMIZER.init(params), []
     for _ in range(steps):
         loss, grads = jax.device_get(grad_fn(params, batch))
@@ -62,11 +61,11 @@ def _train(grad_fn, params, batch, steps):
     return losses, params
 
 
-# 1F1B: even stages with FSDP over data (M = p, three steps); the GPT on 2x2 with
-# M = 2p. Zero-bubble: an uneven split (8 layers on 3 stages: 3, 3, 2) with zero1 state
-# (batch 24: the head splits a microbatch's rows over pipe).
-CASES = [("mlp", "4x2/m4/1f1b", "fsdp", 32, 3), ("gpt", "2x2/m4/1f1b", "fsdp", 32, 0),
-         ("mlp", "3x2/m4/zb", "zero1", 24, 0)]
+# 1F1B on even stages, zero1 state (replicated parameters: gradients summed over data),
+# M = p, with three steps of the Trainer's compiled step; zero-bubble on the GPT, 8
+# layers on 3 uneven stages (3, 3, 2) with FSDP (batch 24: the head splits a
+# microbatch's rows over pipe).
+CASES = [("mlp", "4x2/m4/1f1b", "zero1", 32, 3), ("gpt", "3x2/m4/zb", "fsdp", 24, 0)]
 
 
 @pytest.mark.parametrize("name,shape,mode,global_batch,steps", CASES,
@@ -82,10 +81,16 @@ def test_1f1b_loss_gradients_and_steps_match_one_device_reference(name, shape, m
     loss, grads = jax.device_get(grad_fn(params, batch))
     np.testing.assert_allclose(float(loss), ref_loss, rtol=TOL[name])
     assert_trees_close(grads, ref_grads, TOL[name], f"{name} {shape} grad")
-    if steps:
-        losses, trained = _train(grad_fn, params, batch, steps)
+    if steps:  # the Trainer's compiled step runs the schedule
+        trainer = Trainer(make_model(name), OPTIMIZER, global_batch=global_batch,
+                          state_sharding=mode)
+        state, step, losses = trainer.init_state(shape), trainer.compile_step(shape), []
+        for _ in range(steps):
+            state, metrics = step(state, trainer.put_batch(batch, shape))
+            losses.append(float(metrics["loss"]))
         np.testing.assert_allclose(losses, ref_losses, rtol=TOL[name])
-        assert_trees_close(trained, ref_params, TOL[name], f"{name} {shape} params")
+        assert_trees_close(trainer.model_params(jax.device_get(state.params)), ref_params,
+                           TOL[name], f"{name} {shape} params")
 
 
 def test_1f1b_draws_dropout_masks_and_weights_tokens_as_the_reference():
@@ -103,13 +108,12 @@ def test_1f1b_draws_dropout_masks_and_weights_tokens_as_the_reference():
     assert_trees_close(grads, ref_grads, DEEP_TOL, str(shape))
 
 
-def test_1f1b_is_refused_where_it_cannot_run_yet():
+def test_schedules_the_prototype_cannot_run_are_refused_with_the_fix():
     trainer = Trainer(make_model("mlp"), make_optimizer(), global_batch=32)
-    trainer.check(MeshShape(4, 2, 4))
-    for kind in ("1f1b", "zb"):  # never GPipe under another schedule's name
-        with pytest.raises(InvalidMeshShape, match=f"the {kind} schedule has no train step "
-                                                   r"yet.*use 4x2/m4 \(GPipe\)"):
-            trainer.check(MeshShape(4, 2, 4, schedule=kind))
+    trainer.check(MeshShape(4, 2, 4, schedule="1f1b"))
+    for kind in ("1f1b", "zb"):  # a microbatch's 2 rows do not split over 4 stages
+        with pytest.raises(InvalidMeshShape, match="divisible by 4"):
+            trainer.check(MeshShape(4, 2, 8, schedule=kind))
     fmodel = FunctionalModel.of(make_model("mlp"))[0]
     mesh = make_mesh(MeshShape(4, 2))
     with pytest.raises(InvalidArgument, match="choose global_batch / .* divisible by 4"):

@@ -47,7 +47,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from meshscale.errors import InvalidArgument
+from meshscale.errors import InvalidArgument, InvalidMeshShape
 from meshscale.layout import sharding
 from meshscale.layout.mesh import DATA, PIPE, MeshShape
 from meshscale.layout.padding import pad
@@ -226,14 +226,14 @@ def check(fmodel: FunctionalModel, shape: MeshShape, global_batch: int, remat: s
     """Raise (one line, naming the fix) unless this prototype runs `shape`."""
     rows = global_batch // (shape.data * shape.microbatches)
     if shape.schedule not in ("1f1b", "zb"):
-        raise InvalidArgument(f"schedule_loss runs the 1f1b and zb schedules, {shape} is "
+        raise InvalidMeshShape(f"schedule_loss runs the 1f1b and zb schedules, {shape} is "
                               f"{shape.schedule}: use meshscale.model.pipeline.pipeline_loss")
     if remat not in ("layer", "stage"):
         raise InvalidArgument(f"the 1f1b loss needs remat='layer' or 'stage', got {remat!r}")
     if shape.repeats != 1:
-        raise InvalidArgument(f"the 1f1b loss runs repeats=1 only, got {shape}: use repeats=1")
+        raise InvalidMeshShape(f"the 1f1b loss runs repeats=1 only, got {shape}: use repeats=1")
     if rows % shape.pipe:
-        raise InvalidArgument(
+        raise InvalidMeshShape(
             f"the 1f1b head splits a microbatch's {rows} rows over pipe={shape.pipe}: "
             f"choose global_batch / (data * microbatches) divisible by {shape.pipe}")
 

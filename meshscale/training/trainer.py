@@ -30,6 +30,7 @@ from meshscale.layout import padding, schedule, sharding
 from meshscale.layout.mesh import MeshShape, device_ids, make_mesh
 from meshscale.layout.placement import move_tree
 from meshscale.model import rng as rng_lib
+from meshscale.model import schedule_1f1b
 from meshscale.model.contract import Batch, FunctionalModel, Params
 from meshscale.model.pipeline import Remat, check_remat, pipeline_loss
 from meshscale.training.compile_cache import CompileCache
@@ -181,16 +182,13 @@ class Trainer:
                 f"mesh {shape.pipe}x{shape.data} needs {shape.num_devices} devices, only {n} "
                 f"available: choose pipe * data <= {n}")
         schedule.check(shape, self.num_layers)
-        if shape.schedule != "gpipe":  # never run GPipe under another schedule's name
-            gpipe = str(shape).removesuffix(f"/{shape.schedule}")
-            raise InvalidMeshShape(
-                f"mesh {shape}: the {shape.schedule} schedule has no train step yet (only a "
-                f"prototype loss, meshscale.model.schedule_1f1b): use {gpipe} (GPipe)")
         per_step = shape.data * shape.microbatches
         if self.global_batch % per_step:
             raise InvalidMeshShape(
                 f"global batch {self.global_batch} is not divisible by data * microbatches = "
                 f"{shape.data} * {shape.microbatches}: change the batch, data or microbatches")
+        if shape.schedule != "gpipe":  # what the 1f1b / zb loss runs (a prototype)
+            schedule_1f1b.check(self.fmodel, shape, self.global_batch, self.remat)
 
     # -- placement --------------------------------------------------------------------
     def mesh(self, shape: MeshShape, devices: Devices = None) -> jax.sharding.Mesh:
@@ -346,9 +344,10 @@ class Trainer:
         """The pipelined ``(params, batch) -> loss`` on `shape`'s mesh (differentiable);
         the stored shapes and specs are the layout's (`Trainer.layout`), never re-derived."""
         layout = self.layout(shape, devices)
-        return pipeline_loss(self.fmodel, shape, layout.mesh, global_batch=self.global_batch,
-                             remat=self.remat, compute_dtype=self.compute_dtype,
-                             stored=layout.abstract.params, specs=layout.specs.params)
+        make = pipeline_loss if shape.schedule == "gpipe" else schedule_1f1b.schedule_loss
+        return make(self.fmodel, shape, layout.mesh, global_batch=self.global_batch,
+                    remat=self.remat, compute_dtype=self.compute_dtype,
+                    stored=layout.abstract.params, specs=layout.specs.params)
 
     def _train_step(self, shape: MeshShape, devices: Devices):
         loss_fn = self.loss_fn(shape, devices)
