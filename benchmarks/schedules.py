@@ -78,11 +78,11 @@ def memory_table(name: str, model, meshes: list[tuple[int, int]], batch: int,
             for k in KINDS[1:]:
                 o = fixed["batch", m][k]
                 out.append([f"{pipe}x{data}/m{m}", f"batch {batch}: {k} / gpipe",
-                            round(g / MiB, 1), round(o / MiB, 1), round(o / g, 3)])
+                            f"{g / MiB:.1f}", f"{o / MiB:.1f}", f"{o / g:.3f}"])
         for k in KINDS:
             lo, hi = fixed["micro", pipe][k], fixed["micro", 4 * pipe][k]
             out.append([f"{pipe}x{data}", f"{micro_rows} rows/microbatch, {k}: M=p -> 4p",
-                        round(lo / MiB, 1), round(hi / MiB, 1), round(hi / lo, 3)])
+                        f"{lo / MiB:.1f}", f"{hi / MiB:.1f}", f"{hi / lo:.3f}"])
     return f"{name}\n\n" + table(["mesh", "case", "GPipe (or M=p) MiB",
                                   "schedule (or M=4p) MiB", "ratio"], out)
 
