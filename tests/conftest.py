@@ -31,3 +31,21 @@ def pytest_runtest_setup(item):
             item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
         pytest.fail("pytest-xdist ignored this test's xdist_group mark: use a pytest/xdist "
                     "pair that supports --dist loadgroup (see pyproject.toml)", pytrace=False)
+
+
+# The longest modules first (measured with --durations; groups, `xdist_group`, are handed
+# out before single tests anyway): xdist gives out the remaining tests in collection order,
+# so the short modules fill the end and no core waits alone on a long test (the longest
+# single tests are in test_train and test_tryrun, collected last). Modules stay whole, so
+# module fixtures are still set up once per worker. Unlisted modules keep their order,
+# after these.
+LONGEST_FIRST = ["test_pipeline", "test_contract", "test_elastic", "test_train",
+                 "test_sharding", "test_precompile", "test_elastic_options", "test_tryrun",
+                 "test_cli_search", "test_cli", "test_models", "test_checkpoint",
+                 "test_examples"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
