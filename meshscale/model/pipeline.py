@@ -222,6 +222,21 @@ def stages(plan: Plan, blocks: Params, h0: jax.Array, side: Any, keys: Any) -> j
     return collect_outputs(sched, outs, scatter=plan.scatter)
 
 
+def stored_and_specs(fmodel: FunctionalModel, shape: MeshShape,
+                     state_sharding: sharding.StateSharding, stored: Params | None,
+                     specs: Params | None) -> tuple[Params, Params]:
+    """The parameters' stored `ShapeDtypeStruct`s and `PartitionSpec`s on `shape`'s
+    mesh: the Trainer's when given, else derived as the Trainer derives them."""
+    if stored is None:  # as `Trainer.abstract_state`
+        stored = sharding.stored_params(
+            fmodel.abstract_params(), mesh_shape=shape, num_layers=fmodel.num_layers,
+            rows=Schedule.of(shape, fmodel.num_layers).rows, mode=state_sharding)
+    if specs is None:  # as `Trainer.specs`
+        specs = sharding.state_specs(stored, None, mesh_shape=shape,
+                                     num_layers=fmodel.num_layers, mode=state_sharding)[0]
+    return stored, specs
+
+
 def pipeline_loss(
     fmodel: FunctionalModel, shape: MeshShape, mesh: Mesh, *, global_batch: int,
     state_sharding: sharding.StateSharding = "fsdp", remat: Remat = "layer",
@@ -240,13 +255,7 @@ def pipeline_loss(
     `rng` is a step's key (`meshscale.model.rng`); layers then get per-example keys that do
     not depend on the mesh."""
     sched = Schedule.of(shape, fmodel.num_layers)
-    if stored is None:  # as `Trainer.abstract_state`
-        stored = sharding.stored_params(
-            fmodel.abstract_params(), mesh_shape=shape, num_layers=fmodel.num_layers,
-            rows=sched.rows, mode=state_sharding)
-    if specs is None:  # as `Trainer.specs`
-        specs = sharding.state_specs(stored, None, mesh_shape=shape,
-                                     num_layers=fmodel.num_layers, mode=state_sharding)[0]
+    stored, specs = stored_and_specs(fmodel, shape, state_sharding, stored, specs)
     rows = sharding.rows_spec(shape, global_batch)
     # The stored stack, padded to `sched.rows`, is split over pipe: a stage's slice is
     # its layer groups in running order (`meshscale.layout.stacking`).

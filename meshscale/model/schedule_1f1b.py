@@ -62,7 +62,7 @@ from meshscale.model.contract import (
     layer_inputs,
     mean_loss,
 )
-from meshscale.model.pipeline import Plan, _varying
+from meshscale.model.pipeline import Plan, _varying, stored_and_specs
 from meshscale.model.stage_grad import _pick
 
 BLOCKS = sharding.BLOCKS
@@ -257,14 +257,7 @@ def schedule_loss(
     gradient comes from the schedule's explicit backward (a `jax.custom_vjp`: the
     forward pass computes every gradient, the backward scales them)."""
     check(fmodel, shape, global_batch, remat)
-    sched = Schedule.of(shape, fmodel.num_layers)
-    if stored is None:  # as `Trainer.abstract_state`
-        stored = sharding.stored_params(
-            fmodel.abstract_params(), mesh_shape=shape, num_layers=fmodel.num_layers,
-            rows=sched.rows, mode=state_sharding)
-    if specs is None:  # as `Trainer.specs`
-        specs = sharding.state_specs(stored, None, mesh_shape=shape,
-                                     num_layers=fmodel.num_layers, mode=state_sharding)[0]
+    stored, specs = stored_and_specs(fmodel, shape, state_sharding, stored, specs)
     block_specs = specs[BLOCKS]
     loop = _loop(fmodel, shape, block_specs, remat)
     blocks_shape = fmodel.abstract_params()[BLOCKS]
