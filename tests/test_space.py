@@ -278,3 +278,14 @@ def test_ruled_out_names_batch_p_min_layers_max_pipe_and_the_vertical_rule():
     assert str(none[1]) == ("2x2, 2x1: with 2 or 1 replicas no microbatch count of [3, 5] "
                             "splits the replica batch: no data axis works, so no 2-stage "
                             "mesh is tried")
+
+
+def test_the_current_meshs_1f1b_schedule_stands_when_its_pipe_width_is_refitted():
+    """Losing devices re-fits the current pipe width to a narrower data axis: its
+    schedule comes along (a 1f1b mesh is never quietly re-fitted as GPipe)."""
+    current = MeshShape(2, 4, 4, schedule="1f1b")
+    found = [c.shape for c in candidates(6, p_min=2, num_layers=8, global_batch=48,
+                                         current=current)]
+    two = [s for s in found if s.pipe == 2]
+    assert two and all(s.schedule == "1f1b" for s in two), found
+    assert all(s.schedule == "gpipe" for s in found if s.pipe != 2)

@@ -356,7 +356,8 @@ def _data_axes_ruled_out(pipe: int, misses: dict[int, str], chosen: int, n_devic
 
 def _refit(current: MeshShape | None, n_devices: int, *, p_min: int, num_layers: int,
            global_batch: int, max_pipe: int | None) -> MeshShape | None:
-    """The current pipe width with the widest valid data axis <= the current one."""
+    """The current pipe width with the widest valid data axis <= the current one (its
+    schedule kept: a 1f1b mesh is never re-fitted as GPipe)."""
     if current is None or current.pipe < p_min or current.pipe > num_layers:
         return None
     if max_pipe is not None and current.pipe > max_pipe:
@@ -370,5 +371,6 @@ def _refit(current: MeshShape | None, n_devices: int, *, p_min: int, num_layers:
             m = default_microbatches(current.pipe, replica)
         r = current.repeats if current.repeats in repeat_choices(
             current.pipe, m, num_layers, [current.repeats]) else 1
-        return MeshShape(current.pipe, data, m, r)
+        return MeshShape(current.pipe, data, m, r,
+                         schedule=current.schedule if r == 1 else "gpipe")
     return None
